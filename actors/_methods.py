@@ -1,0 +1,161 @@
+"""Declaring callable methods and turning a class into a dispatch table.
+
+``@method`` marks an ``async def`` as callable over NATS. ``describe_class`` reads the marked
+methods once, and for each builds a msgspec Struct from its signature: the request body is
+decoded straight into that Struct, so annotations drive validation and a wrong type is a 400
+before the handler runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar, get_type_hints
+
+import msgspec
+
+from actors._errors import BadRequestError
+from subjects import InvalidSubjectError, validate_name
+
+if TYPE_CHECKING:
+    from actors._actor import Actor
+
+__all__ = ["ActorClassInfo", "MethodSpec", "describe_class", "is_method", "method"]
+
+_MARK: Final = "__ndo_method__"
+_F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+RESERVED_METHODS: Final = frozenset({"on_start", "alarm", "emit", "storage", "id"})
+"""Names a ``@method`` may not use: they are hooks or attributes of ``Actor``."""
+
+
+def method(fn: _F) -> _F:
+    """Mark an ``async def`` of an ``Actor`` subclass as callable over NATS.
+
+    Its parameters (after ``self``) become the JSON object keys of the request body; their
+    annotations validate the values; defaults make them optional.
+    """
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"@method {fn.__qualname__} must be an 'async def'")
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def is_method(obj: object) -> bool:
+    """Tell whether ``obj`` is a function marked with ``@method``."""
+    return bool(getattr(obj, _MARK, False))
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    """One callable method: its name, its function and its argument codec."""
+
+    name: str
+    function: Callable[..., Coroutine[Any, Any, Any]]
+    args_type: type[msgspec.Struct]
+    """Struct with one field per parameter; decoding the body into it validates the call."""
+    return_type: Any
+    """The annotated return type (``Any`` when absent), used by clients to decode replies."""
+    json_decoder: msgspec.json.Decoder[Any]
+    msgpack_decoder: msgspec.msgpack.Decoder[Any]
+
+    def decode_args(self, body: bytes, msgpack: bool = False) -> msgspec.Struct:
+        """Decode and validate a request body into the argument Struct.
+
+        Raises:
+            BadRequestError: the body is not an object of the right fields and types.
+        """
+        if not body:
+            body = b"\x80" if msgpack else b"{}"
+        try:
+            if msgpack:
+                return self.msgpack_decoder.decode(body)  # type: ignore[no-any-return]
+            return self.json_decoder.decode(body)  # type: ignore[no-any-return]
+        except msgspec.ValidationError as exc:
+            raise BadRequestError(
+                f"invalid arguments for {self.name}: {exc}", type="invalid_arguments"
+            ) from None
+        except msgspec.DecodeError as exc:
+            kind = "MessagePack" if msgpack else "JSON"
+            raise BadRequestError(
+                f"request body is not valid {kind}: {exc}; send a {kind} object of keyword "
+                "arguments (or an empty body)",
+                type="malformed_body",
+            ) from None
+
+    def call(self, instance: Actor, args: msgspec.Struct) -> Coroutine[Any, Any, Any]:
+        """Start the handler coroutine on ``instance`` with decoded ``args``."""
+        return self.function(instance, **msgspec.structs.asdict(args))
+
+
+@dataclass(frozen=True, slots=True)
+class ActorClassInfo:
+    """An actor class and its callable methods, read once at registration."""
+
+    name: str
+    cls: type[Actor]
+    methods: dict[str, MethodSpec]
+    has_alarm: bool
+    """Whether the class defines ``async def alarm(self, info)``."""
+
+
+def _method_spec(cls: type[Any], name: str, fn: Callable[..., Any]) -> MethodSpec:
+    try:
+        validate_name(name, "method")
+    except InvalidSubjectError as exc:
+        raise TypeError(f"{cls.__name__}.{name}: {exc}") from None
+    if name in RESERVED_METHODS or name.startswith("_"):
+        raise TypeError(
+            f"{cls.__name__}.{name}: '{name}' cannot be a @method (reserved or private name)"
+        )
+    hints = get_type_hints(fn, include_extras=True)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    params = list(inspect.signature(fn).parameters.values())[1:]  # skip self
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise TypeError(
+                f"{cls.__name__}.{name}: parameter {param.name!r} must be a plain or keyword-only "
+                "parameter (no *args, **kwargs or positional-only)"
+            )
+        annotation = hints.get(param.name, Any)
+        if param.default is inspect.Parameter.empty:
+            fields.append((param.name, annotation))
+        else:
+            fields.append((param.name, annotation, param.default))
+    # Required fields must come first in a Struct; kw_only lifts that ordering rule.
+    args_type = msgspec.defstruct(
+        f"{cls.__name__}_{name}_args", fields, kw_only=True, forbid_unknown_fields=True
+    )
+    return MethodSpec(
+        name=name,
+        function=fn,
+        args_type=args_type,
+        return_type=hints.get("return", Any),
+        json_decoder=msgspec.json.Decoder(args_type),
+        msgpack_decoder=msgspec.msgpack.Decoder(args_type),
+    )
+
+
+def describe_class(cls: type[Actor]) -> ActorClassInfo:
+    """Read an ``Actor`` subclass's ``@method``s into an ``ActorClassInfo``.
+
+    Raises:
+        TypeError: the class name or a method signature cannot be served, with the reason.
+    """
+    try:
+        validate_name(cls.__name__, "class")
+    except InvalidSubjectError as exc:
+        raise TypeError(str(exc)) from None
+    methods: dict[str, MethodSpec] = {}
+    for klass in reversed(cls.__mro__):
+        for name, fn in vars(klass).items():
+            if is_method(fn):
+                methods[name] = _method_spec(cls, name, fn)
+    alarm = getattr(cls, "alarm", None)
+    return ActorClassInfo(
+        name=cls.__name__,
+        cls=cls,
+        methods=methods,
+        has_alarm=alarm is not None and inspect.iscoroutinefunction(alarm),
+    )

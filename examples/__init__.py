@@ -1,0 +1,21 @@
+"""Example durable objects, served by ``ndo serve`` when no module is given."""
+
+from examples.objects import (
+    ChatMessage,
+    ChatRoom,
+    Counter,
+    DrawingBoard,
+    RateDecision,
+    RateLimiter,
+    Stroke,
+)
+
+__all__ = [
+    "ChatMessage",
+    "ChatRoom",
+    "Counter",
+    "DrawingBoard",
+    "RateDecision",
+    "RateLimiter",
+    "Stroke",
+]

@@ -1,0 +1,178 @@
+"""The example objects `ndo serve` runs by default: a counter, a rate limiter, a chat room and a
+collaborative drawing board. Each is also a small lesson in writing durable objects."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, ClassVar
+
+import msgspec
+
+from actors import Actor, BadRequestError, method
+
+__all__ = [
+    "ChatMessage",
+    "ChatRoom",
+    "Counter",
+    "DrawingBoard",
+    "RateDecision",
+    "RateLimiter",
+    "Stroke",
+]
+
+
+class Counter(Actor):
+    """A durable counter: every acknowledged increment survives a crash."""
+
+    @method
+    async def increment(self, by: int = 1) -> int:
+        """Add ``by`` and return the new value."""
+        value: int = await self.storage.get("value", 0) + by
+        self.storage.put("value", value)
+        return value
+
+    @method
+    async def get(self) -> int:
+        """Return the current value."""
+        value: int = await self.storage.get("value", 0)
+        return value
+
+    @method
+    async def reset(self) -> None:
+        """Set the value back to zero."""
+        self.storage.delete("value")
+
+
+class RateDecision(msgspec.Struct, frozen=True):
+    """Whether an action may happen now, and if not, when to try again."""
+
+    allowed: bool
+    retry_after: float
+    """Seconds until the next action will be allowed (0 when allowed)."""
+
+
+class RateLimiter(Actor):
+    """The classic per-key limiter (a token bucket): an initial burst of ``BURST`` actions, then
+    one more every ``COOLDOWN`` seconds. Use one object per key (user, IP, API token)."""
+
+    BURST: ClassVar[int] = 5
+    """Actions allowed back to back from a full bucket."""
+    COOLDOWN: ClassVar[float] = 1.0
+    """Seconds for one action's allowance to come back."""
+
+    @method
+    async def check(self) -> RateDecision:
+        """Consume one action if allowed; say when to retry if not."""
+        now = time.time()
+        tokens: float = await self.storage.get("tokens", float(self.BURST))
+        updated: float = await self.storage.get("updated", now)
+        tokens = min(float(self.BURST), tokens + (now - updated) / self.COOLDOWN)
+        if tokens >= 1.0:
+            self.storage.put_many({"tokens": tokens - 1.0, "updated": now})
+            return RateDecision(allowed=True, retry_after=0.0)
+        self.storage.put_many({"tokens": tokens, "updated": now})
+        return RateDecision(allowed=False, retry_after=round((1.0 - tokens) * self.COOLDOWN, 3))
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a chat room."""
+
+    seq: int
+    user: str
+    text: str
+    time: float
+
+
+User = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4000)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
+class ChatRoom(Actor):
+    """A chat room that keeps its latest ``KEEP`` messages and emits each post as a
+    ``message`` event on ``ndo.evt.ChatRoom.<id>.message``."""
+
+    KEEP: ClassVar[int] = 100
+    """Messages kept; older ones are deleted as new ones arrive."""
+
+    @method
+    async def post(self, user: User, text: Text) -> ChatMessage:
+        """Append a message and return it with its sequence number."""
+        seq: int = await self.storage.get("seq", 0) + 1
+        message = ChatMessage(seq=seq, user=user, text=text, time=time.time())
+        self.storage.put_many({"seq": seq, _message_key(seq): message})
+        if seq > self.KEEP:
+            self.storage.delete(_message_key(seq - self.KEEP))
+        self.emit("message", message)
+        return message
+
+    @method
+    async def history(self, limit: Limit = 50) -> list[ChatMessage]:
+        """Return up to ``limit`` latest messages, oldest first."""
+        latest = await self.storage.list(prefix="msg:", limit=limit, reverse=True)
+        return [msgspec.convert(v, ChatMessage) for v in reversed(latest.values())]
+
+
+def _message_key(seq: int) -> str:
+    return f"msg:{seq:012d}"
+
+
+Point = tuple[float, float]
+Color = Annotated[str, msgspec.Meta(pattern=r"^#[0-9a-fA-F]{6}$")]
+Width = Annotated[float, msgspec.Meta(gt=0, le=100)]
+
+
+class Stroke(msgspec.Struct, frozen=True):
+    """One stroke on a drawing board."""
+
+    seq: int
+    points: list[Point]
+    color: str
+    width: float
+    user: str
+
+
+class DrawingBoard(Actor):
+    """A shared canvas: keeps the latest ``KEEP`` strokes, emits ``stroke`` and ``clear`` events
+    so every viewer can draw along live."""
+
+    KEEP: ClassVar[int] = 1000
+    """Strokes kept; older ones are deleted as new ones arrive."""
+    MAX_POINTS: ClassVar[int] = 2000
+    """Most points in one stroke."""
+
+    @method
+    async def stroke(
+        self, points: list[Point], color: Color = "#000000", width: Width = 2.0, user: str = ""
+    ) -> int:
+        """Add a stroke and return its sequence number."""
+        if not points or len(points) > self.MAX_POINTS:
+            raise BadRequestError(
+                f"a stroke needs 1-{self.MAX_POINTS} points, got {len(points)}",
+                type="invalid_arguments",
+            )
+        seq: int = await self.storage.get("seq", 0) + 1
+        stroke = Stroke(seq=seq, points=points, color=color, width=width, user=user)
+        self.storage.put_many({"seq": seq, _stroke_key(seq): stroke})
+        if seq > self.KEEP:
+            self.storage.delete(_stroke_key(seq - self.KEEP))
+        self.emit("stroke", stroke)
+        return seq
+
+    @method
+    async def strokes(self, since: int = 0, limit: Limit = 1000) -> list[Stroke]:
+        """Return up to ``limit`` strokes with a sequence number above ``since``, oldest first."""
+        found = await self.storage.list(start=_stroke_key(since + 1), end="s;", limit=limit)
+        return [msgspec.convert(v, Stroke) for v in found.values()]
+
+    @method
+    async def clear(self) -> None:
+        """Erase the board (the sequence keeps counting)."""
+        seq: int = await self.storage.get("seq", 0)
+        self.storage.delete_all()
+        self.storage.put("seq", seq)
+        self.emit("clear", {"seq": seq})
+
+
+def _stroke_key(seq: int) -> str:
+    return f"s:{seq:012d}"

@@ -1,0 +1,189 @@
+"""Group commit: many objects' write-sets share one transaction and one fsync.
+
+The committer takes everything queued since its last commit, writes it in one ``Storage.commit``
+call, then tells each waiter, in submission order, whether its write-set is durable. While a
+commit is in flight new write-sets queue up and form the next batch; when nothing else is queued a
+write-set commits at once (no timer). Being FIFO, it makes each object's turns durable in the
+order they ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import structlog
+
+from storage._base import Storage
+from storage._errors import FencedError, StorageClosedError, StorageError
+from storage._records import ObjectWrite
+
+__all__ = ["CommitAbandonedError", "CommitStats", "CommitWaiter", "GroupCommitter", "PendingCommit"]
+
+DEFAULT_MAX_BATCH: Final = 2048
+"""Most write-sets in one transaction; a longer queue is committed in several."""
+
+_log = structlog.get_logger("ndo.storage")
+
+
+class CommitAbandonedError(StorageError):
+    """A write-set was not committed because an earlier write-set of the same object failed."""
+
+    def __init__(self) -> None:
+        super().__init__("an earlier write of this object failed; this one was not applied")
+
+
+class CommitWaiter(Protocol):
+    """Who learns the outcome of a submitted write-set (a turn in the runtime)."""
+
+    def commit_wanted(self) -> bool:
+        """Return False to drop the write-set unwritten (its object was reset meanwhile)."""
+        ...
+
+    async def commit_done(self, error: BaseException | None) -> None:
+        """Called once, in submission order: ``None`` when durable, else why not.
+
+        It runs inside the commit loop (that is how replies leave in order), so it must not
+        raise and should not wait on anything but sending its reply.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class PendingCommit:
+    """A write-set waiting for the next group commit, with whoever waits for it."""
+
+    write: ObjectWrite | None
+    """``None``: nothing to write; the waiter only needs the commits before it to be durable."""
+    waiter: CommitWaiter
+
+
+@dataclass(slots=True)
+class CommitStats:
+    """Counters since the committer started."""
+
+    transactions: int = 0
+    """Storage transactions run (one fsync each)."""
+    write_sets: int = 0
+    """Non-empty write-sets made durable."""
+    failures: int = 0
+    """Transactions that failed."""
+
+
+class GroupCommitter:
+    """Batches write-sets into storage transactions, FIFO, one transaction at a time."""
+
+    # Configuration
+    _storage: Storage
+    _max_batch: int
+    _observer: Callable[[int, float], None] | None
+    # State
+    _queue: deque[PendingCommit]
+    _wakeup: asyncio.Event
+    _task: asyncio.Task[None] | None
+    _stopping: bool
+    stats: CommitStats
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        observer: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """Create a committer writing to ``storage``; call ``start()`` before submitting.
+
+        ``observer(write_sets, seconds)`` is told about every successful transaction (metrics).
+        """
+        self._storage = storage
+        self._max_batch = max_batch
+        self._observer = observer
+        self._queue = deque()
+        self._wakeup = asyncio.Event()
+        self._task = None
+        self._stopping = False
+        self.stats = CommitStats()
+
+    @property
+    def queued(self) -> int:
+        """Write-sets waiting for a transaction."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the commit loop."""
+        if self._task is not None:
+            raise RuntimeError("committer already started")
+        self._task = asyncio.create_task(self._run(), name="ndo-group-commit")
+
+    def submit(self, pending: PendingCommit) -> None:
+        """Queue a write-set for the next transaction (never blocks)."""
+        if self._stopping and self._task is None:
+            raise StorageClosedError()
+        self._queue.append(pending)
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Commit everything already queued, then stop (idempotent)."""
+        self._stopping = True
+        self._wakeup.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await task
+        while self._queue:  # submitted after the loop ended
+            await _safe_done(self._queue.popleft(), StorageClosedError())
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            await self._commit_next_batch()
+
+    async def _commit_next_batch(self) -> None:
+        batch: list[PendingCommit] = []
+        entries: list[ObjectWrite] = []
+        while self._queue and len(batch) < self._max_batch:
+            pending = self._queue.popleft()
+            if not pending.waiter.commit_wanted():
+                await _safe_done(pending, CommitAbandonedError())
+                continue
+            batch.append(pending)
+            if pending.write is not None and not pending.write.is_empty():
+                entries.append(pending.write)
+        if not batch:
+            return
+        fenced: frozenset[int] = frozenset()
+        if entries:
+            started = time.perf_counter()
+            try:
+                fenced = await self._storage.commit(entries)
+            except (StorageError, ValueError) as exc:
+                self.stats.failures += 1
+                _log.error("group commit failed", write_sets=len(entries), error=str(exc))
+                for pending in batch:
+                    await _safe_done(pending, exc)
+                return
+            self.stats.transactions += 1
+            self.stats.write_sets += len(entries) - sum(1 for e in entries if e.partition in fenced)
+            if self._observer is not None:
+                self._observer(len(entries), time.perf_counter() - started)
+        for pending in batch:
+            if pending.write is not None and pending.write.partition in fenced:
+                await _safe_done(pending, FencedError({pending.write.partition}))
+            else:
+                await _safe_done(pending, None)
+
+
+async def _safe_done(pending: PendingCommit, error: BaseException | None) -> None:
+    """Deliver an outcome; a waiter bug must not stop the commit loop."""
+    try:
+        await pending.waiter.commit_done(error)
+    except Exception:  # a waiter must not raise; log and keep committing for everyone else
+        _log.exception("commit waiter raised")

@@ -1,0 +1,55 @@
+"""The storage error hierarchy.
+
+::
+
+    StorageError                 any failure of the storage layer
+    ├── StorageClosedError       used after close (a bug in the caller; not retryable)
+    ├── FencedError              a newer owner holds the partition; this worker must drop it
+    └── PartitionCountError      the data directory was created with another partition count
+"""
+
+from __future__ import annotations
+
+__all__ = ["FencedError", "PartitionCountError", "StorageClosedError", "StorageError"]
+
+
+class StorageError(Exception):
+    """A storage operation failed. Transient unless a subclass says otherwise."""
+
+
+class StorageClosedError(StorageError):
+    """The storage was used after ``close()``. Deterministic: retrying cannot help."""
+
+    def __init__(self) -> None:
+        super().__init__("storage is closed")
+
+
+class FencedError(StorageError):
+    """A commit was refused because another owner claimed the partition with a newer epoch.
+
+    The caller lost ownership and must stop serving the partition; a retry on another worker
+    (the new owner) can succeed.
+    """
+
+    partitions: frozenset[int]
+    """The partitions whose fence rejected the write."""
+
+    def __init__(self, partitions: frozenset[int] | set[int]) -> None:
+        self.partitions = frozenset(partitions)
+        super().__init__(
+            f"partition(s) {sorted(self.partitions)} now belong to a newer owner; "
+            "this worker's writes to them were refused"
+        )
+
+
+class PartitionCountError(StorageError):
+    """The data directory belongs to a deployment with a different partition count."""
+
+    def __init__(self, stored: int, configured: int) -> None:
+        self.stored = stored
+        self.configured = configured
+        super().__init__(
+            f"this data directory was created with {stored} partitions but {configured} were "
+            f"configured; the partition count is fixed per deployment: start with "
+            f"--partitions {stored} or use a new data directory"
+        )

@@ -1,0 +1,144 @@
+"""Actor classes used only by the tests (each exercises one runtime behaviour)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from actors import Actor, AlarmInfo, ConflictError, method
+
+
+class Slow(Actor):
+    """Read-modify-write with an await in between: loses updates if two turns ever overlap."""
+
+    @method
+    async def bump(self, pause: float = 0.0) -> int:
+        value: int = await self.storage.get("n", 0)
+        await asyncio.sleep(pause)
+        self.storage.put("n", value + 1)
+        return value + 1
+
+    @method
+    async def read(self) -> int:
+        value: int = await self.storage.get("n", 0)
+        return value
+
+    @method
+    async def sleep(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        self.storage.put("slept", seconds)
+        return "done"
+
+
+class Faulty(Actor):
+    """Handlers that fail in different ways after writing, to prove nothing is half-written."""
+
+    starts: ClassVar[int] = 0
+
+    async def on_start(self) -> None:
+        type(self).starts += 1
+        self.loaded = await self.storage.get("n", 0)
+
+    @method
+    async def write_then_raise(self, value: int) -> None:
+        self.storage.put("n", value)
+        self.emit("changed", value)
+        self.loaded = value
+        raise RuntimeError("boom after writing")
+
+    @method
+    async def write(self, value: int) -> int:
+        self.storage.put("n", value)
+        self.loaded = value
+        return value
+
+    @method
+    async def state(self) -> dict[str, int]:
+        return {"stored": await self.storage.get("n", 0), "attribute": self.loaded}
+
+    @method
+    async def conflict(self) -> None:
+        raise ConflictError("not now", type="busy")
+
+    @method
+    async def unencodable(self) -> object:
+        return object()
+
+    @method
+    async def store_unencodable(self) -> None:
+        self.storage.put("bad", object())
+
+    @method
+    async def big_value(self, size: int) -> None:
+        self.storage.put("big", "x" * size)
+
+
+class Store(Actor):
+    """Exposes the storage API one call at a time."""
+
+    @method
+    async def put(self, key: str, value: object) -> None:
+        self.storage.put(key, value)
+
+    @method
+    async def put_many(self, entries: dict[str, object]) -> None:
+        self.storage.put_many(entries)
+
+    @method
+    async def get(self, key: str) -> object:
+        return await self.storage.get(key)
+
+    @method
+    async def get_many(self, keys: list[str]) -> dict[str, object]:
+        return await self.storage.get_many(keys)
+
+    @method
+    async def delete(self, key: str) -> None:
+        self.storage.delete(key)
+
+    @method
+    async def delete_all(self) -> None:
+        self.storage.delete_all()
+
+    @method
+    async def list(
+        self,
+        prefix: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> list[list[object]]:
+        found = await self.storage.list(
+            prefix=prefix, start=start, end=end, limit=limit, reverse=reverse
+        )
+        return [[k, v] for k, v in found.items()]
+
+
+class Reminder(Actor):
+    """Alarm test object: records each delivery; ``fail_times`` makes the first ones raise."""
+
+    @method
+    async def schedule(self, at: float, fail_times: int = 0) -> None:
+        await self.storage.set_alarm(at)
+        self.storage.put("fail_times", fail_times)
+
+    @method
+    async def cancel(self) -> None:
+        await self.storage.delete_alarm()
+
+    @method
+    async def alarm_time(self) -> float | None:
+        return await self.storage.get_alarm()
+
+    @method
+    async def fired(self) -> list[list[float]]:
+        return await self.storage.get("fired", [])
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        fired = await self.storage.get("fired", [])
+        if info.attempt <= await self.storage.get("fail_times", 0):
+            raise RuntimeError(f"alarm failure on attempt {info.attempt}")
+        fired.append([info.scheduled_time, info.attempt])
+        self.storage.put("fired", fired)
+        self.emit("fired", {"attempt": info.attempt})

@@ -1,0 +1,80 @@
+"""Fixtures that run a real ndo worker in-process against the test's nats-server and SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from actors import Actor, ActorClient, RetryPolicy
+from examples import ChatRoom, Counter, DrawingBoard, RateLimiter
+from ops._nats_server import EmbeddedNatsServer
+from service import Worker, WorkerConfig
+from tests.objects import Faulty, Reminder, Slow, Store
+
+ALL_CLASSES: list[type[Actor]] = [
+    Counter,
+    RateLimiter,
+    ChatRoom,
+    DrawingBoard,
+    Slow,
+    Faulty,
+    Store,
+    Reminder,
+]
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture(name="data_dir")
+def _data_dir(tmp_path: Path) -> Path:
+    """A fresh data directory for the test's workers."""
+    return tmp_path / "data"
+
+
+@pytest.fixture(name="start_worker")
+async def _start_worker(
+    nats_server: EmbeddedNatsServer, data_dir: Path
+) -> AsyncIterator[WorkerFactory]:
+    """Factory: ``await start_worker(**config)`` starts a worker on the test's server."""
+    workers: list[Worker] = []
+
+    async def start(classes: list[type[Actor]] | None = None, **overrides: Any) -> Worker:
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        config = msgspec.structs.replace(config, **overrides)
+        worker = Worker(config, classes or ALL_CLASSES)
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in reversed(workers):
+            await worker.stop()
+
+
+@pytest.fixture(name="worker")
+async def _worker(start_worker: WorkerFactory) -> Worker:
+    """A running worker with default settings serving every test class."""
+    return await start_worker()
+
+
+@pytest.fixture(name="nc")
+async def _nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[NatsClient]:
+    """A nats-py connection to the test's server."""
+    conn = await nats.connect(nats_server.url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(name="client")
+def _client(nc: NatsClient) -> ActorClient:
+    """An ActorClient with a short retry policy."""
+    return ActorClient(nc, timeout=5.0, retry=RetryPolicy(attempts=3, initial_backoff=0.05))
