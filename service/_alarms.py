@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections.abc import Callable, Collection
 from typing import Final
@@ -45,6 +46,8 @@ class AlarmScheduler:
     _inflight: dict[ActorId, AlarmDelivery]
     _retries: list[tuple[float, int, StoredAlarm, AlarmDelivery]]
     _wakeup: asyncio.Event
+    _next_wake: float
+    """Epoch seconds of the next planned check."""
     _sequence: int
     queries: int
     """Storage queries run so far (tests check that idle objects cost none)."""
@@ -75,6 +78,7 @@ class AlarmScheduler:
         self._inflight = {}
         self._retries = []
         self._wakeup = asyncio.Event()
+        self._next_wake = 0.0
         self._sequence = 0
         self.queries = 0
 
@@ -86,6 +90,11 @@ class AlarmScheduler:
     def notify(self) -> None:
         """Re-check storage soon (an alarm was set or a delivery finished)."""
         self._wakeup.set()
+
+    def notify_due(self, due: float) -> None:
+        """An alarm due at ``due`` was committed: wake up if that is before the next check."""
+        if due < self._next_wake:
+            self._wakeup.set()
 
     def done(self, address: ActorId, delivery: AlarmDelivery, error: BaseException | None) -> bool:
         """Record how a delivery ended. Returns True when the alarm is given up for good (the
@@ -134,6 +143,7 @@ class AlarmScheduler:
 
     async def _tick(self) -> float:
         """Deliver what is due; return seconds until the next check."""
+        self._next_wake = math.inf  # any alarm committed while we look wakes us again
         now = time.time()
         while self._retries and self._retries[0][0] <= now:
             _, _, alarm, delivery = heapq.heappop(self._retries)
@@ -153,6 +163,7 @@ class AlarmScheduler:
             # on every tick; a restart with the class served picks it up.
             self._deliver(alarm, delivery)
         if fresh >= _BATCH:
+            self._next_wake = now
             return 0.0  # more are due: go again at once
         self.queries += 1
         upcoming = await self._storage.next_alarm_time(partitions, after=now)
@@ -161,4 +172,5 @@ class AlarmScheduler:
             wake = min(wake, upcoming)
         if self._retries:
             wake = min(wake, self._retries[0][0])
+        self._next_wake = wake
         return max(0.0, wake - time.time())

@@ -49,7 +49,14 @@ from service._catalog import Catalog
 from service._codec import encode_error
 from service._config import WorkerConfig
 from service._metrics import WorkerMetrics
-from storage import GroupCommitter, SqliteStorage, Storage, StoredAlarm
+from storage import (
+    ALARM_UNCHANGED,
+    GroupCommitter,
+    ObjectWrite,
+    SqliteStorage,
+    Storage,
+    StoredAlarm,
+)
 from subjects import (
     MSGPACK_CONTENT_TYPE,
     Header,
@@ -398,11 +405,16 @@ class Worker:
 
     # Background work
 
-    def _observe_commit(self, write_sets: int, seconds: float) -> None:
+    def _observe_commit(self, entries: list[ObjectWrite], seconds: float) -> None:
         self.metrics.commits.inc()
-        self.metrics.commit_write_sets.observe(write_sets)
+        self.metrics.commit_write_sets.observe(len(entries))
         self.metrics.commit_seconds.observe(seconds)
-        self.alarms.notify()
+        earliest = min(
+            (e.alarm for e in entries if e.alarm is not None and e.alarm != ALARM_UNCHANGED),
+            default=None,
+        )
+        if earliest is not None:
+            self.alarms.notify_due(earliest)
 
     async def _collect_idle(self) -> None:
         while True:

@@ -80,7 +80,7 @@ class GroupCommitter:
     # Configuration
     _storage: Storage
     _max_batch: int
-    _observer: Callable[[int, float], None] | None
+    _observer: Callable[[list[ObjectWrite], float], None] | None
     # State
     _queue: deque[PendingCommit]
     _wakeup: asyncio.Event
@@ -93,11 +93,12 @@ class GroupCommitter:
         storage: Storage,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
-        observer: Callable[[int, float], None] | None = None,
+        observer: Callable[[list[ObjectWrite], float], None] | None = None,
     ) -> None:
         """Create a committer writing to ``storage``; call ``start()`` before submitting.
 
-        ``observer(write_sets, seconds)`` is told about every successful transaction (metrics).
+        ``observer(entries, seconds)`` is told about every successful transaction (metrics,
+        alarm wake-ups); it must not keep ``entries``.
         """
         self._storage = storage
         self._max_batch = max_batch
@@ -173,7 +174,7 @@ class GroupCommitter:
             self.stats.transactions += 1
             self.stats.write_sets += len(entries) - sum(1 for e in entries if e.partition in fenced)
             if self._observer is not None:
-                self._observer(len(entries), time.perf_counter() - started)
+                self._observer(entries, time.perf_counter() - started)
         for pending in batch:
             if pending.write is not None and pending.write.partition in fenced:
                 await _safe_done(pending, FencedError({pending.write.partition}))
