@@ -266,8 +266,15 @@ class Activation:
         assert mailbox is not None
         try:
             while mailbox:
-                await self._run_turn(mailbox[0])
-                mailbox.popleft()
+                envelope = mailbox.popleft()
+                try:
+                    await self._run_turn(envelope)
+                except Exception:  # a runtime bug: answer, log, keep the object serving
+                    _log.exception("turn crashed in the runtime", method=envelope.method)
+                    self.instance = None
+                    await self._send_error(
+                        envelope, HandlerError("internal error in the ndo runtime; see its logs")
+                    )
         finally:
             self._pump = None
             if not mailbox:

@@ -252,9 +252,7 @@ class Worker:
                 await task
         self.catalog.evict_all_idle()
         if self._nc is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._nc.flush(timeout=2)
-            await self._nc.close()
+            await _close_quietly(self._nc)
             self._nc = None
         await self.storage.close()
         self.state = WorkerState.STOPPED
@@ -435,3 +433,20 @@ class Worker:
 
     async def _on_reconnect(self) -> None:
         _log.info("reconnected to nats")
+
+
+async def _close_quietly(nc: NatsClient) -> None:
+    """Flush and close a NATS connection that may already be broken (server gone)."""
+    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+        await nc.flush(timeout=2)
+    try:
+        async with asyncio.timeout(5):
+            await nc.close()
+    except (nats.errors.Error, OSError, TimeoutError):
+        pass
+    except asyncio.CancelledError:
+        # nats-py can raise CancelledError from a transport that died under it; only a
+        # cancellation aimed at us may propagate.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
