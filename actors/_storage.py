@@ -83,7 +83,9 @@ def prefix_range(prefix: str) -> tuple[str, str | None]:
     while chars:
         last = ord(chars[-1])
         if last < 0x10FFFF:
-            return prefix, "".join(chars[:-1]) + chr(last + 1)
+            # The next code point after U+D7FF that UTF-8 (and so SQLite) accepts is U+E000.
+            following = 0xE000 if 0xD7FF <= last < 0xE000 else last + 1
+            return prefix, "".join(chars[:-1]) + chr(following)
         chars.pop()
     return prefix, None
 
@@ -334,12 +336,19 @@ class ActorStorage:
     def _check_key(self, key: str) -> None:
         if not isinstance(key, str):
             raise BadRequestError(f"storage keys must be str, got {type(key).__name__}")
-        if len(key) * 4 > self._limits.max_key_bytes and (
-            len(key.encode("utf-8")) > self._limits.max_key_bytes
-        ):
+        if key.isascii():
+            size = len(key)
+        else:
+            try:
+                size = len(key.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise BadRequestError(
+                    f"storage key {key!r} is not valid Unicode text (it holds a lone surrogate)",
+                    type="invalid_key",
+                ) from None
+        if size > self._limits.max_key_bytes:
             raise PayloadTooLargeError(
-                f"storage key of {len(key.encode('utf-8'))} bytes is over the "
-                f"{self._limits.max_key_bytes}-byte limit",
+                f"storage key of {size} bytes is over the {self._limits.max_key_bytes}-byte limit",
                 type="key_too_large",
             )
 

@@ -116,8 +116,8 @@ class GroupCommitter:
 
     def start(self) -> None:
         """Start the commit loop."""
-        if self._task is not None:
-            raise RuntimeError("committer already started")
+        if self._task is not None or self._stopping:
+            raise RuntimeError("committer already started (a stopped one cannot restart)")
         self._task = asyncio.create_task(self._run(), name="ndo-group-commit")
 
     def submit(self, pending: PendingCommit) -> None:
@@ -149,17 +149,15 @@ class GroupCommitter:
 
     async def _commit_next_batch(self) -> None:
         batch: list[PendingCommit] = []
+        abandoned: set[int] = set()  # ids of waiters that no longer want their write
         entries: list[ObjectWrite] = []
         while self._queue and len(batch) < self._max_batch:
             pending = self._queue.popleft()
-            if not pending.waiter.commit_wanted():
-                await _safe_done(pending, CommitAbandonedError())
-                continue
             batch.append(pending)
-            if pending.write is not None and not pending.write.is_empty():
+            if not pending.waiter.commit_wanted():
+                abandoned.add(id(pending))
+            elif pending.write is not None and not pending.write.is_empty():
                 entries.append(pending.write)
-        if not batch:
-            return
         fenced: frozenset[int] = frozenset()
         if entries:
             started = time.perf_counter()
@@ -169,14 +167,18 @@ class GroupCommitter:
                 self.stats.failures += 1
                 _log.error("group commit failed", write_sets=len(entries), error=str(exc))
                 for pending in batch:
-                    await _safe_done(pending, exc)
+                    await _safe_done(
+                        pending, CommitAbandonedError() if id(pending) in abandoned else exc
+                    )
                 return
             self.stats.transactions += 1
             self.stats.write_sets += len(entries) - sum(1 for e in entries if e.partition in fenced)
             if self._observer is not None:
                 self._observer(entries, time.perf_counter() - started)
-        for pending in batch:
-            if pending.write is not None and pending.write.partition in fenced:
+        for pending in batch:  # outcomes in submission order, abandoned ones included
+            if id(pending) in abandoned:
+                await _safe_done(pending, CommitAbandonedError())
+            elif pending.write is not None and pending.write.partition in fenced:
                 await _safe_done(pending, FencedError({pending.write.partition}))
             else:
                 await _safe_done(pending, None)
