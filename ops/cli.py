@@ -1,4 +1,6 @@
-"""The ``ndo`` command line: ``serve`` runs a worker, ``call`` calls an object.
+"""The ``ndo`` command line: ``serve`` runs a worker, ``call`` calls an object, ``replay`` and
+``tail`` read objects' journals, ``status`` and ``mapping`` describe a deployment, ``bench``
+measures it.
 
 Every option can also come from an ``NDO_<OPTION>`` environment variable (``--nats-url`` ->
 ``NDO_NATS_URL``); a flag on the command line wins over the environment.
@@ -24,10 +26,29 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from actors import ActorClient, ActorError, RetryPolicy
+from ops._bench import add_bench_parser, run_bench
+from ops._connect import CannotConnectError, connect_once
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import configure_logging
 from ops._nats_server import EmbeddedNatsServer, NatsServerError
-from service import Worker, WorkerConfig
+from ops._replay import (
+    EXIT_ERROR,
+    ReplayOptions,
+    parse_duration,
+    parse_point,
+    parse_size,
+    run_replay,
+)
+from ops._status import StatusError, fetch_status, format_status
+from ops._tail import TailOptions, run_tail
+from service import (
+    OwnershipError,
+    RoutingError,
+    Worker,
+    WorkerConfig,
+    mapping_snippet,
+    server_mapping,
+)
 from storage import StorageError
 from subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, rpc_subject
 
@@ -37,7 +58,11 @@ _log = structlog.get_logger("ndo")
 
 
 def _env(name: str, default: Any) -> Any:
-    """Default for an option: ``NDO_<NAME>`` if set, else ``default``."""
+    """Default for an option: ``NDO_<NAME>`` if set, else ``default``.
+
+    The environment's value stays a string: argparse runs an option's ``type`` on string
+    defaults, so ``NDO_PORT=four`` is a usage error (exit 2) like ``--port four``.
+    """
     return os.environ.get(f"NDO_{name.upper()}", default)
 
 
@@ -78,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port",
         type=int,
-        default=int(_env("port", 4222)),
+        default=_env("port", 4222),
         help="embedded server's client port [env NDO_PORT; default 4222; 0=any]",
     )
     serve.add_argument(
@@ -90,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-port",
         type=int,
-        default=_int_or_none(_env("metrics_port", None)),
+        default=_env("metrics_port", None) or None,
         help="serve Prometheus metrics on this port [env NDO_METRICS_PORT]",
     )
     serve.add_argument(
@@ -113,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--partitions",
         type=int,
-        default=int(_env("partitions", DEFAULT_PARTITIONS)),
+        default=_env("partitions", DEFAULT_PARTITIONS),
         help=f"partition count, fixed per deployment [env NDO_PARTITIONS; "
         f"default {DEFAULT_PARTITIONS}]",
     )
@@ -133,9 +158,151 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(
             f"--{flag}",
             type=kind,
-            default=kind(_env(dest, default)),
+            default=_env(dest, default),
             help=f"{help_text} [env NDO_{dest.upper()}; default {default}]",
         )
+
+    serve.add_argument(
+        "--no-journal",
+        dest="journal",
+        action="store_false",
+        default=_env("journal", "1").lower() not in ("0", "false", "no", "off"),
+        help="do not record turns to the JetStream journal [env NDO_JOURNAL=0]",
+    )
+    serve.add_argument(
+        "--journal-max-age",
+        type=_argument(parse_duration),
+        default=_env("journal_max_age", "7d"),  # argparse applies type to str defaults
+        help="how long the journal keeps records, e.g. 12h, 7d [env NDO_JOURNAL_MAX_AGE; "
+        "default 7d]",
+    )
+    serve.add_argument(
+        "--journal-max-bytes",
+        type=_argument(parse_size),
+        default=_env("journal_max_bytes", "1G"),
+        help="size the journal stream may reach before the oldest records go, e.g. 512M, 10G "
+        "[env NDO_JOURNAL_MAX_BYTES; default 1G]",
+    )
+
+    serve.add_argument(
+        "--worker-name",
+        default=_env("worker_name", ""),
+        help="name in logs and `ndo status` [env NDO_WORKER_NAME; default host-pid]",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=_env("lease_ttl", defaults.lease_ttl),
+        help="whole seconds a partition lease lives without renewal: the takeover bound when a "
+        f"worker dies [env NDO_LEASE_TTL; default {defaults.lease_ttl}]",
+    )
+    serve.add_argument(
+        "--ownership",
+        choices=["auto", "leases", "standalone"],
+        default=_env("ownership", defaults.ownership),
+        help="share partitions with other workers through JetStream leases, or serve them all "
+        "alone; auto: leases when the server has JetStream [env NDO_OWNERSHIP; default auto]",
+    )
+
+    replay = commands.add_parser(
+        "replay",
+        help="print an object's journal step by step, or re-run it on today's code",
+        description="Read CLASS/ID's journal and print each step: sequence, time, method, "
+        "arguments, reply or error, and the state after it (rebuilt from the recorded "
+        "write-sets; no user code runs). With --execute, re-run the steps against today's "
+        "code on scratch in-memory storage and report where replies or writes diverge. "
+        "Exit codes: 0 ok / no divergence, 1 error, 2 bad usage, 3 divergence.",
+    )
+    replay.add_argument("class_name", metavar="CLASS")
+    replay.add_argument("object_id", metavar="ID")
+    _add_connection_options(replay)
+    replay.add_argument(
+        "--at",
+        type=_argument(parse_point),
+        metavar="SEQ|TIME",
+        help="stop at this step: a sequence number, a time (2024-05-01T14:02:00Z, 14:02) or an "
+        "age (10m)",
+    )
+    replay.add_argument(
+        "--since",
+        type=_argument(parse_point),
+        metavar="TIME|SEQ",
+        help="start showing (and executing) at this time or sequence number",
+    )
+    replay.add_argument(
+        "--execute",
+        action="store_true",
+        help="re-run the recorded inputs against today's code and compare",
+    )
+    replay.add_argument(
+        "--app",
+        action="append",
+        metavar="MODULE",
+        help="module (or module:Class) with today's classes, for --execute (repeatable); "
+        "default: the bundled examples",
+    )
+    replay.add_argument(
+        "--per-step",
+        action="store_true",
+        help="with --execute: start every step from its recorded state instead of from the "
+        "state the re-run produced",
+    )
+    replay.add_argument("--json", action="store_true", help="one JSON object per step")
+    replay.add_argument("--wide", action="store_true", help="do not shorten table cells")
+
+    tail = commands.add_parser(
+        "tail",
+        help="follow objects' journal records live",
+        description="Print journal records of CLASS/ID as they are recorded; CLASS and ID may "
+        "be '*' (quote it in the shell).",
+    )
+    tail.add_argument("class_name", metavar="CLASS")
+    tail.add_argument("object_id", metavar="ID", nargs="?", default="*")
+    _add_connection_options(tail)
+    tail.add_argument(
+        "--since",
+        type=_argument(parse_point),
+        metavar="TIME|SEQ",
+        help="start with older records: from this time, age (10m) or sequence number",
+    )
+    tail.add_argument("--count", type=int, help="exit after this many records")
+    tail.add_argument("--json", action="store_true", help="one JSON object per record")
+    tail.add_argument("--wide", action="store_true", help="do not shorten fields")
+
+    status = commands.add_parser(
+        "status",
+        help="show the workers, which partitions each holds, and lease epochs",
+        description="Read the deployment's lease bucket: live workers, the partitions each "
+        "holds, and every partition's holder and fencing epoch.",
+    )
+    _add_connection_options(status)
+    status.add_argument(
+        "--brief", action="store_true", help="workers only, without the per-partition table"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    mapping = commands.add_parser(
+        "mapping",
+        help="print the nats-server subject mapping that routes requests to partition owners",
+        description="Print the mappings block to add to an existing nats-server (or cluster) "
+        "config so each request goes straight to its partition's worker (no forwarding hop). "
+        "Reload the server with `nats-server --signal reload`. Workers detect the mapping when "
+        "they start.",
+    )
+    mapping.add_argument(
+        "--prefix",
+        default=_env("prefix", DEFAULT_PREFIX),
+        help=f"subject prefix [env NDO_PREFIX; default {DEFAULT_PREFIX}]",
+    )
+    mapping.add_argument(
+        "--partitions",
+        type=int,
+        default=_env("partitions", DEFAULT_PARTITIONS),
+        help=f"the deployment's partition count [env NDO_PARTITIONS; default {DEFAULT_PARTITIONS}]",
+    )
+    mapping.add_argument(
+        "--account", help="wrap the mapping in an account block (accounts { NAME: { ... } })"
+    )
 
     call = commands.add_parser(
         "call",
@@ -156,14 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--timeout",
         type=float,
-        default=float(_env("timeout", 5.0)),
+        default=_env("timeout", 5.0),
         help="seconds to wait for each try [env NDO_TIMEOUT; default 5]",
     )
+    add_bench_parser(commands)
     return parser
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return None if value is None or value == "" else int(value)
+def _argument(parse: Any) -> Any:
+    """Wrap a parser so argparse shows its ValueError message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,6 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "call":
         return asyncio.run(_call(args))
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "tail":
+        return _tail(args)
+    if args.command == "bench":
+        return run_bench(args)
+    if args.command == "status":
+        return asyncio.run(_status(args))
+    if args.command == "mapping":
+        print(mapping_snippet(args.prefix, args.partitions, args.account))
+        return 0
     raise AssertionError(args.command)
 
 
@@ -197,13 +385,26 @@ def _serve(args: argparse.Namespace) -> int:
             idempotency_window=args.idempotency_window,
             max_value_bytes=args.max_value_bytes,
             max_key_bytes=args.max_key_bytes,
+            journal=args.journal,
+            journal_max_age=args.journal_max_age,
+            journal_max_bytes=args.journal_max_bytes,
+            worker_name=args.worker_name,
+            lease_ttl=args.lease_ttl,
+            ownership=args.ownership,
         )
     except ValueError as exc:
         print(f"ndo serve: {exc}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(_run_service(config, classes, args))
-    except (NatsServerError, StorageError, OSError, nats.errors.Error) as exc:
+    except (
+        NatsServerError,
+        StorageError,
+        OSError,
+        nats.errors.Error,
+        OwnershipError,
+        RoutingError,
+    ) as exc:
         print(f"ndo serve: {exc}", file=sys.stderr)
         return 1
 
@@ -223,7 +424,12 @@ async def _run_service(config: WorkerConfig, classes: list[Any], args: argparse.
     embedded: EmbeddedNatsServer | None = None
     try:
         if args.nats_url is None:
-            embedded = EmbeddedNatsServer(store_dir=config.data_dir / "nats", port=args.port)
+            # Started with the partition mapping: requests go straight to their partition's worker.
+            embedded = EmbeddedNatsServer(
+                store_dir=config.data_dir / "nats",
+                port=args.port,
+                mappings=dict([server_mapping(config.prefix, config.partitions)]),
+            )
             await embedded.start()
             config = msgspec.structs.replace(config, nats_url=embedded.url)
             _log.info("embedded nats-server started", url=embedded.url, pid=embedded.pid)
@@ -240,6 +446,31 @@ async def _run_service(config: WorkerConfig, classes: list[Any], args: argparse.
             await embedded.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
+    return 0
+
+
+# status
+
+
+async def _status(args: argparse.Namespace) -> int:
+    url = args.nats_url or "nats://127.0.0.1:4222"
+    try:
+        nc = await connect_once(url)
+    except CannotConnectError as exc:
+        print(f"ndo status: {exc}", file=sys.stderr)
+        return 1
+    try:
+        status = await fetch_status(nc, args.prefix)
+    except (StatusError, nats.errors.Error) as exc:
+        print(f"ndo status: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(status).decode(), indent=2))
+    else:
+        print(format_status(status, partitions=not args.brief))
     return 0
 
 
@@ -264,11 +495,9 @@ async def _call(args: argparse.Namespace) -> int:
             print("ndo call: arguments must be a JSON object, e.g. '{\"by\": 2}'", file=sys.stderr)
             return 2
     try:
-        nc = await nats.connect(
-            url, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False
-        )
-    except (OSError, nats.errors.Error) as exc:
-        print(f"ndo call: cannot connect to {url}: {exc}; is `ndo serve` running?", file=sys.stderr)
+        nc = await connect_once(url, hint="is `ndo serve` running? (or pass --nats-url)")
+    except CannotConnectError as exc:
+        print(f"ndo call: {exc}", file=sys.stderr)
         return 1
     try:
         client = ActorClient(
@@ -286,6 +515,49 @@ async def _call(args: argparse.Namespace) -> int:
     except json.JSONDecodeError:
         print(reply.decode(errors="replace"))
     return 0
+
+
+# replay and tail
+
+
+def _replay(args: argparse.Namespace) -> int:
+    classes: list[Any] = []
+    if args.execute:
+        try:
+            classes = load_actor_classes(args.app or list(DEFAULT_MODULES))
+        except ValueError as exc:
+            print(f"ndo replay: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    options = ReplayOptions(
+        class_name=args.class_name,
+        object_id=args.object_id,
+        nats_url=args.nats_url or "nats://127.0.0.1:4222",
+        prefix=args.prefix,
+        at=args.at,
+        since=args.since,
+        execute=args.execute,
+        per_step=args.per_step,
+        as_json=args.json,
+        wide=args.wide,
+    )
+    return asyncio.run(run_replay(options, classes=classes))
+
+
+def _tail(args: argparse.Namespace) -> int:
+    options = TailOptions(
+        class_name=args.class_name,
+        object_id=args.object_id,
+        nats_url=args.nats_url or "nats://127.0.0.1:4222",
+        prefix=args.prefix,
+        since=args.since,
+        count=args.count,
+        as_json=args.json,
+        wide=args.wide,
+    )
+    try:
+        return asyncio.run(run_tail(options))
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

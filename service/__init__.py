@@ -1,7 +1,45 @@
 """The runtime of one ndo worker: NATS ingress, activations, turns, group commit, shutdown."""
 
 from service._config import WorkerConfig
+from service._journal import (
+    JOURNAL_VERSION,
+    JournalAlarm,
+    JournalError,
+    JournalRecord,
+    JournalWrites,
+    decode_journal_record,
+    journal_stream_name,
+)
 from service._metrics import WorkerMetrics
+from service._ownership import (
+    DeploymentMismatchError,
+    OwnershipError,
+    assign_partitions,
+    lease_bucket,
+)
+from service._routing import RoutingError, RoutingMode, mapping_snippet, server_mapping
 from service._worker import QUEUE_GROUP, Worker, WorkerState, WorkerStats
 
-__all__ = ["QUEUE_GROUP", "Worker", "WorkerConfig", "WorkerMetrics", "WorkerState", "WorkerStats"]
+__all__ = [
+    "JOURNAL_VERSION",
+    "QUEUE_GROUP",
+    "DeploymentMismatchError",
+    "JournalAlarm",
+    "JournalError",
+    "JournalRecord",
+    "JournalWrites",
+    "OwnershipError",
+    "RoutingError",
+    "RoutingMode",
+    "Worker",
+    "WorkerConfig",
+    "WorkerMetrics",
+    "WorkerState",
+    "WorkerStats",
+    "assign_partitions",
+    "decode_journal_record",
+    "journal_stream_name",
+    "lease_bucket",
+    "mapping_snippet",
+    "server_mapping",
+]

@@ -43,6 +43,7 @@ from actors import (
 from actors._actor import Event
 from service._codec import MSGPACK_HEADERS, encode_error, encode_result
 from service._idempotency import IdempotencyCache
+from service._journal import JournalEntry
 from storage import (
     ALARM_UNCHANGED,
     CommitAbandonedError,
@@ -95,6 +96,10 @@ class Host(Protocol):
         """Tell the alarm scheduler how a delivery ended; True means "give up: delete it"."""
         ...
 
+    def journal(self, entry: JournalEntry) -> None:
+        """Record a finished turn in the journal (never raises, never waits)."""
+        ...
+
 
 class ActivationState(Enum):
     """Lifecycle of an activation."""
@@ -145,7 +150,16 @@ class Envelope:
 class _Turn:
     """A finished turn waiting for durability: the commit waiter that sends its reply."""
 
-    __slots__ = ("activation", "body", "envelope", "events", "followers", "generation", "headers")
+    __slots__ = (
+        "activation",
+        "body",
+        "envelope",
+        "events",
+        "followers",
+        "generation",
+        "headers",
+        "journal",
+    )
 
     def __init__(
         self,
@@ -162,6 +176,7 @@ class _Turn:
         self.events = events
         self.generation = activation.generation
         self.followers: list[_Turn] | None = None
+        self.journal: JournalEntry | None = None
 
     def commit_wanted(self) -> bool:
         return self.generation == self.activation.generation
@@ -311,6 +326,7 @@ class Activation:
             if envelope.alarm is not None and await self._alarm_is_stale(envelope.alarm):
                 host.alarm_done(self.address, envelope.alarm, None)
                 return
+            fresh, started, clock = self.instance is None, time.time(), time.perf_counter()
             try:
                 instance = self.instance or await self._start_instance()
                 if envelope.alarm is not None:
@@ -332,7 +348,7 @@ class Activation:
                         type="reply_too_large",
                     )
             except ActorError as exc:
-                self._turn_failed(envelope, exc, exc)
+                self._turn_failed(envelope, exc, exc, (started, clock, fresh))
                 await self._send_error(envelope, exc)
                 return
             except TimeoutError as exc:
@@ -343,12 +359,12 @@ class Activation:
                     )
                 else:
                     error = HandlerError(f"{type(exc).__name__}: {exc}")
-                self._turn_failed(envelope, error, exc)
+                self._turn_failed(envelope, error, exc, (started, clock, fresh))
                 await self._send_error(envelope, error)
                 return
             except (TypeError, msgspec.EncodeError) as exc:
                 error = HandlerError(f"{type(exc).__name__}: {exc}")
-                self._turn_failed(envelope, error, exc)
+                self._turn_failed(envelope, error, exc, (started, clock, fresh))
                 await self._send_error(envelope, error)
                 return
             except Exception as exc:
@@ -357,16 +373,40 @@ class Activation:
                     if str(exc)
                     else f"{type(exc).__name__} in {self.address.class_name}.{envelope.method}"
                 )
-                self._turn_failed(envelope, error, exc)
+                self._turn_failed(envelope, error, exc, (started, clock, fresh))
                 await self._send_error(envelope, error)
                 return
             changes = storage.end_turn()
             events = self.context.take_events()
+            duration = time.perf_counter() - clock
             if generation != self.generation:  # reset while the handler ran
+                self._journal(
+                    JournalEntry(
+                        self.address,
+                        self.partition,
+                        envelope,
+                        status="aborted",
+                        error=_reset_error(),
+                        started=started,
+                        duration=duration,
+                        fresh=fresh,
+                    )
+                )
                 await self._send_error(envelope, _reset_error())
                 return
             headers = MSGPACK_HEADERS if envelope.msgpack else None
             turn = _Turn(self, envelope, body, headers, events)
+            turn.journal = JournalEntry(
+                self.address,
+                self.partition,
+                envelope,
+                status="ok",
+                body=body,
+                changes=None if changes.is_empty() else changes,
+                started=started,
+                duration=duration,
+                fresh=fresh,
+            )
             remember = key is not None and (not changes.is_empty() or events)
             if changes.is_empty() and not remember:
                 if self._followed is None:
@@ -395,11 +435,33 @@ class Activation:
             self._followed = turn
             host.committer.submit(PendingCommit(write, turn))
 
-    def _turn_failed(self, envelope: Envelope, error: ActorError, cause: BaseException) -> None:
-        """Discard the turn's writes and events; rebuild the instance before the next turn."""
+    def _turn_failed(
+        self,
+        envelope: Envelope,
+        error: ActorError,
+        cause: BaseException,
+        timing: tuple[float, float, bool],
+    ) -> None:
+        """Discard the turn's writes and events; rebuild the instance before the next turn.
+
+        ``timing`` is ``(time.time(), time.perf_counter(), fresh)`` taken when the turn started.
+        """
         self.context.storage.abort_turn()
         self.context.take_events()
         self.instance = None
+        started, clock, fresh = timing
+        self._journal(
+            JournalEntry(
+                self.address,
+                self.partition,
+                envelope,
+                status="error",
+                error=error,
+                started=started,
+                duration=time.perf_counter() - clock,
+                fresh=fresh,
+            )
+        )
         log = (
             _log.warning if isinstance(error, (HandlerError, DeadlineExceededError)) else _log.info
         )
@@ -429,6 +491,14 @@ class Activation:
         )
         gave_up = Envelope(None, None, "", alarm=None)
         turn = _Turn(self, gave_up, b"", None, None)
+        turn.journal = JournalEntry(
+            self.address,
+            self.partition,
+            envelope,
+            status="ok",
+            kind="alarm_dropped",
+            changes=changes,
+        )
         self._pending += 1
         self._followed = turn
         self._host.committer.submit(PendingCommit(write, turn))
@@ -448,9 +518,22 @@ class Activation:
         self._host.metrics.idempotent_replays.labels(cls).inc()
         if isinstance(seen, _Turn):  # the first call is still waiting for its commit
             _follow(seen, _Turn(self, envelope, seen.body, seen.headers, None))
+            same_encoding = seen.envelope.msgpack == envelope.msgpack
+            self._journal(
+                JournalEntry(
+                    self.address,
+                    self.partition,
+                    envelope,
+                    status="duplicate",
+                    body=seen.body if same_encoding else None,
+                )
+            )
             return True
         body, headers = _replay_reply(seen, envelope.msgpack)
         await self._send_reply(envelope, body, headers)
+        self._journal(
+            JournalEntry(self.address, self.partition, envelope, status="duplicate", body=body)
+        )
         return True
 
     async def _turn_durable(self, turn: _Turn, error: BaseException | None) -> None:
@@ -478,6 +561,8 @@ class Activation:
         while pending:
             current = pending.pop(0)
             await self._send_error(current.envelope, failure)
+            if current.journal is not None:
+                self._host.journal(current.journal.aborted(failure))
             if current.envelope.alarm is not None:
                 self._host.alarm_done(self.address, current.envelope.alarm, error)  # retried
             pending.extend(current.followers or ())
@@ -509,11 +594,22 @@ class Activation:
                     key, _stored_reply(current.body, envelope.msgpack), current
                 )
             await self._send_reply(envelope, current.body, current.headers)
+            if current.journal is not None:
+                host.journal(current.journal)
             if current.events:
                 await host.publish_events(self.address.class_name, current.events)
             if envelope.alarm is not None:
                 host.alarm_done(self.address, envelope.alarm, None)
             pending.extend(current.followers or ())
+
+    def _journal(self, entry: JournalEntry) -> None:
+        """Record a turn that commits nothing, in order behind the object's pending writes."""
+        if self._followed is None:
+            self._host.journal(entry)
+            return
+        follower = _Turn(self, Envelope(None, None, ""), b"", None, None)  # journal only
+        follower.journal = entry
+        _follow(self._followed, follower)
 
     async def _send_reply(
         self, envelope: Envelope, body: bytes, headers: dict[str, str] | None

@@ -24,6 +24,7 @@ from service._activation import AlarmDelivery
 from service._config import WorkerConfig
 from service._metrics import WorkerMetrics
 from storage import Storage, StorageError, StoredAlarm
+from subjects import partition_of
 
 __all__ = ["AlarmScheduler"]
 
@@ -91,6 +92,25 @@ class AlarmScheduler:
         """Re-check storage soon (an alarm was set or a delivery finished)."""
         self._wakeup.set()
 
+    def partitions_changed(self) -> None:
+        """The served partitions changed: forget deliveries parked for partitions no longer
+        served (their new owner delivers them) and look at storage again."""
+        served = self._partitions()
+        if served is not None:
+            keep = set(served)
+            count = self._config.partitions
+            for address in list(self._inflight):
+                if partition_of(address.class_name, address.object_id, count) not in keep:
+                    del self._inflight[address]
+            self._retries = [
+                r
+                for r in self._retries
+                if partition_of(r[2].class_name, r[2].object_id, count) in keep
+            ]
+            heapq.heapify(self._retries)
+        self._next_wake = 0.0
+        self._wakeup.set()
+
     def notify_due(self, due: float) -> None:
         """An alarm due at ``due`` was committed: wake up if that is before the next check."""
         if due < self._next_wake:
@@ -149,6 +169,9 @@ class AlarmScheduler:
             _, _, alarm, delivery = heapq.heappop(self._retries)
             self._deliver(alarm, delivery)  # if it cannot be delivered it stays parked
         partitions = self._partitions()
+        if partitions is not None and not partitions:
+            self._next_wake = now + _MAX_SLEEP
+            return _MAX_SLEEP  # nothing served: partitions_changed() wakes us
         self.queries += 1
         due = await self._storage.due_alarms(partitions, now, _BATCH + len(self._inflight))
         fresh = 0

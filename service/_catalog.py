@@ -38,26 +38,32 @@ class Catalog:
         """Return the activation of ``address`` if it is in memory."""
         return self._table.get(address)
 
-    def activate(self, info: ActorClassInfo, object_id: str) -> Activation:
+    def activate(
+        self, info: ActorClassInfo, object_id: str, partition: int | None = None
+    ) -> Activation:
         """Return the object's activation, creating it if needed.
 
         Synchronous (no await), so concurrent arrivals can never activate an id twice.
+        ``partition`` saves recomputing the object's partition when the caller knows it.
         """
         address = ActorId(info.name, object_id)
         activation = self._table.get(address)
         if activation is not None:
             self._table.move_to_end(address)
             return activation
-        partition = partition_of(info.name, object_id, self._host.config.partitions)
+        if partition is None:
+            partition = partition_of(info.name, object_id, self._host.config.partitions)
+        # Make room before inserting: the newcomer is idle until its first message is queued,
+        # and must never be its own LRU victim (that message would land on an orphan).
+        if len(self._table) >= self._host.config.max_active:
+            self._evict_lru(over=len(self._table) + 1 - self._host.config.max_active)
         activation = Activation(self._host, info, object_id, partition)
         self._table[address] = activation
         self._host.metrics.active_objects.set(len(self._table))
-        if len(self._table) > self._host.config.max_active:
-            self._evict_lru()
         return activation
 
-    def _evict_lru(self) -> None:
-        over = len(self._table) - self._host.config.max_active
+    def _evict_lru(self, over: int) -> None:
+        """Evict up to ``over`` idle activations, least recently used first."""
         victims: list[Activation] = []
         for i, activation in enumerate(self._table.values()):
             if i >= _EVICTION_SCAN or len(victims) >= over:
@@ -86,6 +92,22 @@ class Catalog:
         for activation in victims:
             self._remove(activation, reason)
         return len(victims)
+
+    def deactivate_partition(self, partition: int) -> list[Activation]:
+        """Remove every activation of ``partition`` (its lease moved or ended).
+
+        Idle ones are simply dropped. Busy ones are removed too, so no new message reaches
+        them; they finish what they already queued, and their writes are fenced. They are
+        returned so the caller can wait for them before serving the partition again.
+        """
+        victims = [a for a in self._table.values() if a.partition == partition]
+        for activation in victims:
+            self._remove(activation, "moved")
+        return [a for a in victims if not a.idle]
+
+    def busy_partitions(self) -> set[int]:
+        """Partitions that have an activation with queued, running or uncommitted turns."""
+        return {a.partition for a in self._table.values() if not a.idle}
 
     def _remove(self, activation: Activation, reason: str) -> None:
         del self._table[activation.address]

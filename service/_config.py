@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -50,6 +51,24 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Deliveries of a failing alarm before it is dropped."""
     alarm_initial_backoff: float = 1.0
     """Seconds before the first alarm retry; doubles each time."""
+    ownership: Literal["auto", "leases", "standalone"] = "auto"
+    """How partitions are owned: ``leases`` (JetStream KV leases shared with other workers),
+    ``standalone`` (this worker owns every partition; run one worker only) or ``auto`` (leases
+    when the server has JetStream, else standalone with a warning)."""
+    lease_ttl: int = 3
+    """Whole seconds a partition lease lives without renewal (renewed every third of it): the
+    bound on taking over from a worker that died. Clients should retry for longer than this."""
+    lease_replicas: int = 1
+    """Replicas of the lease bucket when this worker creates it (3 in a JetStream cluster)."""
+    journal: bool = True
+    """Record every turn to the JetStream journal stream (skipped, with a warning, when the
+    server has no JetStream)."""
+    journal_max_age: float = 7 * 24 * 3600.0
+    """Seconds the journal keeps a record (stream ``max_age``)."""
+    journal_max_bytes: int = 1024 * 1024 * 1024
+    """Bytes the journal stream may hold before the oldest records go (stream ``max_bytes``)."""
+    journal_max_pending: int = 10_000
+    """Journal records buffered or awaiting acknowledgement before new ones are dropped."""
 
     def __post_init__(self) -> None:
         """Validate values and say how to fix a bad one."""
@@ -72,9 +91,18 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             "idempotency_window": self.idempotency_window,
             "alarm_max_attempts": self.alarm_max_attempts,
             "alarm_initial_backoff": self.alarm_initial_backoff,
+            "lease_ttl": self.lease_ttl,
+            "lease_replicas": self.lease_replicas,
+            "journal_max_age": self.journal_max_age,
+            "journal_max_bytes": self.journal_max_bytes,
+            "journal_max_pending": self.journal_max_pending,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.partitions > 4096:
             raise ValueError(f"partitions must be <= 4096, got {self.partitions}")
+        if self.ownership not in ("auto", "leases", "standalone"):
+            raise ValueError(
+                f"ownership must be 'auto', 'leases' or 'standalone', got {self.ownership!r}"
+            )

@@ -96,3 +96,15 @@ class WorkerMetrics:
             ["class_name", "outcome"],
             registry=r,
         )
+        self.journal_records = Counter(
+            "ndo_journal_records_total",
+            "Journal records stored (acknowledged by the JetStream journal stream).",
+            registry=r,
+        )
+        self.journal_failures = Counter(
+            "ndo_journal_failures_total",
+            "Journal records lost, by reason (dropped, no_stream, rejected, timeout, "
+            "publish_error, encode_error, too_large); requests are never affected.",
+            ["reason"],
+            registry=r,
+        )

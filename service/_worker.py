@@ -4,9 +4,15 @@ Ingress never runs user code: the NATS callback parses the subject, validates an
 arguments, finds (or creates) the object's activation and enqueues. Bad input is answered right
 there and never reaches an object.
 
-Shutdown order (``stop``): unsubscribe (no new requests) → wait for mailboxes and commits to
-empty, up to ``drain_timeout`` → stop the committer (flushes what is queued) → cancel owned
-tasks → close NATS → close storage.
+Partitions: with JetStream, the worker holds partition leases (``service._ownership``) and
+serves only its partitions; requests reach it through the routing the server offers
+(``service._routing``: mapped partition subjects, or forwarding between workers). Without
+JetStream it serves every partition alone, as a single worker.
+
+Shutdown order (``stop``): stop taking new requests → hand every partition over (drain its
+mailboxes and commits, deactivate its objects, release its lease) → wait for what is left, up to
+``drain_timeout`` → stop the committer (flushes what is queued) → cancel owned tasks → close
+NATS → close storage.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ from typing import Any, Self
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry
 
 from actors import (
@@ -36,6 +42,7 @@ from actors import (
     ActorError,
     ActorId,
     BadRequestError,
+    MethodSpec,
     NotFoundError,
     PayloadTooLargeError,
     StorageLimits,
@@ -43,34 +50,42 @@ from actors import (
     describe_class,
 )
 from actors._actor import Event
-from service._activation import AlarmDelivery, Envelope
+from service._activation import Activation, AlarmDelivery, Envelope
 from service._alarms import AlarmScheduler
 from service._catalog import Catalog
 from service._codec import encode_error
 from service._config import WorkerConfig
+from service._journal import JournalEntry, JournalPublisher
 from service._metrics import WorkerMetrics
+from service._ownership import OwnershipError, OwnershipManager
+from service._routing import Router, RoutingError, RoutingMode, detect_routing, drain_all
 from storage import (
     ALARM_UNCHANGED,
     GroupCommitter,
     ObjectWrite,
     SqliteStorage,
     Storage,
+    StorageError,
     StoredAlarm,
 )
 from subjects import (
     MSGPACK_CONTENT_TYPE,
     Header,
     InvalidSubjectError,
+    RpcAddress,
     parse_rpc_subject,
-    rpc_wildcard,
+    partition_of,
 )
 
-__all__ = ["Worker", "WorkerState", "WorkerStats"]
+__all__ = ["QUEUE_GROUP", "Worker", "WorkerState", "WorkerStats"]
 
 _log = structlog.get_logger("ndo.worker")
 
 QUEUE_GROUP = "ndo-workers"
 """Queue group of every worker's RPC subscription (each request reaches one worker)."""
+
+_ROUTING_CHECK = 15.0
+"""Seconds between checks of the server's routing (a mapping added or removed at runtime)."""
 
 
 class WorkerState(Enum):
@@ -90,6 +105,8 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     transactions: int
     write_sets: int
     commit_failures: int
+    forwarded: int = 0
+    """Requests handed to another worker (``forward`` routing)."""
 
 
 class Worker:
@@ -106,10 +123,21 @@ class Worker:
     alarms: AlarmScheduler
     _classes: dict[str, ActorClassInfo]
     _nc: NatsClient | None
-    _sub: Subscription | None
+    _router: Router | None
+    """Subscriptions and forwarding; None until connected."""
+    _ownership: OwnershipManager | None
+    """Partition leases; None when this worker serves every partition alone."""
+    _journal: JournalPublisher | None = None
+    """Records turns to the journal stream; None when off or without JetStream."""
     # State
     state: WorkerState
     _epochs: dict[int, int]
+    """Fencing epochs when serving every partition alone (leases keep their own)."""
+    _serve_all: bool
+    _zombies: dict[int, list[Activation]]
+    _unsubscribing: set[asyncio.Task[None]]
+    """Objects of a partition that was taken away while they were busy; the partition is not
+    served again until they are idle."""
     _tasks: set[asyncio.Task[None]]
     _max_payload: int
 
@@ -157,9 +185,15 @@ class Worker:
             deliver=self._deliver_alarm,
         )
         self._nc = None
-        self._sub = None
+        self._router = None
+        self._ownership = None
         self.state = WorkerState.CREATED
         self._epochs = {}
+        self._serve_all = False
+        self._zombies = {}
+        self._unsubscribing = set()
+        self._rpc_head = f"{config.prefix}.rpc."
+        self._routing_recheck = asyncio.Event()
         self._tasks = set()
         self._max_payload = config.max_payload
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -168,6 +202,23 @@ class Worker:
     def classes(self) -> dict[str, ActorClassInfo]:
         """Served classes by name."""
         return dict(self._classes)
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        """Partitions this worker serves right now."""
+        if self._serve_all:
+            return frozenset(range(self.config.partitions))
+        return frozenset() if self._ownership is None else self._ownership.serving
+
+    @property
+    def routing_mode(self) -> RoutingMode | None:
+        """How requests reach this worker (after ``start``)."""
+        return None if self._router is None else self._router.mode
+
+    @property
+    def member_id(self) -> str | None:
+        """This worker's id in the lease bucket, or None when it serves everything alone."""
+        return None if self._ownership is None else self._ownership.member_id
 
     @property
     def nc(self) -> NatsClient:
@@ -192,9 +243,6 @@ class Worker:
         self.state = WorkerState.RUNNING
         try:
             await self.storage.open()
-            self._epochs = await self.storage.claim_partitions(
-                range(self.config.partitions), self.name
-            )
             self.committer.start()
             self._nc = await nats.connect(
                 self.config.nats_url,
@@ -208,14 +256,11 @@ class Worker:
                 connect_timeout=5,
             )
             self._max_payload = min(self.config.max_payload, self._nc.max_payload)
-            self._sub = await self._nc.subscribe(
-                rpc_wildcard(self.config.prefix),
-                queue=QUEUE_GROUP,
-                cb=self._handle_request,
-                pending_msgs_limit=1_000_000,
-                pending_bytes_limit=512 * 1024 * 1024,
-            )
+            if self.config.journal:
+                await self._start_journal()
+            await self._start_serving()
             await self._nc.flush()
+            self.spawn(self._check_routing(), "ndo-routing-check")
             self.spawn(self._collect_idle(), "ndo-idle-collector")
             self.spawn(self.alarms.run(), "ndo-alarms")
             self.spawn(self._purge_idempotency(), "ndo-idempotency-purge")
@@ -237,13 +282,22 @@ class Worker:
             return
         was_running = self.state is WorkerState.RUNNING
         self.state = WorkerState.STOPPING
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+        if self._router is not None:
+            await self._router.stop_rpc()
+        if self._ownership is not None:
+            if was_running:
+                await self._ownership.leave()
+            await self._ownership.close()
+        if self._router is not None:
+            await self._router.close()
+        if self._unsubscribing:
+            await asyncio.wait(set(self._unsubscribing), timeout=10)
         if was_running:
             await self._drain()
         await self.committer.stop()
+        if self._journal is not None:
+            await self._journal.stop()  # after the committer: its last releases are recorded
+            self._journal = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -260,12 +314,15 @@ class Worker:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.catalog.busy and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        if self.catalog.busy:
-            _log.warning(
-                "drain timeout: some objects still had queued messages", busy=self.catalog.busy
-            )
+        if self._busy():
+            _log.warning("drain timeout: some objects still had queued messages", busy=self._busy())
+
+    def _busy(self) -> int:
+        """Objects with queued, running or uncommitted turns (moved-away leftovers included)."""
+        leftovers = sum(1 for zs in self._zombies.values() for z in zs if not z.idle)
+        return self.catalog.busy + leftovers
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a task owned by the worker (cancelled at shutdown)."""
@@ -288,12 +345,40 @@ class Worker:
             transactions=commit.transactions,
             write_sets=commit.write_sets,
             commit_failures=commit.failures,
+            forwarded=0 if self._router is None else self._router.forwarded,
         )
+
+    async def _start_journal(self) -> None:
+        """Set up the journal stream and start recording (a warning, and no journal, when the
+        server has no JetStream)."""
+        journal = JournalPublisher(
+            self.nc,
+            prefix=self.config.prefix,
+            worker=self.name,
+            metrics=self.metrics,
+            max_age=self.config.journal_max_age,
+            max_bytes=self.config.journal_max_bytes,
+            max_pending=self.config.journal_max_pending,
+        )
+        if await journal.start():
+            self._journal = journal
+
+    @property
+    def journal_stream(self) -> str | None:
+        """Name of the journal stream this worker records to, or None when it records nothing."""
+        return None if self._journal is None else self._journal.stream
 
     # Host interface used by activations
 
+    def journal(self, entry: JournalEntry) -> None:
+        """Record a finished turn in the journal, when it runs (never raises, never waits)."""
+        if self._journal is not None:
+            self._journal.record(entry)
+
     def epoch_of(self, partition: int) -> int:
-        """The fencing epoch held for ``partition``."""
+        """The fencing epoch held for ``partition`` (-1, always fenced, when not held)."""
+        if self._ownership is not None:
+            return self._ownership.epoch_of(partition)
         return self._epochs.get(partition, -1)
 
     async def send(self, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
@@ -327,14 +412,40 @@ class Worker:
     # Ingress
 
     async def _handle_request(self, msg: Msg) -> None:
+        """A request on an RPC subject (``forward`` routing, or serving every partition)."""
+        await self._ingress(msg, msg.subject, routed=False)
+
+    async def _handle_routed(self, msg: Msg) -> None:
+        """A request on a partition subject: mapped there by the server, or forwarded."""
+        router = self._router
+        if router is None:
+            return
+        try:
+            subject, _ = router.rpc_subject_of(msg.subject)
+        except ValueError:
+            subject = msg.subject  # not a partition subject: reported as an invalid subject
+        await self._ingress(msg, subject, routed=True)
+
+    async def _ingress(self, msg: Msg, subject: str, *, routed: bool) -> None:
         headers = msg.headers
         msgpack = bool(headers) and headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE  # type: ignore[union-attr]
         try:
-            info, object_id, envelope = self._parse(msg, msgpack)
-            activation = self.catalog.activate(info, object_id)
+            info, address, spec = self._address(subject)
+            partition = partition_of(address.class_name, address.object_id, self.config.partitions)
+            ownership = self._ownership
+            if not self._serve_all and (ownership is None or not ownership.accepts(partition)):
+                if not routed and await self._forward(msg, partition, subject):
+                    return
+                raise UnavailableError(
+                    f"partition {partition} of {address.class_name}/{address.object_id} is "
+                    "moving between workers; retry shortly",
+                    type="moving",
+                )
+            envelope = self._envelope(msg, spec, msgpack)
+            activation = self.catalog.activate(info, address.object_id, partition)
             if not activation.enqueue(envelope):
                 raise UnavailableError(
-                    f"{info.name}/{object_id} has {activation.queued} messages "
+                    f"{info.name}/{address.object_id} has {activation.queued} messages "
                     "waiting; retry with backoff",
                     type="overloaded",
                 )
@@ -344,12 +455,23 @@ class Worker:
                 body, reply_headers = encode_error(error, msgpack)
                 await self.send(msg.reply, body, reply_headers)
 
-    def _parse(self, msg: Msg, msgpack: bool) -> tuple[ActorClassInfo, str, Envelope]:
-        """Validate a request and decode its arguments (raises ``ActorError`` subclasses)."""
+    async def _forward(self, msg: Msg, partition: int, subject: str) -> bool:
+        """Forward a request to the holder of ``partition``; False when there is none now."""
+        router, ownership = self._router, self._ownership
+        if router is None or ownership is None or router.mode is not RoutingMode.FORWARD:
+            return False
+        holder = ownership.holder(partition)
+        if holder is None or holder == ownership.member_id:
+            return False
+        await router.forward(msg, partition, subject[len(self._rpc_head) :])
+        return True
+
+    def _address(self, subject: str) -> tuple[ActorClassInfo, RpcAddress, MethodSpec]:
+        """Validate a request's subject, class and method (raises ``ActorError`` subclasses)."""
         if self.state is not WorkerState.RUNNING:
             raise UnavailableError("worker is shutting down; retry", type="shutting_down")
         try:
-            address = parse_rpc_subject(self.config.prefix, msg.subject)
+            address = parse_rpc_subject(self.config.prefix, subject)
         except InvalidSubjectError as exc:
             raise BadRequestError(str(exc), type="invalid_subject") from None
         info = self._classes.get(address.class_name)
@@ -366,6 +488,10 @@ class Worker:
                 f"{', '.join(sorted(info.methods)) or '(none)'}",
                 type="unknown_method",
             )
+        return info, address, spec
+
+    def _envelope(self, msg: Msg, spec: MethodSpec, msgpack: bool) -> Envelope:
+        """Check the body and headers of a request and decode its arguments."""
         if len(msg.data) > self._max_payload:
             raise PayloadTooLargeError(
                 f"request body of {len(msg.data)} bytes is over the {self._max_payload}-byte limit"
@@ -379,13 +505,135 @@ class Worker:
                 raise BadRequestError(
                     "Idempotency-Key must be 1-256 characters", type="invalid_idempotency_key"
                 )
-        envelope = Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key)
-        return info, address.object_id, envelope
+        return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key)
+
+    # Partitions: routing, leases, hand-over (the OwnershipHost interface)
+
+    async def _start_serving(self) -> None:
+        """Detect the routing mode, then join the deployment's leases or serve everything."""
+        nc, config = self.nc, self.config
+        mode = await detect_routing(nc, config.prefix, config.partitions)
+        self._router = Router(
+            nc, config.prefix, mode, on_rpc=self._handle_request, on_routed=self._handle_routed
+        )
+        if await self._use_leases():
+            await self._router.start_rpc(QUEUE_GROUP)
+            self._ownership = OwnershipManager(
+                self,
+                nc,
+                prefix=config.prefix,
+                partitions=config.partitions,
+                lease_ttl=config.lease_ttl,
+                replicas=config.lease_replicas,
+                drain_timeout=config.drain_timeout,
+                routing=mode.value,
+                registry=self.metrics.registry,
+            )
+            await self._ownership.start(settle_timeout=2.0 * config.lease_ttl + 1.0)
+        else:
+            self._epochs = await self.storage.claim_partitions(range(config.partitions), self.name)
+            self._serve_all = True
+            await self._router.start_all(QUEUE_GROUP)
+        _log.info("routing", mode=mode.value, leases=self._ownership is not None)
+
+    async def _check_routing(self) -> None:
+        """Probe the routing again every ``_ROUTING_CHECK`` seconds and after a reconnect, and
+        follow the server when an operator adds (or removes) the partition mapping."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ROUTING_CHECK):
+                    await self._routing_recheck.wait()
+            self._routing_recheck.clear()
+            router = self._router
+            if router is None or self.state is not WorkerState.RUNNING:
+                continue
+            try:
+                mode = await detect_routing(self.nc, self.config.prefix, self.config.partitions)
+            except RoutingError as exc:
+                _log.error(
+                    "the server's subject mapping is wrong; keeping the old routing", error=str(exc)
+                )
+                continue
+            except (nats.errors.Error, OSError, TimeoutError):
+                continue
+            if mode is not router.mode:
+                _log.warning("the server's routing changed", old=router.mode.value, new=mode.value)
+                await router.switch(mode, QUEUE_GROUP, serve_all=self._serve_all)
+                if self._ownership is not None:
+                    self._ownership.set_routing(mode.value)
+
+    async def _use_leases(self) -> bool:
+        """Whether to share partitions through JetStream leases (see ``WorkerConfig.ownership``)."""
+        if self.config.ownership == "standalone":
+            return False
+        try:
+            await self.nc.jetstream().account_info()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+            if self.config.ownership == "leases":
+                raise OwnershipError(
+                    f"ownership='leases' needs JetStream, which {self.config.nats_url} does not "
+                    "offer; enable JetStream on the server (or run one worker, standalone)"
+                ) from exc
+            _log.warning(
+                "the NATS server has no JetStream: this worker serves every partition alone; "
+                "do not start a second worker on this deployment (enable JetStream to scale out)"
+            )
+            return False
+        return True
+
+    async def subscribe_partition(self, partition: int) -> None:
+        """Receive ``partition``'s requests (answered "moving" until it is served)."""
+        if self._router is not None:
+            await self._router.add(partition)
+
+    def unsubscribe_partitions(self, partitions: Collection[int]) -> None:
+        """Stop receiving the requests of ``partitions`` (drained in the background)."""
+        if self._router is not None:
+            subs = self._router.detach(partitions)
+            if subs:
+                # Not a spawn(): stop() awaits these instead of cancelling them, because
+                # nats-py's read loop dies if a PONG arrives for a flush that was cancelled.
+                task = asyncio.create_task(drain_all(subs), name="ndo-unsubscribe")
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
+
+    async def claim_partition(self, partition: int, epoch: int) -> None:
+        """Wait for leftovers of an earlier tenure, then fence ``partition`` at ``epoch``."""
+        zombies = self._zombies.get(partition, [])
+        deadline = time.monotonic() + 2 * self.config.handler_timeout + 5.0
+        while any(not z.idle for z in zombies):
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"objects of partition {partition} from its previous tenure are still busy"
+                )
+            await asyncio.sleep(0.01)
+        self._zombies.pop(partition, None)
+        await self.storage.claim_partitions([partition], self.name, epoch)
+
+    def busy_partitions(self) -> set[int]:
+        """Partitions with queued, running or uncommitted turns."""
+        return self.catalog.busy_partitions()
+
+    def drop_partition(self, partition: int) -> None:
+        """Deactivate ``partition``'s objects; busy ones are remembered until idle."""
+        busy = self.catalog.deactivate_partition(partition)
+        if busy:
+            self._zombies.setdefault(partition, []).extend(busy)
+        for p, zombies in list(self._zombies.items()):  # forget the ones that finished
+            self._zombies[p] = [z for z in zombies if not z.idle]
+            if not self._zombies[p]:
+                del self._zombies[p]
+
+    def partitions_changed(self) -> None:
+        """The served partitions changed: let the alarm scheduler look again."""
+        self.alarms.partitions_changed()
 
     # Alarms
 
     def _owned_partitions(self) -> Collection[int] | None:
-        return None  # a single worker owns every partition
+        if self._serve_all or self._ownership is None:
+            return None  # serving every partition (or not started: nothing is delivered)
+        return self._ownership.serving
 
     def _deliver_alarm(self, alarm: StoredAlarm, delivery: AlarmDelivery) -> bool:
         info = self._classes.get(alarm.class_name)
@@ -398,7 +646,12 @@ class Worker:
             return False
         if self.state is not WorkerState.RUNNING:
             return False
-        activation = self.catalog.activate(info, alarm.object_id)
+        partition = partition_of(alarm.class_name, alarm.object_id, self.config.partitions)
+        if not self._serve_all and (
+            self._ownership is None or not self._ownership.accepts(partition)
+        ):
+            return False  # moved away: partitions_changed() forgets it, its new owner delivers
+        activation = self.catalog.activate(info, alarm.object_id, partition)
         return activation.enqueue(Envelope(None, None, "", alarm=delivery))
 
     # Background work
@@ -433,6 +686,9 @@ class Worker:
 
     async def _on_reconnect(self) -> None:
         _log.info("reconnected to nats")
+        if self._ownership is not None:
+            self._ownership.on_reconnect()
+        self._routing_recheck.set()
 
 
 async def _close_quietly(nc: NatsClient) -> None:

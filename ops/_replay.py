@@ -1,0 +1,934 @@
+"""``ndo replay``: an object's history read back from the journal, and re-run on today's code.
+
+A module of its own because it is a library as well as a command (tests and tools call
+``run_replay`` and the step functions), and because it is the one place outside the runtime that
+runs user handlers: always on scratch ``InMemoryStorage``, never on a worker's data directory.
+
+* **Reading** (``read_journal``): an ephemeral pull consumer on the object's subject
+  ``<prefix>.sys.journal.<Class>.<id>`` of the journal stream, fetched in batches until the
+  consumer has nothing pending. A step's ``seq`` is its stream sequence.
+* **Reconstruction** (``reconstruct``): every ``ok`` step's write-set is applied to a dict
+  (``cleared``, then ``delete``, then ``put``, and the alarm). No user code runs.
+* **Re-execution** (``Reexecutor``, ``compare``): scratch storage is loaded with the state
+  reconstructed just before the first step shown; each step's recorded input then runs through
+  today's class the way the runtime runs a turn (``on_start`` when the record says a fresh
+  instance ran, the handler deadline, the same error mapping) and its reply (or error) and
+  write-set are compared with the record. Later steps run on the state today's code produced.
+  Steps the runtime answered without running the handler (``duplicate``) or discarded
+  (``aborted``) are skipped; the write-sets of a dropped alarm and of a ``truncated`` record
+  (its input is unknown) are applied as recorded.
+
+Exit codes of the command: ``EXIT_OK`` (0) nothing diverged, ``EXIT_ERROR`` (1) replay could not
+run, ``EXIT_USAGE`` (2) bad arguments, ``EXIT_DIVERGED`` (3) at least one step diverged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TextIO, TypeAlias
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from msgspec import UNSET
+from nats.aio.client import Client as NatsClient
+from nats.js import api as js_api
+
+from actors import (
+    Actor,
+    ActorClassInfo,
+    ActorContext,
+    ActorError,
+    ActorId,
+    ActorStorage,
+    AlarmInfo,
+    DeadlineExceededError,
+    HandlerError,
+    NotFoundError,
+    StorageLimits,
+    describe_class,
+)
+from ops._connect import CannotConnectError, connect_once
+from service import (
+    JournalError,
+    JournalRecord,
+    JournalWrites,
+    WorkerConfig,
+    decode_journal_record,
+    journal_stream_name,
+)
+from service._journal import jsonable_reply, jsonable_writes
+from storage import InMemoryStorage, ObjectWrite
+from subjects import (
+    DEFAULT_PREFIX,
+    MSGPACK_CONTENT_TYPE,
+    Header,
+    InvalidSubjectError,
+    journal_subject,
+    validate_id,
+    validate_name,
+)
+
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Difference",
+    "JournalStep",
+    "Point",
+    "Reexecutor",
+    "ReplayError",
+    "ReplayOptions",
+    "StepOutcome",
+    "check_journal_stream",
+    "compare",
+    "connect",
+    "format_time",
+    "method_cell",
+    "parse_duration",
+    "parse_point",
+    "parse_size",
+    "read_journal",
+    "reconstruct",
+    "result_cell",
+    "run_replay",
+    "select_steps",
+    "shorten",
+    "sorted_json",
+    "step_json",
+]
+
+EXIT_OK: Final = 0
+"""Replay ran and (with ``--execute``) nothing diverged."""
+EXIT_ERROR: Final = 1
+"""Replay could not run: no connection, no journal stream, unreadable record, unknown class."""
+EXIT_USAGE: Final = 2
+"""Bad arguments (also argparse's code)."""
+EXIT_DIVERGED: Final = 3
+"""``--execute`` found at least one step whose reply, error or write-set differs."""
+
+Point: TypeAlias = tuple[Literal["seq", "time"], float]
+"""A point in an object's history: a stream sequence number or epoch seconds."""
+
+_FETCH_BATCH: Final = 256
+_FETCH_TIMEOUT: Final = 5.0
+_JSON: Final = msgspec.json.Encoder()
+_JSON_ANY: Final = msgspec.json.Decoder()
+_MSGPACK: Final = msgspec.msgpack.Encoder()
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
+_SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_UNIT_BYTES: Final = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+class ReplayError(Exception):
+    """Replay cannot run (``EXIT_ERROR``); the message says what is missing and what to do."""
+
+
+# Parsing command-line values
+
+
+def parse_duration(text: str) -> float:
+    """Read ``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` or ``500ms`` as seconds.
+
+    Raises:
+        ValueError: not a duration.
+    """
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a duration: use e.g. 90, 15m, 12h, 7d")
+    return float(match[1]) * _UNIT_SECONDS[(match[2] or "s").lower()]
+
+
+def parse_size(text: str) -> int:
+    """Read ``1048576``, ``512M``, ``512MiB``, ``1G`` or ``1GB`` as bytes (binary units).
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 1073741824, 512M, 1G")
+    unit = (match[2] or "b").lower()[0]
+    return int(float(match[1]) * _UNIT_BYTES[unit])
+
+
+def parse_point(text: str, *, now: float | None = None) -> Point:
+    """Read a point in history.
+
+    Accepted: a stream sequence number (``1234``); an ISO 8601 time (``2024-05-01T14:02:00Z``,
+    ``2024-05-01 14:02``; without a zone it is local time); a time of day today (``14:02``);
+    an age (``10m``, ``2h``, ``1d`` ago).
+
+    Raises:
+        ValueError: none of those.
+    """
+    text = text.strip()
+    if text.isdigit():
+        return ("seq", int(text))
+    if _DURATION_RE.fullmatch(text):
+        return ("time", (time.time() if now is None else now) - parse_duration(text))
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            clock = dt.time.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"cannot read {text!r} as a sequence number (1234), a time "
+                "(2024-05-01T14:02:00Z, 14:02) or an age (10m, 2h, 1d)"
+            ) from None
+        when = dt.datetime.combine(dt.date.today(), clock)
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time
+    return ("time", when.timestamp())
+
+
+def format_time(epoch: float) -> str:
+    """Epoch seconds as UTC ISO 8601 with milliseconds (``2024-05-01T14:02:03.123Z``)."""
+    when = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Reading
+
+
+async def connect(url: str) -> NatsClient:
+    """Connect for a one-shot command (no reconnects).
+
+    Raises:
+        ReplayError: the server cannot be reached.
+    """
+    try:
+        return await connect_once(url)
+    except CannotConnectError as exc:
+        raise ReplayError(str(exc)) from None
+
+
+async def check_journal_stream(nc: NatsClient, prefix: str) -> str:
+    """Return the journal stream's name after checking it exists.
+
+    Raises:
+        ReplayError: no JetStream, or no journal stream under ``prefix``.
+    """
+    stream = journal_stream_name(prefix)
+    try:
+        await nc.jetstream().stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        raise ReplayError(
+            f"no journal stream {stream} on this server: workers create it at start when the "
+            f"journal is on (the default) and the server has JetStream; check --prefix"
+        ) from None
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+        raise ReplayError("the NATS server has no JetStream, so there is no journal") from None
+    except (nats.js.errors.Error, nats.errors.Error) as exc:
+        raise ReplayError(f"cannot read the journal stream {stream}: {exc}") from None
+    return stream
+
+
+async def read_journal(
+    nc: NatsClient,
+    prefix: str,
+    class_name: str,
+    object_id: str,
+    *,
+    until_seq: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[int, JournalRecord]]:
+    """Read one object's journal records, oldest first, as ``(seq, record)``.
+
+    Args:
+        nc: a NATS connection.
+        prefix: the deployment's subject prefix.
+        class_name: the object's class.
+        object_id: the object's id.
+        until_seq: stop after this stream sequence.
+        progress: called with ``(records read, records known)`` after each record.
+
+    Raises:
+        ReplayError: no JetStream, no journal stream, or a record this ndo cannot read.
+    """
+    stream = await check_journal_stream(nc, prefix)
+    subject = journal_subject(prefix, class_name, object_id)
+    js = nc.jetstream()
+    config = js_api.ConsumerConfig(
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_policy=js_api.AckPolicy.NONE,
+        mem_storage=True,
+        inactive_threshold=30.0,
+        description="ndo replay",
+    )
+    try:
+        psub = await js.pull_subscribe(subject, stream=stream, config=config)
+        info = await psub.consumer_info()
+    except (nats.js.errors.Error, nats.errors.Error) as exc:
+        raise ReplayError(f"cannot read {subject} from {stream}: {exc}") from None
+    records: list[tuple[int, JournalRecord]] = []
+    try:
+        remaining = info.num_pending or 0
+        while remaining > 0:
+            try:
+                msgs = await psub.fetch(min(remaining, _FETCH_BATCH), timeout=_FETCH_TIMEOUT)
+            except nats.errors.TimeoutError:
+                break  # records expired from the stream while we read
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if until_seq is not None and seq > until_seq:
+                    return records
+                try:
+                    records.append((seq, decode_journal_record(msg.data)))
+                except ValueError as exc:
+                    raise ReplayError(f"journal record {seq} on {subject}: {exc}") from None
+                remaining = msg.metadata.num_pending
+                if progress is not None:
+                    progress(len(records), len(records) + remaining)
+        return records
+    finally:
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await psub.unsubscribe()
+            await js.delete_consumer(stream, info.name)
+
+
+# Reconstruction
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStep:
+    """One journal record and the object's state right after it."""
+
+    seq: int
+    """Stream sequence of the record."""
+    record: JournalRecord
+    state: dict[str, Any]
+    """Every key of the object after this step."""
+    alarm: float | None
+    """The object's alarm after this step (epoch seconds), or None."""
+    incomplete: bool
+    """A too-large record at or before this step left values out: ``state`` misses them."""
+
+
+def _apply(state: dict[str, Any], writes: JournalWrites) -> None:
+    if writes.cleared:
+        state.clear()
+    for key in writes.delete:
+        state.pop(key, None)
+    state.update(writes.put)
+
+
+def reconstruct(records: Iterable[tuple[int, JournalRecord]]) -> Iterator[JournalStep]:
+    """Yield each step with the state its recorded write-sets lead to (no user code runs).
+
+    The state starts empty: records that retention already removed are not known.
+    """
+    state: dict[str, Any] = {}
+    alarm: float | None = None
+    incomplete = False
+    for seq, record in records:
+        writes = record.writes
+        if record.status == "ok" and writes is not None:
+            _apply(state, writes)
+            if writes.alarm is not UNSET:
+                alarm = writes.alarm
+            incomplete = incomplete or record.truncated
+        yield JournalStep(seq, record, dict(state), alarm, incomplete)
+
+
+def _in_window(step: JournalStep, at: Point | None, since: Point | None) -> bool:
+    for point, after in ((since, True), (at, False)):
+        if point is None:
+            continue
+        kind, value = point
+        position = step.seq if kind == "seq" else step.record.time
+        if (position < value) if after else (position > value):
+            return False
+    return True
+
+
+def select_steps(
+    steps: Sequence[JournalStep], *, at: Point | None = None, since: Point | None = None
+) -> tuple[list[JournalStep], JournalStep | None]:
+    """Pick the steps from ``since`` through ``at`` (both inclusive).
+
+    Returns:
+        The selected steps, and the step just before the first of them (its state is where
+        a re-execution starts), or None when they start at the beginning.
+    """
+    chosen = [i for i, step in enumerate(steps) if _in_window(step, at, since)]
+    if not chosen:
+        return [], None
+    return [steps[i] for i in chosen], steps[chosen[0] - 1] if chosen[0] else None
+
+
+# Re-execution
+
+
+class Difference(msgspec.Struct, frozen=True, kw_only=True):
+    """One way a re-executed step differs from its record."""
+
+    field: Literal["outcome", "reply", "error", "writes"]
+    """``outcome`` (one succeeded, the other failed), ``reply``, ``error`` or ``writes``."""
+    recorded: Any
+    replayed: Any
+
+
+class StepOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What today's code did with one recorded step."""
+
+    executed: bool
+    """False when no handler ran (skipped, or a runtime step applied as recorded)."""
+    status: Literal["ok", "error", "skipped", "applied"]
+    reply: Any = None
+    error: JournalError | None = None
+    writes: JournalWrites | None = None
+
+
+def _normalize(value: Any) -> Any:
+    """``value`` as it reads back from JSON (so recorded and replayed values compare equal)."""
+    return _JSON_ANY.decode(_JSON.encode(value))
+
+
+def _to_msgpack(value: Any) -> bytes:
+    if isinstance(value, dict) and len(value) == 1 and "$msgpack" in value:
+        return base64.b64decode(value["$msgpack"])  # a value JSON could not express
+    return _MSGPACK.encode(value)
+
+
+def _writes_view(writes: JournalWrites | None) -> Any:
+    return _normalize(msgspec.to_builtins(writes if writes is not None else JournalWrites()))
+
+
+def _result_view(status: str, reply: Any, error: JournalError | None, writes: Any) -> Any:
+    if status == "ok":
+        return {"reply": _normalize(reply), "writes": _writes_view(writes)}
+    return {"error": msgspec.to_builtins(error)}
+
+
+def compare(record: JournalRecord, outcome: StepOutcome) -> list[Difference]:
+    """List how ``outcome`` differs from ``record`` (empty: the step reproduced exactly)."""
+    if not outcome.executed:
+        return []
+    if record.status != outcome.status:
+        return [
+            Difference(
+                field="outcome",
+                recorded=_result_view(record.status, record.reply, record.error, record.writes),
+                replayed=_result_view(outcome.status, outcome.reply, outcome.error, outcome.writes),
+            )
+        ]
+    differences: list[Difference] = []
+    if record.status == "ok":
+        if _normalize(record.reply) != _normalize(outcome.reply):
+            differences.append(
+                Difference(
+                    field="reply",
+                    recorded=_normalize(record.reply),
+                    replayed=_normalize(outcome.reply),
+                )
+            )
+        recorded_writes, replayed_writes = _writes_view(record.writes), _writes_view(outcome.writes)
+        if recorded_writes != replayed_writes:
+            differences.append(
+                Difference(field="writes", recorded=recorded_writes, replayed=replayed_writes)
+            )
+    elif msgspec.to_builtins(record.error) != msgspec.to_builtins(outcome.error):
+        differences.append(
+            Difference(
+                field="error",
+                recorded=msgspec.to_builtins(record.error),
+                replayed=msgspec.to_builtins(outcome.error),
+            )
+        )
+    return differences
+
+
+class Reexecutor:
+    """Runs recorded steps of one object against today's class, on scratch in-memory storage.
+
+    Turn semantics follow the runtime: a failed step discards its writes and the instance is
+    rebuilt before the next one; ``on_start`` runs whenever a new instance is built.
+    """
+
+    # Configuration
+    _info: ActorClassInfo
+    _address: ActorId
+    _prefix: str
+    _partition: int
+    _limits: StorageLimits
+    _handler_timeout: float
+    # State
+    storage: InMemoryStorage
+    """The scratch store (inspectable by tests)."""
+    _context: ActorContext
+    _instance: Actor | None
+
+    def __init__(
+        self,
+        cls: type[Actor],
+        object_id: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        partition: int = 0,
+        limits: StorageLimits | None = None,
+        handler_timeout: float | None = None,
+    ) -> None:
+        """Prepare to run steps of ``cls`` object ``object_id``; the state starts empty.
+
+        Args:
+            cls: today's class of the object.
+            object_id: the object's id.
+            prefix: subject prefix the object sees in its context.
+            partition: partition the object sees in its context.
+            limits: storage limits (the worker defaults when omitted).
+            handler_timeout: handler deadline (the worker default when omitted).
+        """
+        defaults = WorkerConfig()
+        self._info = describe_class(cls)
+        self._address = ActorId(self._info.name, object_id)
+        self._prefix = prefix
+        self._partition = partition
+        self._limits = limits or StorageLimits(
+            max_key_bytes=defaults.max_key_bytes,
+            max_value_bytes=defaults.max_value_bytes,
+            max_keys_per_call=defaults.max_keys_per_call,
+        )
+        self._handler_timeout = handler_timeout or defaults.handler_timeout
+        self.storage = InMemoryStorage()
+        self._context = self._new_context()
+        self._instance = None
+
+    def _new_context(self) -> ActorContext:
+        view = ActorStorage(
+            self.storage, self._address.class_name, self._address.object_id, self._limits
+        )
+        return ActorContext(self._address, self._partition, self._prefix, view)
+
+    async def load(self, state: dict[str, Any], alarm: float | None) -> None:
+        """Replace the scratch object's state and alarm; the next step builds a new instance."""
+        self.storage = InMemoryStorage()
+        await self.storage.open()
+        await self.storage.commit(
+            [
+                ObjectWrite(
+                    class_name=self._address.class_name,
+                    object_id=self._address.object_id,
+                    partition=self._partition,
+                    epoch=0,
+                    writes={key: _to_msgpack(value) for key, value in state.items()},
+                    cleared=True,
+                    alarm=alarm,
+                )
+            ]
+        )
+        self._context = self._new_context()
+        self._instance = None
+
+    async def _commit(self) -> JournalWrites | None:
+        changes = self._context.storage.end_turn()
+        self._context.take_events()
+        if changes.is_empty():
+            return None
+        await self.storage.commit(
+            [
+                ObjectWrite(
+                    class_name=self._address.class_name,
+                    object_id=self._address.object_id,
+                    partition=self._partition,
+                    epoch=0,
+                    writes=changes.writes,
+                    cleared=changes.cleared,
+                    alarm=changes.alarm,
+                )
+            ]
+        )
+        return jsonable_writes(changes)
+
+    async def _apply(self, record: JournalRecord) -> JournalWrites | None:
+        writes = record.writes
+        if record.status != "ok" or writes is None:
+            return None
+        view = self._context.storage
+        if writes.cleared:
+            view.delete_all()
+        for key in writes.delete:
+            view.delete(key)
+        for key, value in writes.put.items():
+            view.put(key, value)
+        if writes.alarm is None:
+            await view.delete_alarm()
+        elif writes.alarm is not UNSET:
+            await view.set_alarm(writes.alarm)
+        return await self._commit()
+
+    async def _start_instance(self) -> Actor:
+        instance = self._info.cls(self._context)
+        try:
+            await instance.on_start()
+        finally:
+            self._context.storage.abort_turn()
+            self._context.take_events()
+        self._instance = instance
+        return instance
+
+    def _failed(self, error: ActorError) -> StepOutcome:
+        self._context.storage.abort_turn()
+        self._context.take_events()
+        self._instance = None
+        return StepOutcome(
+            executed=True,
+            status="error",
+            error=JournalError(code=error.code, type=error.type, message=error.message),
+        )
+
+    async def run(self, record: JournalRecord) -> StepOutcome:
+        """Run one recorded step (or skip or apply it, see the module doc) and commit it."""
+        if record.status in ("duplicate", "aborted"):
+            return StepOutcome(executed=False, status="skipped")
+        storage = self._context.storage
+        if record.kind == "alarm_dropped":
+            storage.alarm_fired(0.0)
+            return StepOutcome(executed=False, status="applied", writes=await self._commit())
+        if record.truncated:  # its input is not known: apply what the record has
+            return StepOutcome(executed=False, status="applied", writes=await self._apply(record))
+        if record.fresh:
+            self._instance = None
+        msgpack = record.headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE
+        name, method = self._info.name, record.method
+        deadline = None
+        try:
+            instance = self._instance or await self._start_instance()
+            if record.kind == "alarm":
+                assert record.alarm is not None
+                storage.alarm_fired(record.alarm.due)
+            async with asyncio.timeout(self._handler_timeout) as deadline:
+                if record.kind == "alarm":
+                    assert record.alarm is not None
+                    hook = getattr(instance, "alarm", None)
+                    if hook is None:
+                        raise NotFoundError(f"{name} has no alarm() handler", type="no_alarm")
+                    result = await hook(AlarmInfo(record.alarm.due, record.alarm.attempt))
+                else:
+                    spec = self._info.methods.get(method)
+                    if spec is None:
+                        raise NotFoundError(
+                            f"{name} has no method {method!r}", type="unknown_method"
+                        )
+                    args = spec.decode_args(_JSON.encode(record.args))
+                    result = await spec.call(instance, args)
+            body = _MSGPACK.encode(result) if msgpack else _JSON.encode(result)
+        except ActorError as exc:
+            return self._failed(exc)
+        except TimeoutError as exc:
+            if deadline is not None and deadline.expired():
+                return self._failed(
+                    DeadlineExceededError(
+                        f"{name}.{method} ran past its {self._handler_timeout}s deadline; its "
+                        "writes were discarded"
+                    )
+                )
+            return self._failed(HandlerError(f"{type(exc).__name__}: {exc}"))
+        except (TypeError, msgspec.EncodeError) as exc:
+            return self._failed(HandlerError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # user code: the runtime maps every failure to a 500 too
+            return self._failed(
+                HandlerError(
+                    f"{type(exc).__name__}: {exc}"
+                    if str(exc)
+                    else f"{type(exc).__name__} in {name}.{method}"
+                )
+            )
+        writes = await self._commit()
+        return StepOutcome(
+            executed=True,
+            status="ok",
+            reply=_normalize(jsonable_reply(body, msgpack)),
+            writes=writes,
+        )
+
+
+# The command
+
+
+class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``ndo replay`` was asked to do."""
+
+    class_name: str
+    object_id: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = DEFAULT_PREFIX
+    at: Point | None = None
+    """Last step to show (inclusive)."""
+    since: Point | None = None
+    """First step to show (inclusive)."""
+    execute: bool = False
+    """Re-run the shown steps on today's code and compare."""
+    per_step: bool = False
+    """With ``execute``: start every step from its recorded state, with a new instance."""
+    as_json: bool = False
+    """One JSON object per step instead of a table."""
+    wide: bool = False
+    """Do not shorten table cells."""
+
+
+class _Progress:
+    """A one-line progress indicator on a terminal's stderr (silent otherwise)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._on = stream.isatty()
+        self._shown = False
+        self._last = 0.0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self._on or (now - self._last < 0.1 and done < total):
+            return
+        self._last = now
+        self._shown = True
+        self._stream.write(f"\r{label} {done}/{total}\x1b[K")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+
+def _compact(value: Any) -> str:
+    return _JSON.encode(value).decode()
+
+
+def sorted_json(value: Any) -> str:
+    """Compact JSON with object keys sorted."""
+    return msgspec.json.encode(value, order="sorted").decode()
+
+
+def shorten(text: str, width: int | None) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis (``None``: unchanged)."""
+    if width is None or len(text) <= width:
+        return text
+    return text[: width - 1] + "…"
+
+
+def method_cell(record: JournalRecord) -> str:
+    """What started a step, for a table cell (``increment``, ``alarm#2``, ...)."""
+    if record.kind == "alarm_dropped":
+        return "(alarm dropped)"
+    if record.kind == "alarm" and record.alarm is not None:
+        return f"alarm#{record.alarm.attempt}"
+    return record.method
+
+
+def result_cell(record: JournalRecord) -> str:
+    """How a step ended, for a table cell (``-> 5``, ``error 500 handler_error: ...``)."""
+    error = record.error
+    if record.status == "ok":
+        return "" if record.kind == "alarm_dropped" else "-> " + _compact(record.reply)
+    if record.status == "duplicate":
+        return "duplicate -> " + _compact(record.reply)
+    assert error is not None
+    if record.status == "aborted":
+        return f"aborted {error.code} {error.type}"
+    return f"error {error.code} {error.type}: {error.message}"
+
+
+def _state_cell(step: JournalStep) -> str:
+    text = sorted_json(step.state)
+    if step.alarm is not None:
+        text += f" alarm={format_time(step.alarm)}"
+    if step.incomplete:
+        text += " (incomplete)"
+    return text
+
+
+def step_json(
+    step: JournalStep, outcome: StepOutcome | None, differences: list[Difference] | None
+) -> dict[str, Any]:
+    """The ``--json`` object of one step."""
+    record = step.record
+    line: dict[str, Any] = {
+        "seq": step.seq,
+        "time": format_time(record.time),
+        "timestamp": record.time,
+        "class": record.class_name,
+        "id": record.object_id,
+        "kind": record.kind,
+        "status": record.status,
+        "method": record.method,
+        "args": record.args,
+        "headers": record.headers,
+        "alarm": msgspec.to_builtins(record.alarm),
+        "reply": record.reply,
+        "error": msgspec.to_builtins(record.error),
+        "writes": msgspec.to_builtins(record.writes),
+        "duration": record.duration,
+        "worker": record.worker,
+        "fresh": record.fresh,
+        "state": step.state,
+        "state_alarm": step.alarm,
+        "incomplete": step.incomplete,
+        "truncated": record.truncated,
+    }
+    if outcome is not None:
+        line["executed"] = outcome.executed
+        line["diverged"] = bool(differences)
+        line["differences"] = msgspec.to_builtins(differences or [])
+        line["replayed"] = {
+            "status": outcome.status,
+            "reply": outcome.reply,
+            "error": msgspec.to_builtins(outcome.error),
+            "writes": msgspec.to_builtins(outcome.writes),
+        }
+    return line
+
+
+def _print_table(
+    out: TextIO,
+    steps: list[JournalStep],
+    checks: list[tuple[StepOutcome, list[Difference]]] | None,
+    wide: bool,
+) -> None:
+    limit = None if wide else 48
+    header = ["SEQ", "TIME", "METHOD", "ARGS", "RESULT", "STATE AFTER"]
+    if checks is not None:
+        header.insert(1, "CHECK")
+    rows: list[list[str]] = []
+    for index, step in enumerate(steps):
+        record = step.record
+        row = [
+            str(step.seq),
+            format_time(record.time),
+            method_cell(record),
+            shorten(sorted_json(record.args) if record.kind == "request" else "", limit),
+            shorten(result_cell(record), limit),
+            shorten(_state_cell(step), None if wide else 72),
+        ]
+        if checks is not None:
+            outcome, differences = checks[index]
+            row.insert(
+                1, "DIVERGED" if differences else ("same" if outcome.executed else outcome.status)
+            )
+        rows.append(row)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip() + "\n")
+    for index, row in enumerate(rows):
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        if checks is not None:
+            for difference in checks[index][1]:
+                recorded = shorten(sorted_json(difference.recorded), None if wide else 160)
+                replayed = shorten(sorted_json(difference.replayed), None if wide else 160)
+                out.write(f"    {difference.field}: recorded {recorded}\n")
+                out.write(f"    {' ' * len(difference.field)}  replayed {replayed}\n")
+
+
+async def run_replay(
+    options: ReplayOptions,
+    *,
+    classes: Sequence[type[Actor]] = (),
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run ``ndo replay``: print an object's steps, optionally re-executed; return the exit code.
+
+    Args:
+        options: what to replay.
+        classes: today's actor classes (needed with ``execute``; looked up by class name).
+        out: where steps go (stdout by default).
+        err: where notes, errors and progress go (stderr by default).
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    try:
+        validate_name(options.class_name, "class")
+        validate_id(options.object_id)
+    except InvalidSubjectError as exc:
+        err.write(f"ndo replay: {exc}\n")
+        return EXIT_USAGE
+    cls = None
+    if options.execute:
+        cls = next((c for c in classes if c.__name__ == options.class_name), None)
+        if cls is None:
+            known = ", ".join(sorted(c.__name__ for c in classes)) or "none"
+            err.write(
+                f"ndo replay: --execute needs class {options.class_name} from --app modules "
+                f"(found: {known})\n"
+            )
+            return EXIT_ERROR
+    progress = _Progress(err)
+    try:
+        nc = await connect(options.nats_url)
+        try:
+            at_seq = int(options.at[1]) if options.at and options.at[0] == "seq" else None
+            records = await read_journal(
+                nc,
+                options.prefix,
+                options.class_name,
+                options.object_id,
+                until_seq=at_seq,
+                progress=lambda done, total: progress("reading journal", done, total),
+            )
+        finally:
+            progress.clear()
+            with contextlib.suppress(Exception):
+                await nc.close()
+    except ReplayError as exc:
+        err.write(f"ndo replay: {exc}\n")
+        return EXIT_ERROR
+    label = f"{options.class_name}/{options.object_id}"
+    if not records:
+        err.write(f"ndo replay: no journal records for {label}\n")
+        return EXIT_OK
+    steps, before = select_steps(list(reconstruct(records)), at=options.at, since=options.since)
+    checks: list[tuple[StepOutcome, list[Difference]]] | None = None
+    if cls is not None:
+        checks = await _execute(cls, options, steps, before, progress)
+    if options.as_json:
+        for index, step in enumerate(steps):
+            outcome, differences = checks[index] if checks is not None else (None, None)
+            out.write(_JSON.encode(step_json(step, outcome, differences)).decode() + "\n")
+    elif steps:
+        _print_table(out, steps, checks, options.wide)
+    diverged = sum(1 for _, differences in checks or () if differences)
+    summary = f"{len(steps)} of {len(records)} recorded steps of {label}"
+    if checks is not None:
+        summary += f"; {diverged} diverged" if diverged else "; no divergence"
+    if steps and steps[-1].incomplete:
+        summary += "; state incomplete (a record was too large to journal in full)"
+    (err if options.as_json else out).write(summary + "\n")
+    return EXIT_DIVERGED if diverged else EXIT_OK
+
+
+async def _execute(
+    cls: type[Actor],
+    options: ReplayOptions,
+    steps: list[JournalStep],
+    before: JournalStep | None,
+    progress: _Progress,
+) -> list[tuple[StepOutcome, list[Difference]]]:
+    partition = steps[0].record.partition if steps else 0
+    runner = Reexecutor(cls, options.object_id, prefix=options.prefix, partition=partition)
+    await runner.load(before.state if before else {}, before.alarm if before else None)
+    checks = []
+    previous = before
+    try:
+        for index, step in enumerate(steps):
+            if options.per_step and index:
+                assert previous is not None
+                await runner.load(previous.state, previous.alarm)
+            outcome = await runner.run(step.record)
+            checks.append((outcome, compare(step.record, outcome)))
+            previous = step
+            progress("executing", index + 1, len(steps))
+    finally:
+        progress.clear()
+    return checks

@@ -1,0 +1,231 @@
+"""``ndo status``: the deployment as its lease bucket shows it — members, holders, epochs.
+
+A separate module because it is read-only tooling: it reads the bucket the workers maintain
+(``service._ownership``) with one snapshot watch and never writes. Tests use ``fetch_status`` to
+wait for hand-overs the way an operator would watch them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+
+from service._ownership import (
+    CONFIG_KEY,
+    DeploymentRecord,
+    LeaseRecord,
+    MemberRecord,
+    lease_bucket,
+    partitions_text,
+)
+
+__all__ = [
+    "DeploymentStatus",
+    "MemberStatus",
+    "PartitionStatus",
+    "StatusError",
+    "fetch_status",
+    "format_status",
+]
+
+_CONFIG = msgspec.json.Decoder(DeploymentRecord)
+_MEMBER = msgspec.json.Decoder(MemberRecord)
+_LEASE = msgspec.json.Decoder(LeaseRecord)
+
+
+class StatusError(RuntimeError):
+    """The deployment's lease bucket cannot be read (no JetStream, no bucket, no server)."""
+
+
+class MemberStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One live worker."""
+
+    id: str
+    name: str
+    host: str
+    pid: int
+    started: float
+    routing: str
+    partitions: list[int]
+    """Partitions whose lease it holds."""
+
+
+class PartitionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One partition's lease (``owner`` None: nobody holds it right now)."""
+
+    partition: int
+    owner: str | None = None
+    """Member id of the holder."""
+    name: str = ""
+    """Worker name of the holder."""
+    epoch: int = 0
+    """Fencing epoch of the holder's tenure."""
+    revision: int = 0
+    """KV revision of the lease's latest renewal."""
+    live_owner: bool = False
+    """Whether the holder is a live member (False: a dead worker's lease, about to expire)."""
+
+
+class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a deployment."""
+
+    prefix: str
+    bucket: str
+    partitions: int
+    epoch_base: int
+    members: list[MemberStatus]
+    leases: list[PartitionStatus]
+    """One entry per partition, in order."""
+    taken_at: float
+
+    def holders(self) -> dict[int, str]:
+        """Partition -> member id of every held partition."""
+        return {p.partition: p.owner for p in self.leases if p.owner is not None}
+
+    @property
+    def unheld(self) -> list[int]:
+        """Partitions nobody holds."""
+        return [p.partition for p in self.leases if p.owner is None]
+
+
+async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
+    """Read a deployment's members and leases.
+
+    Raises:
+        StatusError: no JetStream, or no lease bucket (no worker ever ran with leases).
+    """
+    bucket = lease_bucket(prefix)
+    js = nc.jetstream()
+    try:
+        kv = await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        raise StatusError(
+            f"no lease bucket {bucket!r}: no worker with prefix {prefix!r} has run with leases "
+            "(a worker without JetStream serves alone and keeps no status)"
+        ) from None
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+        raise StatusError("the NATS server has no JetStream: there is no lease bucket") from None
+    config: DeploymentRecord | None = None
+    members: dict[str, MemberRecord] = {}
+    leases: dict[int, tuple[LeaseRecord, int]] = {}
+    watch = await kv.watch(">")
+    try:
+        async for entry in watch:
+            if entry is None:
+                break
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                continue
+            if entry.key == CONFIG_KEY:
+                config = _CONFIG.decode(entry.value)
+            elif entry.key.startswith("members."):
+                record = _MEMBER.decode(entry.value)
+                members[record.id] = record
+            elif entry.key.startswith("leases."):
+                leases[int(entry.key.split(".", 1)[1])] = (
+                    _LEASE.decode(entry.value),
+                    entry.revision or 0,
+                )
+    finally:
+        await watch.stop()  # type: ignore[no-untyped-call]
+    if config is None:
+        raise StatusError(f"lease bucket {bucket!r} has no deployment record yet")
+    held: dict[str, list[int]] = {m: [] for m in members}
+    rows: list[PartitionStatus] = []
+    for partition in range(config.partitions):
+        found = leases.get(partition)
+        if found is None:
+            rows.append(PartitionStatus(partition=partition))
+            continue
+        lease, revision = found
+        if lease.owner in held:
+            held[lease.owner].append(partition)
+        rows.append(
+            PartitionStatus(
+                partition=partition,
+                owner=lease.owner,
+                name=lease.name,
+                epoch=lease.epoch or config.epoch_base + revision,
+                revision=revision,
+                live_owner=lease.owner in members,
+            )
+        )
+    return DeploymentStatus(
+        prefix=prefix,
+        bucket=bucket,
+        partitions=config.partitions,
+        epoch_base=config.epoch_base,
+        members=[
+            MemberStatus(
+                id=m.id,
+                name=m.name,
+                host=m.host,
+                pid=m.pid,
+                started=m.started,
+                routing=m.routing,
+                partitions=held[m.id],
+            )
+            for m in sorted(members.values(), key=lambda m: m.started)
+        ],
+        leases=rows,
+        taken_at=time.time(),
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+
+
+def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
+    """The status as text tables: members, then (``partitions``) one row per partition."""
+    now = status.taken_at
+    lines = [
+        f"deployment {status.prefix!r}: {status.partitions} partitions, "
+        f"{len(status.members)} worker(s), lease bucket {status.bucket}",
+        "",
+    ]
+    lines += _table(
+        ("WORKER", "HOST", "PID", "ROUTING", "UP", "HELD", "PARTITIONS"),
+        [
+            (
+                m.id,
+                m.host,
+                str(m.pid),
+                m.routing or "-",
+                f"{max(0.0, now - m.started):.0f}s",
+                str(len(m.partitions)),
+                partitions_text(m.partitions),
+            )
+            for m in status.members
+        ]
+        or [("(none)", "", "", "", "", "", "")],
+    )
+    dead = [p for p in status.leases if p.owner is not None and not p.live_owner]
+    lines += ["", f"unheld partitions: {partitions_text(status.unheld)}"]
+    if dead:
+        lines.append(
+            "held by workers that left (expiring): " + partitions_text(p.partition for p in dead)
+        )
+    if partitions:
+        lines.append("")
+        lines += _table(
+            ("PARTITION", "HOLDER", "EPOCH", "REVISION"),
+            [
+                (
+                    str(p.partition),
+                    p.owner or "-",
+                    str(p.epoch) if p.owner else "-",
+                    str(p.revision) if p.owner else "-",
+                )
+                for p in status.leases
+            ],
+        )
+    return "\n".join(lines)

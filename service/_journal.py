@@ -1,0 +1,699 @@
+"""The journal: every finished turn of every object, recorded to a JetStream stream.
+
+This module owns three things that must agree with each other:
+
+* the **record format** (``JournalRecord``, JSON, tagged and versioned), read back by
+  ``ndo replay`` / ``ndo tail`` and readable with any NATS tool (``nats stream view``);
+* the **stream** (``<PREFIX>_JOURNAL`` on ``<prefix>.sys.journal.>``, one subject per object:
+  ``<prefix>.sys.journal.<Class>.<id>``), created or updated at worker start;
+* the **publisher**, which keeps JetStream off the reply path.
+
+Publishing: an activation hands a finished turn to ``JournalPublisher.record`` *after* its reply
+left (for a turn that wrote, after the commit). ``record`` only appends a cheap ``JournalEntry``
+(references, nothing encoded) to a bounded buffer. A background task encodes entries and sends
+them with a core-NATS publish whose reply subject is the publisher's own inbox; the stream's
+acknowledgements arrive on that inbox and are matched there. No request ever waits for
+JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
+acknowledgement that does not arrive within ``ack_timeout`` is a lost record. Each loss is
+counted in ``ndo_journal_failures_total{reason}`` and logged (rate limited); none fails a
+request.
+
+Record order: records of one object leave in the order its turns ran. Committed turns are
+released in commit order; a turn that needs no commit (a failure, a duplicate) is recorded
+behind the object's pending writes (the activation makes it a follower of the pending turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import time
+from collections import deque
+from itertools import takewhile
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from msgspec import UNSET, UnsetType
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import api as js_api
+
+from actors import ActorError, ActorId, TurnWrites
+from storage import ALARM_UNCHANGED
+from subjects import MSGPACK_CONTENT_TYPE, Header, journal_subject, sys_subject
+
+if TYPE_CHECKING:
+    from service._activation import Envelope
+    from service._metrics import WorkerMetrics
+
+__all__ = [
+    "JOURNAL_VERSION",
+    "JournalAlarm",
+    "JournalEntry",
+    "JournalError",
+    "JournalPublisher",
+    "JournalRecord",
+    "JournalWrites",
+    "TurnKind",
+    "TurnStatus",
+    "decode_journal_record",
+    "encode_journal_record",
+    "ensure_journal_stream",
+    "journal_record",
+    "journal_stream_name",
+    "journal_stream_subjects",
+    "jsonable_reply",
+    "jsonable_value",
+    "jsonable_writes",
+]
+
+_log = structlog.get_logger("ndo.journal")
+
+JOURNAL_VERSION: Final = 1
+"""Version of ``JournalRecord`` written by this ndo; readers refuse newer ones."""
+
+TurnKind: TypeAlias = Literal["request", "alarm", "alarm_dropped"]
+"""What started the step: a request, an alarm delivery, or the runtime dropping an alarm that
+failed ``alarm_max_attempts`` times (no user code ran; its write-set deletes the alarm)."""
+
+TurnStatus: TypeAlias = Literal["ok", "error", "aborted", "duplicate"]
+"""How the step ended.
+
+* ``ok``: the handler returned; its write-set was committed and its reply sent.
+* ``error``: the handler (or encoding its reply) failed; nothing was written.
+* ``aborted``: the handler ran but the runtime discarded the turn (a commit failed, or the object
+  was reset meanwhile); nothing was written and the caller was told to retry.
+* ``duplicate``: the request's idempotency key was already applied; the stored reply was sent
+  and no handler ran.
+"""
+
+_STREAM_SUFFIX: Final = "_JOURNAL"
+_STREAM_DESCRIPTION: Final = (
+    "ndo journal: <prefix>.sys.journal.<Class>.<id>, one subject per object"
+)
+_STATUS: Final = "Status"
+_STORED: Final = b'{"stream":'
+"""How a JetStream PubAck starts (an error reply starts with ``{"error":``)."""
+_WARN_EVERY: Final = 30.0
+"""Seconds between two warnings about lost journal records (the counter has every loss)."""
+_SWEEP_INTERVAL: Final = 0.5
+"""Seconds between checks for acknowledgements that did not arrive in time."""
+
+
+# Record format
+
+
+class JournalError(msgspec.Struct, frozen=True, kw_only=True):
+    """The error a step ended with, as the caller received it."""
+
+    code: int
+    """HTTP-like wire code (400, 409, 500, 503, 504, ...)."""
+    type: str
+    """Stable error type, e.g. ``handler_error`` or ``object_reset``."""
+    message: str
+    """Human-readable description."""
+
+
+class JournalAlarm(msgspec.Struct, frozen=True, kw_only=True):
+    """The alarm delivery a step handled."""
+
+    due: float
+    """Epoch seconds the alarm was set for."""
+    attempt: int
+    """1 for the first delivery, 2 for the first retry, ..."""
+
+
+class JournalWrites(msgspec.Struct, frozen=True, kw_only=True):
+    """The write-set a step committed, values decoded from MessagePack to JSON-able data.
+
+    Applied in this order: ``cleared`` (delete every key), then ``delete``, then ``put``.
+    """
+
+    put: dict[str, Any] = {}
+    """Keys set, with their new values."""
+    delete: list[str] = []
+    """Keys deleted (kept apart from ``put`` because ``null`` is a storable value)."""
+    cleared: bool = False
+    """Every key of the object was deleted first (``delete_all``)."""
+    alarm: float | UnsetType | None = UNSET
+    """New alarm time (epoch seconds); ``null``: alarm deleted; absent: alarm unchanged."""
+
+
+class JournalRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="record", tag="turn"):
+    """One step of one object's history: input, outcome, write-set, timing.
+
+    The message's JetStream stream sequence is the step's ``seq`` (not stored in the body).
+    """
+
+    version: int = JOURNAL_VERSION
+    """Record format version; readers refuse versions newer than they know."""
+    kind: TurnKind
+    """What started the step."""
+    status: TurnStatus
+    """How it ended."""
+    class_name: str = msgspec.field(name="class")
+    """The object's class."""
+    object_id: str = msgspec.field(name="id")
+    """The object's id."""
+    partition: int
+    """The partition the object hashes to."""
+    method: str
+    """Method called (``alarm`` for alarm steps)."""
+    args: dict[str, Any] = {}
+    """The decoded arguments, defaults filled in."""
+    headers: dict[str, str] = {}
+    """Request headers that change behaviour (``Idempotency-Key``, ``Content-Type``)."""
+    alarm: JournalAlarm | None = None
+    """The delivery, for ``alarm`` and ``alarm_dropped`` steps."""
+    reply: Any = None
+    """The reply value (``ok`` and ``duplicate``)."""
+    error: JournalError | None = None
+    """The error reply (``error`` and ``aborted``)."""
+    writes: JournalWrites | None = None
+    """The committed write-set (``ok`` steps that changed something)."""
+    time: float
+    """Epoch seconds the step started."""
+    duration: float
+    """Seconds the handler ran (0 when none ran)."""
+    worker: str
+    """Name of the worker that ran the step."""
+    fresh: bool = False
+    """A new instance was built for this step (``on_start`` ran before it)."""
+    truncated: bool = False
+    """The full record was over the server's max_payload: ``args``, ``reply`` and the values of
+    ``writes.put`` were left out, so it cannot be re-run and the state after it is incomplete."""
+
+
+_RECORD_ENCODER: Final = msgspec.json.Encoder()
+_RECORD_DECODER: Final = msgspec.json.Decoder(JournalRecord)
+_JSON_DECODER: Final = msgspec.json.Decoder()
+_MSGPACK_DECODER: Final = msgspec.msgpack.Decoder()
+
+
+def encode_journal_record(record: JournalRecord) -> bytes:
+    """Encode a record as the JSON body of a journal message."""
+    return _RECORD_ENCODER.encode(record)
+
+
+def decode_journal_record(data: bytes) -> JournalRecord:
+    """Decode a journal message body.
+
+    Raises:
+        ValueError: the body is not a journal record this ndo understands (the message says
+            whether a newer ndo wrote it).
+    """
+    try:
+        record = _RECORD_DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not an ndo journal record: {exc}") from None
+    if record.version > JOURNAL_VERSION:
+        raise ValueError(
+            f"journal record version {record.version} was written by a newer ndo (this one "
+            f"reads up to version {JOURNAL_VERSION}); upgrade ndo to read it"
+        )
+    return record
+
+
+def _base64(raw: bytes) -> dict[str, str]:
+    return {"$msgpack": base64.b64encode(raw).decode("ascii")}
+
+
+def jsonable_value(raw: bytes) -> Any:
+    """Decode a stored MessagePack value into JSON-able data.
+
+    Bytes become base64 strings and non-string map keys strings (as JSON would write them); a
+    value JSON cannot express at all (a MessagePack extension type) is kept as
+    ``{"$msgpack": "<base64 of the raw value>"}``.
+    """
+    try:
+        value = _MSGPACK_DECODER.decode(raw)
+        _RECORD_ENCODER.encode(value)
+    except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        return _base64(raw)
+    return value
+
+
+def jsonable_reply(body: bytes, msgpack: bool) -> Any:
+    """Decode a reply body (JSON, or MessagePack when ``msgpack``) into JSON-able data."""
+    if msgpack:
+        return jsonable_value(body)
+    try:
+        return _JSON_DECODER.decode(body)
+    except msgspec.DecodeError:
+        return body.decode("utf-8", "replace")
+
+
+def jsonable_writes(changes: TurnWrites, *, truncated: bool = False) -> JournalWrites:
+    """Turn a committed write-set into its journal form (``put`` left empty when ``truncated``)."""
+    put: dict[str, Any] = {}
+    delete: list[str] = []
+    for key, raw in changes.writes.items():
+        if raw is None:
+            delete.append(key)
+        elif not truncated:
+            put[key] = jsonable_value(raw)
+    alarm: float | UnsetType | None = UNSET if changes.alarm == ALARM_UNCHANGED else changes.alarm
+    return JournalWrites(put=put, delete=sorted(delete), cleared=changes.cleared, alarm=alarm)
+
+
+class JournalEntry:
+    """A finished turn as the activation hands it over: references only, encoded later.
+
+    Building one costs an allocation; the decoding and encoding happen in the publisher's
+    background task, never on the reply path.
+    """
+
+    __slots__ = (
+        "address",
+        "body",
+        "changes",
+        "duration",
+        "envelope",
+        "error",
+        "fresh",
+        "kind",
+        "partition",
+        "started",
+        "status",
+    )
+
+    address: ActorId
+    partition: int
+    kind: TurnKind
+    status: TurnStatus
+    envelope: Envelope
+    body: bytes | None
+    """The reply body (``ok`` and ``duplicate``)."""
+    error: ActorError | None
+    changes: TurnWrites | None
+    """The committed write-set (``ok``); never mutated after the turn ended."""
+    started: float
+    """``time.time()`` when the turn started."""
+    duration: float
+    fresh: bool
+
+    def __init__(
+        self,
+        address: ActorId,
+        partition: int,
+        envelope: Envelope,
+        *,
+        status: TurnStatus,
+        kind: TurnKind | None = None,
+        body: bytes | None = None,
+        error: ActorError | None = None,
+        changes: TurnWrites | None = None,
+        started: float = 0.0,
+        duration: float = 0.0,
+        fresh: bool = False,
+    ) -> None:
+        """Describe one finished turn (``kind`` defaults from the envelope)."""
+        self.address = address
+        self.partition = partition
+        self.envelope = envelope
+        self.status = status
+        if kind is None:
+            kind = "request" if envelope.alarm is None else "alarm"
+        self.kind = kind
+        self.body = body
+        self.error = error
+        self.changes = changes
+        self.started = started or time.time()
+        self.duration = duration
+        self.fresh = fresh
+
+    def aborted(self, error: ActorError) -> JournalEntry:
+        """This turn, discarded by the runtime with ``error``.
+
+        Only a turn that succeeded (``ok``) changes; a failure or a duplicate already had its
+        outcome delivered and is recorded as it was.
+        """
+        if self.status != "ok":
+            return self
+        return JournalEntry(
+            self.address,
+            self.partition,
+            self.envelope,
+            status="aborted",
+            kind=self.kind,
+            error=error,
+            started=self.started,
+            duration=self.duration,
+            fresh=self.fresh,
+        )
+
+
+def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False) -> JournalRecord:
+    """Build the record of a finished turn (decodes arguments, reply and values)."""
+    envelope = entry.envelope
+    headers: dict[str, str] = {}
+    if envelope.idempotency_key is not None:
+        headers[Header.IDEMPOTENCY_KEY.value] = envelope.idempotency_key
+    if envelope.msgpack:
+        headers[Header.CONTENT_TYPE.value] = MSGPACK_CONTENT_TYPE
+    args: dict[str, Any] = {}
+    if envelope.args is not None and not truncated:
+        args = msgspec.to_builtins(envelope.args)
+    delivery = envelope.alarm
+    reply = None
+    if entry.body is not None and entry.status in ("ok", "duplicate") and not truncated:
+        reply = jsonable_reply(entry.body, envelope.msgpack)
+    error = entry.error
+    return JournalRecord(
+        kind=entry.kind,
+        status=entry.status,
+        class_name=entry.address.class_name,
+        object_id=entry.address.object_id,
+        partition=entry.partition,
+        method="alarm" if entry.kind != "request" else envelope.method,
+        args=args,
+        headers=headers,
+        alarm=None
+        if delivery is None
+        else JournalAlarm(due=delivery.due, attempt=delivery.attempt),
+        reply=reply,
+        error=None
+        if error is None
+        else JournalError(code=error.code, type=error.type, message=error.message),
+        writes=None
+        if entry.changes is None or entry.status != "ok"
+        else jsonable_writes(entry.changes, truncated=truncated),
+        time=entry.started,
+        duration=entry.duration,
+        worker=worker,
+        fresh=entry.fresh,
+        truncated=truncated,
+    )
+
+
+# Stream
+
+
+def journal_stream_name(prefix: str) -> str:
+    """Name of the journal stream of a deployment: ``ndo`` -> ``NDO_JOURNAL``."""
+    return prefix.upper().replace(".", "_").replace("-", "_") + _STREAM_SUFFIX
+
+
+def journal_stream_subjects(prefix: str) -> list[str]:
+    """Subjects the journal stream captures (never the RPC subjects)."""
+    return [sys_subject(prefix, "journal", ">")]
+
+
+async def ensure_journal_stream(
+    nc: NatsClient, prefix: str, *, max_age: float, max_bytes: int
+) -> js_api.StreamInfo:
+    """Create the journal stream, or bring an existing one to this retention.
+
+    Settings an operator changed on an existing stream (replicas, placement, storage) are kept;
+    only subjects, ``max_age`` and ``max_bytes`` are set.
+
+    Raises:
+        nats.js.errors.ServiceUnavailableError: the server has no JetStream.
+        nats.js.errors.APIError: the stream could not be created or updated.
+        nats.errors.TimeoutError: JetStream did not answer.
+    """
+    js = nc.jetstream()
+    name = journal_stream_name(prefix)
+    subjects = journal_stream_subjects(prefix)
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        config = js_api.StreamConfig(
+            name=name,
+            description=_STREAM_DESCRIPTION,
+            subjects=subjects,
+            retention=js_api.RetentionPolicy.LIMITS,
+            discard=js_api.DiscardPolicy.OLD,
+            storage=js_api.StorageType.FILE,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            allow_direct=True,
+        )
+        try:
+            return await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # not "already in use": another worker won the race
+                raise
+            info = await js.stream_info(name)
+    current = info.config
+    if (
+        current.subjects == subjects
+        and current.max_bytes == max_bytes
+        and current.max_age is not None
+        and abs(current.max_age - max_age) < 1e-3
+    ):
+        return info
+    wanted = dataclasses.replace(current, subjects=subjects, max_age=max_age, max_bytes=max_bytes)
+    return await js.update_stream(wanted)
+
+
+# Publisher
+
+
+class JournalPublisher:
+    """Records finished turns to the journal stream in the background (see the module doc).
+
+    ``start`` ensures the stream and returns False (after a warning) when the journal cannot run;
+    ``record`` never blocks or raises; ``stop`` waits a moment for what is buffered.
+    """
+
+    # Configuration
+    _nc: NatsClient
+    _prefix: str
+    _stream: str
+    _worker: str
+    _metrics: WorkerMetrics
+    _max_age: float
+    _max_bytes: int
+    _max_pending: int
+    _ack_timeout: float
+    # State
+    _queue: deque[JournalEntry]
+    _inflight: dict[str, float]
+    """Reply token -> monotonic deadline of its acknowledgement, oldest first."""
+    _next_token: int
+    _inbox: str
+    _sub: Subscription | None
+    _task: asyncio.Task[None] | None
+    _wakeup: asyncio.Event
+    _running: bool
+    _last_warning: float
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        prefix: str,
+        worker: str,
+        metrics: WorkerMetrics,
+        max_age: float,
+        max_bytes: int,
+        max_pending: int = 10_000,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        """Describe the publisher; nothing happens until ``start``.
+
+        Args:
+            nc: the worker's NATS connection.
+            prefix: the deployment's subject prefix.
+            worker: the worker name written into every record.
+            metrics: where records and failures are counted.
+            max_age: stream retention, seconds.
+            max_bytes: stream retention, bytes.
+            max_pending: records buffered or waiting for their acknowledgement before new ones
+                are dropped.
+            ack_timeout: seconds after which an unacknowledged record counts as lost.
+        """
+        self._nc = nc
+        self._prefix = prefix
+        self._stream = journal_stream_name(prefix)
+        self._worker = worker
+        self._metrics = metrics
+        self._max_age = max_age
+        self._max_bytes = max_bytes
+        self._max_pending = max_pending
+        self._ack_timeout = ack_timeout
+        self._queue = deque()
+        self._inflight = {}
+        self._next_token = 0
+        self._inbox = ""
+        self._sub = None
+        self._task = None
+        self._wakeup = asyncio.Event()
+        self._running = False
+        self._last_warning = -_WARN_EVERY
+
+    @property
+    def stream(self) -> str:
+        """Name of the journal stream."""
+        return self._stream
+
+    @property
+    def pending(self) -> int:
+        """Records buffered or waiting for their acknowledgement."""
+        return len(self._queue) + len(self._inflight)
+
+    async def start(self) -> bool:
+        """Create or update the stream and start publishing.
+
+        Returns:
+            True when journaling runs; False when the server has no JetStream or the stream
+            cannot be set up (a warning says why and how to fix it; the worker serves on).
+        """
+        try:
+            info = await ensure_journal_stream(
+                self._nc, self._prefix, max_age=self._max_age, max_bytes=self._max_bytes
+            )
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            _log.warning(
+                "JetStream is not enabled on the NATS server: running WITHOUT the journal "
+                "(ndo replay and ndo tail will have nothing from this worker); enable JetStream "
+                "on the server (nats-server -js) or pass --no-journal to silence this warning",
+                stream=self._stream,
+            )
+            return False
+        except (nats.js.errors.Error, nats.errors.Error) as exc:
+            _log.warning(
+                "journal stream could not be created or updated: running WITHOUT the journal; "
+                "fix the stream (or lower --journal-max-bytes if the server lacks storage) and "
+                "restart, or pass --no-journal",
+                stream=self._stream,
+                error=str(exc),
+            )
+            return False
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._handle_ack)
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name="ndo-journal")
+        _log.info(
+            "journal on",
+            stream=self._stream,
+            subjects=info.config.subjects,
+            max_age=self._max_age,
+            max_bytes=self._max_bytes,
+        )
+        return True
+
+    def record(self, entry: JournalEntry) -> None:
+        """Queue a finished turn for the journal; drops (and counts) it when the buffer is full."""
+        if not self._running:
+            return
+        if len(self._queue) + len(self._inflight) >= self._max_pending:
+            self._fail("dropped", "journal buffer full")
+            return
+        self._queue.append(entry)
+        if len(self._queue) == 1:
+            self._wakeup.set()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is buffered, wait up to ``timeout`` for acknowledgements, stop (idempotent).
+
+        Records still unacknowledged then count as ``timeout`` failures.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        deadline = time.monotonic() + timeout
+        self._wakeup.set()
+        while (self._queue or self._inflight) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self._running = False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        lost = len(self._queue) + len(self._inflight)
+        self._queue.clear()
+        self._inflight.clear()
+        if lost:
+            self._fail("timeout", f"{lost} journal records unconfirmed at shutdown", count=lost)
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SWEEP_INTERVAL):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+            self._expire(time.monotonic())
+            while self._queue:
+                await self._publish(self._queue.popleft())
+
+    async def _publish(self, entry: JournalEntry) -> None:
+        try:
+            data = encode_journal_record(journal_record(entry, self._worker))
+            if len(data) > self._nc.max_payload:
+                data = encode_journal_record(journal_record(entry, self._worker, truncated=True))
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+            self._fail("encode_error", str(exc))
+            return
+        if len(data) > self._nc.max_payload:
+            self._fail("too_large", f"record of {len(data)} bytes")
+            return
+        token = str(self._next_token)
+        self._next_token += 1
+        self._inflight[token] = time.monotonic() + self._ack_timeout
+        subject = journal_subject(self._prefix, entry.address.class_name, entry.address.object_id)
+        try:
+            # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes these
+            # subjects, and a header-less publish is cheaper.
+            await self._nc.publish(subject, data, reply=f"{self._inbox}.{token}")
+        except nats.errors.Error as exc:
+            self._inflight.pop(token, None)
+            self._fail("publish_error", str(exc))
+
+    async def _handle_ack(self, msg: Msg) -> None:
+        token = msg.subject.rpartition(".")[2]
+        if self._inflight.pop(token, None) is None:
+            return  # already counted as timed out
+        data = msg.data
+        if data.startswith(_STORED):  # the common case, without parsing
+            self._metrics.journal_records.inc()
+            return
+        if msg.headers and msg.headers.get(_STATUS) == "503":
+            self._fail("no_stream", f"no stream captures the journal subjects ({self._stream})")
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            self._fail("rejected", "unreadable acknowledgement")
+            return
+        if isinstance(reply, dict) and "error" in reply:
+            error = reply["error"]
+            detail = error.get("description", str(error)) if isinstance(error, dict) else error
+            self._fail("rejected", str(detail))
+            return
+        self._metrics.journal_records.inc()
+
+    def _expire(self, now: float) -> None:
+        expired = [
+            token for token, _ in takewhile(lambda item: item[1] <= now, self._inflight.items())
+        ]
+        for token in expired:
+            del self._inflight[token]
+        if expired:
+            self._fail(
+                "timeout", f"{len(expired)} journal records not acknowledged", count=len(expired)
+            )
+
+    def _fail(self, reason: str, detail: str, *, count: int = 1) -> None:
+        self._metrics.journal_failures.labels(reason).inc(count)
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            _log.warning(
+                "journal records lost (requests are unaffected); counted in "
+                "ndo_journal_failures_total",
+                reason=reason,
+                detail=detail,
+                stream=self._stream,
+            )

@@ -1,0 +1,262 @@
+"""Scale-out test helpers: ndo workers as real processes (``ndo serve``), and status polling.
+
+Workers run as separate processes where signals matter (SIGTERM hand-over, kill -9, SIGSTOP):
+each is ``python -m ops.cli serve tests.objects examples.objects --nats-url ...``, exactly as
+an operator starts one, logging JSON to a file in ``tmp_path``. A worker dies with the test
+process (Linux ``PR_SET_PDEATHSIG``), and the ``make_cluster`` fixture kills whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from ops._status import DeploymentStatus, StatusError, fetch_status
+from subjects import partition_of
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+StatusPredicate = Callable[[DeploymentStatus], bool]
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the worker gets SIGKILL when the test process dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+class WorkerProcess:
+    """One ``ndo serve`` process."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    async def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"worker {self.name} did not exit within {timeout}s")
+            await asyncio.sleep(0.02)
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Cluster:
+    """Worker processes sharing one data directory and one NATS server."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        url: str,
+        tmp_path: Path,
+        *,
+        partitions: int,
+        lease_ttl: int,
+        extra: list[str],
+    ) -> None:
+        self.nc = nc
+        self.url = url
+        self.tmp_path = tmp_path
+        self.data_dir = tmp_path / "shared-data"
+        self.partitions = partitions
+        self.lease_ttl = lease_ttl
+        self.extra = extra
+        self.workers: list[WorkerProcess] = []
+
+    def spawn(self, name: str | None = None, *extra: str) -> WorkerProcess:
+        """Start a worker process (does not wait for it to join)."""
+        name = name or f"w{len(self.workers)}"
+        log = self.tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "serve",
+            "tests.objects",
+            "examples.objects",
+            "--nats-url",
+            self.url,
+            "--data-dir",
+            str(self.data_dir),
+            "--partitions",
+            str(self.partitions),
+            "--lease-ttl",
+            str(self.lease_ttl),
+            "--worker-name",
+            name,
+            "--log-format",
+            "json",
+            "--no-journal",
+            "--drain-timeout",
+            "5",
+            *self.extra,
+            *extra,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        worker = WorkerProcess(name, proc, log)
+        self.workers.append(worker)
+        return worker
+
+    async def start(self, name: str | None = None, *extra: str) -> WorkerProcess:
+        """Start a worker and wait until it is a member that serves its share."""
+        worker = self.spawn(name, *extra)
+        await self.wait_for(
+            lambda s: any(m.name == worker.name and m.partitions for m in s.members),
+            timeout=20,
+            worker=worker,
+        )
+        return worker
+
+    async def status(self) -> DeploymentStatus:
+        return await fetch_status(self.nc, "ndo")
+
+    async def wait_for(
+        self,
+        predicate: StatusPredicate,
+        *,
+        timeout: float,
+        worker: WorkerProcess | None = None,
+        interval: float = 0.02,
+    ) -> DeploymentStatus:
+        """Poll the status until ``predicate`` holds; fail with the last status otherwise."""
+        deadline = time.monotonic() + timeout
+        last: DeploymentStatus | None = None
+        while time.monotonic() < deadline:
+            if worker is not None and not worker.alive:
+                raise AssertionError(f"worker {worker.name} exited:\n{worker.log_text()[-3000:]}")
+            try:
+                last = await self.status()
+            except (StatusError, nats.errors.Error):
+                last = None
+            if last is not None and predicate(last):
+                return last
+            await asyncio.sleep(interval)
+        raise AssertionError(f"status condition not met in {timeout}s; last status: {last}")
+
+    async def settled(self, names: set[str], timeout: float = 20) -> DeploymentStatus:
+        """Wait until exactly the workers ``names`` are members and hold every partition."""
+
+        def ok(s: DeploymentStatus) -> bool:
+            if {m.name for m in s.members} != names:
+                return False
+            held = [p for m in s.members for p in m.partitions]
+            return sorted(held) == list(range(s.partitions)) and all(
+                m.partitions for m in s.members
+            )
+
+        return await self.wait_for(ok, timeout=timeout)
+
+    def kill_all(self) -> None:
+        for worker in self.workers:
+            if worker.alive:
+                worker.signal(signal.SIGCONT)
+                worker.signal(signal.SIGKILL)
+        for worker in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=5)
+
+
+ClusterFactory = Callable[..., Awaitable[Cluster]]
+
+
+@pytest.fixture(name="make_cluster")
+async def _make_cluster(tmp_path: Path) -> AsyncIterator[ClusterFactory]:
+    """Factory: ``await make_cluster(url, partitions=8, lease_ttl=2)``; kills workers after."""
+    clusters: list[Cluster] = []
+    connections: list[NatsClient] = []
+
+    async def make(
+        url: str, *, partitions: int = 8, lease_ttl: int = 2, extra: list[str] | None = None
+    ) -> Cluster:
+        nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        connections.append(nc)
+        cluster = Cluster(
+            nc, url, tmp_path, partitions=partitions, lease_ttl=lease_ttl, extra=extra or []
+        )
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in clusters:
+            cluster.kill_all()
+        for nc in connections:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+def object_in_partition(class_name: str, partitions: int, wanted: set[int], tag: str = "o") -> str:
+    """An object id of ``class_name`` whose partition is in ``wanted``."""
+    for i in range(100_000):
+        object_id = f"{tag}{i}"
+        if partition_of(class_name, object_id, partitions) in wanted:
+            return object_id
+    raise AssertionError(f"no id found for partitions {wanted}")
+
+
+def one_object_per_partition(class_name: str, partitions: int, tag: str = "o") -> list[str]:
+    """One object id per partition, partition 0 first."""
+    return [object_in_partition(class_name, partitions, {p}, tag) for p in range(partitions)]
+
+
+async def request(
+    nc: NatsClient, subject: str, body: bytes = b"", *, timeout: float, key: str | None = None
+) -> tuple[str, Any]:
+    """One raw request: ``("ok", data)``, ``("error", (code, type, message))`` or
+    ``("timeout", None)``
+    (also no responders: ``("no_responders", None)``)."""
+    import json
+
+    headers = {"Idempotency-Key": key} if key else None
+    try:
+        msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+    except nats.errors.NoRespondersError:
+        return "no_responders", None
+    except nats.errors.TimeoutError:
+        return "timeout", None
+    if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+        error = json.loads(msg.data)["error"]
+        return "error", (error["code"], error["type"], error["message"])
+    return "ok", json.loads(msg.data)

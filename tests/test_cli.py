@@ -1,0 +1,310 @@
+"""The ``ndo`` command end to end: real ``ndo serve`` and ``ndo call`` processes.
+
+``ndo serve`` here starts its own embedded nats-server, so each server gets a port picked by
+``free_port()`` (the worker must know it before it starts). Every process is bounded by a
+timeout and killed at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ops.cli import main
+from tests.helpers import ServeProcess, free_port, ndo_env, process_gone, run_ndo
+
+pytestmark = pytest.mark.slow
+
+SHUTDOWN_TIMEOUT = 10.0
+"""Seconds a signalled ``ndo serve`` may take to drain and exit."""
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """Poll until ``pid`` is gone (sync tests only)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process_gone(pid):
+            return True
+        time.sleep(0.05)
+    return process_gone(pid)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running ``ndo serve`` with an embedded server and a metrics endpoint."""
+
+    process: ServeProcess
+    nats_url: str
+    port: int
+    metrics_port: int
+
+
+@pytest.fixture(name="served", scope="module")
+def _served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One ``ndo serve`` (embedded nats-server, bundled examples) shared by this module."""
+    port, metrics_port = free_port(), free_port()
+    data_dir = tmp_path_factory.mktemp("served") / "data"
+    with ServeProcess(
+        "--port", str(port), "--data-dir", str(data_dir), "--metrics-port", str(metrics_port)
+    ) as process:
+        process.wait_serving()
+        yield Served(process, f"nats://127.0.0.1:{port}", port, metrics_port)
+
+
+def _embedded(tmp_path: Path, *args: str, **kwargs: object) -> tuple[ServeProcess, str]:
+    """An unstarted ``ndo serve`` with an embedded server on a free port, and its URL."""
+    port = free_port()
+    process = ServeProcess(
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        *args,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return process, f"nats://127.0.0.1:{port}"
+
+
+class TestCall:
+    """``ndo call`` prints the reply, or an error with a distinct exit code."""
+
+    def test_call_prints_the_result(self, served: Served) -> None:
+        """A JSON-object argument is sent as keyword arguments; the reply is printed as JSON."""
+        first = run_ndo(
+            "call", "Counter", "cli-a1", "increment", '{"by": 2}', "--nats-url", served.nats_url
+        )
+        assert (first.returncode, first.stdout, first.stderr) == (0, "2\n", "")
+        second = run_ndo(
+            "call", "Counter", "cli-a1", "increment", '{"by": 2}', "--nats-url", served.nats_url
+        )
+        assert second.stdout == "4\n"
+        read = run_ndo("call", "Counter", "cli-a1", "get", "--nats-url", served.nats_url)
+        assert (read.returncode, read.stdout) == (0, "4\n")
+
+    def test_structured_reply(self, served: Served) -> None:
+        """A Struct reply is printed as indented JSON."""
+        result = run_ndo(
+            "call",
+            "ChatRoom",
+            "cli-room",
+            "post",
+            '{"user": "ann", "text": "hé"}',
+            "--nats-url",
+            served.nats_url,
+        )
+        assert result.returncode == 0, result.stderr
+        posted = json.loads(result.stdout)
+        assert (posted["seq"], posted["user"], posted["text"]) == (1, "ann", "hé")
+
+    def test_error_reply_exits_1(self, served: Served) -> None:
+        """An error reply exits 1 with code, type and message on stderr, nothing on stdout."""
+        result = run_ndo("call", "Counter", "cli-b", "nope", "--nats-url", served.nats_url)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert "error 404 unknown_method" in result.stderr
+        assert "increment" in result.stderr  # the message lists the callable methods
+
+    @pytest.mark.parametrize(
+        ("args", "code", "error_type"),
+        [
+            (["Nope", "cli-b", "get"], 404, "unknown_class"),
+            (["Counter", "cli-b", "increment", '{"by": "two"}'], 400, "invalid_arguments"),
+            (["Counter", "cli-b", "increment", '{"by": 1, "extra": 1}'], 400, "invalid_arguments"),
+        ],
+    )
+    def test_error_replies(
+        self,
+        served: Served,
+        capsys: pytest.CaptureFixture[str],
+        args: list[str],
+        code: int,
+        error_type: str,
+    ) -> None:
+        """Each error code is reported as such (the command run in-process against the server)."""
+        assert main(["call", *args, "--nats-url", served.nats_url]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"error {code} {error_type}" in captured.err
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["Counter", "a1", "increment", "{by: 2}"], "not valid JSON"),
+            (["Counter", "a1", "increment", "[2]"], "must be a JSON object"),
+            (["Counter", "a.1", "get"], "invalid object id"),
+            (["Counter", "a1", "9get"], "invalid method name"),
+        ],
+    )
+    def test_usage_errors(
+        self, served: Served, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    ) -> None:
+        """Bad JSON or a bad subject part exits 2 before anything is sent."""
+        assert main(["call", *args, "--nats-url", served.nats_url]) == 2
+        assert message in capsys.readouterr().err
+
+    def test_invalid_json_in_a_real_process(self, served: Served) -> None:
+        """The same from the shell: exit 2 and a message, no traceback."""
+        result = run_ndo(
+            "call", "Counter", "a1", "increment", "{by: 2}", "--nats-url", served.nats_url
+        )
+        assert result.returncode == 2
+        assert "arguments are not valid JSON" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_unreachable_server(self) -> None:
+        """With no server at the URL, call exits 1 quickly with a hint, not a hang."""
+        url = f"nats://127.0.0.1:{free_port()}"
+        try:
+            result = run_ndo("call", "Counter", "a1", "get", "--nats-url", url, timeout=8)
+        except subprocess.TimeoutExpired:
+            pytest.fail("ndo call kept retrying an unreachable server for 8 s")
+        assert result.returncode == 1
+        assert "cannot connect" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+class TestServe:
+    """``ndo serve`` flags, metrics and startup failures."""
+
+    def test_metrics_endpoint(self, served: Served) -> None:
+        """--metrics-port serves Prometheus text with ndo_requests_total samples."""
+        assert (
+            run_ndo(
+                "call", "Counter", "cli-m", "increment", "--nats-url", served.nats_url
+            ).returncode
+            == 0
+        )
+        url = f"http://127.0.0.1:{served.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        assert "# TYPE ndo_requests_total counter" in text
+        samples = [line for line in text.splitlines() if line.startswith("ndo_requests_total{")]
+        assert any(
+            'class_name="Counter"' in s and 'method="increment"' in s and 'outcome="ok"' in s
+            for s in samples
+        ), samples
+
+    def test_second_serve_on_the_same_port(self, served: Served, tmp_path: Path) -> None:
+        """A second serve on a taken port exits non-zero and says the port is in use."""
+        with ServeProcess("--port", str(served.port), "--data-dir", str(tmp_path / "d")) as second:
+            code = second.wait(timeout=20)
+            output = second.output
+        assert code != 0
+        assert f"port {served.port}" in output
+        assert "already in use" in output
+        assert "Traceback" not in output
+        # The first one is unharmed.
+        assert (
+            run_ndo("call", "Counter", "cli-p", "get", "--nats-url", served.nats_url).stdout
+            == "0\n"
+        )
+
+    @pytest.mark.parametrize(
+        ("modules", "message"),
+        [(["no_such_module_xyz"], "cannot import"), (["json"], "defines no Actor")],
+    )
+    def test_bad_module(self, tmp_path: Path, modules: list[str], message: str) -> None:
+        """A module that cannot be served is reported before anything starts (exit 2)."""
+        result = run_ndo("serve", *modules, "--port", str(free_port()), "--data-dir", str(tmp_path))
+        assert result.returncode == 2
+        assert message in result.stderr
+        assert not (tmp_path / "nats").exists()
+
+    def test_bad_config_value(self, tmp_path: Path) -> None:
+        """An invalid setting exits 2 with a fix-it message."""
+        result = run_ndo("serve", "--partitions", "0", "--data-dir", str(tmp_path))
+        assert result.returncode == 2
+        assert "partitions must be > 0" in result.stderr
+
+    def test_malformed_environment_value(self, tmp_path: Path) -> None:
+        """A malformed NDO_* number is a usage error (exit 2) naming the option, no traceback."""
+        result = run_ndo("serve", "--data-dir", str(tmp_path), env=ndo_env(NDO_PORT="four"))
+        assert result.returncode == 2, result.stderr
+        assert "port" in result.stderr.lower()
+        assert "Traceback" not in result.stderr
+
+    def test_environment_variables(self, tmp_path: Path) -> None:
+        """NDO_PREFIX, NDO_PORT and NDO_DATA_DIR configure serve and call without flags."""
+        port = free_port()
+        env = ndo_env(NDO_PREFIX="acme", NDO_PORT=str(port), NDO_DATA_DIR=str(tmp_path / "env"))
+        with ServeProcess(env=env) as process:
+            ready = process.wait_serving()
+            assert ready["nats_url"] == f"nats://127.0.0.1:{port}"
+            call_env = ndo_env(NDO_PREFIX="acme", NDO_NATS_URL=f"nats://127.0.0.1:{port}")
+            result = run_ndo("call", "Counter", "e1", "increment", '{"by": 5}', env=call_env)
+            assert (result.returncode, result.stdout) == (0, "5\n"), result.stderr
+            # The default prefix reaches no worker.
+            other = run_ndo("call", "Counter", "e1", "get", "--prefix", "ndo", env=call_env)
+            assert other.returncode == 1
+            assert "no worker is serving ndo.rpc.Counter.e1.get" in other.stderr
+        assert (tmp_path / "env" / "ndo.sqlite3").is_file()
+
+    def test_user_module(self, tmp_path: Path) -> None:
+        """`ndo serve mymodule` serves the Actor classes of a module in the working directory."""
+        (tmp_path / "greetings.py").write_text(
+            textwrap.dedent(
+                """
+                from actors import Actor, method
+
+                class Greeter(Actor):
+                    @method
+                    async def hello(self, name: str) -> str:
+                        count = await self.storage.get("count", 0) + 1
+                        self.storage.put("count", count)
+                        return f"hello {name} #{count}"
+                """
+            )
+        )
+        process, url = _embedded(tmp_path, "greetings", cwd=tmp_path)
+        with process:
+            ready = process.wait_serving()
+            assert ready["classes"] == ["Greeter"]
+            for expected in ("hello ann #1", "hello ann #2"):
+                result = run_ndo(
+                    "call", "Greeter", "g1", "hello", '{"name": "ann"}', "--nats-url", url
+                )
+                assert (result.returncode, json.loads(result.stdout)) == (0, expected)
+            missing = run_ndo("call", "Counter", "c", "get", "--nats-url", url)
+            assert missing.returncode == 1
+            assert "unknown_class" in missing.stderr
+
+
+class TestShutdown:
+    """Signals stop ``ndo serve`` cleanly, and its nats-server never outlives it."""
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+    def test_signal_stops_cleanly(self, tmp_path: Path, sig: signal.Signals) -> None:
+        """A signal drains the worker, stops the embedded server and exits 0."""
+        process, url = _embedded(tmp_path)
+        with process:
+            process.wait_serving()
+            server_pid = process.events("embedded nats-server started")[0]["pid"]
+            assert not process_gone(server_pid)
+            assert run_ndo("call", "Counter", "s1", "increment", "--nats-url", url).returncode == 0
+            process.send_signal(sig)
+            try:
+                code = process.wait(timeout=SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"ndo serve still running {SHUTDOWN_TIMEOUT}s after {sig.name}")
+            assert code == 0, process.output
+            assert process.events("worker stopped")
+            assert _wait_gone(server_pid), f"nats-server {server_pid} outlived ndo serve"
+
+    def test_kill_9_takes_the_server_along(self, tmp_path: Path) -> None:
+        """Even SIGKILL of ndo serve stops its nats-server (parent-death signal)."""
+        process, _ = _embedded(tmp_path)
+        with process:
+            process.wait_serving()
+            server_pid = process.events("embedded nats-server started")[0]["pid"]
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=SHUTDOWN_TIMEOUT)
+            assert _wait_gone(server_pid), f"nats-server {server_pid} survived kill -9 of ndo"

@@ -1,0 +1,671 @@
+"""The journal (every turn recorded to JetStream), ``ndo replay`` and ``ndo tail``.
+
+Real nats-server with JetStream and a real worker throughout. Most tests stop the worker before
+reading: ``stop`` waits for the journal's acknowledgements, so every record is in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+from structlog.testing import capture_logs
+
+from actors import Actor, ActorClient, HandlerError, RetryPolicy, method
+from examples import Counter
+from ops import cli
+from ops._replay import (
+    EXIT_DIVERGED,
+    EXIT_ERROR,
+    EXIT_OK,
+    JournalStep,
+    ReplayOptions,
+    parse_duration,
+    parse_point,
+    parse_size,
+    read_journal,
+    reconstruct,
+    run_replay,
+    select_steps,
+)
+from ops._tail import TailOptions, run_tail
+from service import JournalRecord, Worker, WorkerMetrics, journal_stream_name
+from service._journal import JournalEntry, JournalPublisher
+from subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
+from tests.objects import Faulty, Reminder, Store
+from tests.worker_fixtures import WorkerFactory
+
+
+async def _steps(nc: NatsClient, class_name: str, object_id: str) -> list[JournalStep]:
+    return list(reconstruct(await read_journal(nc, "ndo", class_name, object_id)))
+
+
+async def _replay_json(url: str, **options: Any) -> tuple[int, list[dict[str, Any]], str]:
+    out, err = io.StringIO(), io.StringIO()
+    classes = options.pop("classes", ())
+    code = await run_replay(
+        ReplayOptions(nats_url=url, as_json=True, **options), classes=classes, out=out, err=err
+    )
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+async def _wait_for(predicate: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await predicate()
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _failures(worker: Worker, reason: str) -> float:
+    value = worker.metrics.registry.get_sample_value(
+        "ndo_journal_failures_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+class TestJournalRecords:
+    """Every handled message is recorded: input, outcome, write-set, time, duration, worker."""
+
+    async def test_request_records(
+        self, worker: Worker, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """Requests are recorded in order with their decoded arguments, reply and write-set."""
+        store = client.get(Store, "s1")
+        before = time.time()
+        await store.call(Store.put, key="a", value={"n": 1})
+        await store.call(Store.put_many, entries={"b": [1, 2], "c": None})
+        assert await store.call(Store.get, key="b") == [1, 2]
+        await store.call(Store.delete, key="a")
+        await store.call(Store.delete_all)
+        packed = await nc.request(
+            rpc_subject("ndo", "Store", "s1", "put"),
+            msgspec.msgpack.encode({"key": "m", "value": b"\x01\x02"}),
+            headers={Header.CONTENT_TYPE.value: MSGPACK_CONTENT_TYPE},
+        )
+        assert msgspec.msgpack.decode(packed.data) is None
+        await worker.stop()
+
+        records = [step.record for step in await _steps(nc, "Store", "s1")]
+        assert [r.method for r in records] == [
+            "put",
+            "put_many",
+            "get",
+            "delete",
+            "delete_all",
+            "put",
+        ]
+        assert {r.kind for r in records} == {"request"}
+        assert {r.status for r in records} == {"ok"}
+        first = records[0]
+        assert first.args == {"key": "a", "value": {"n": 1}}
+        assert first.writes is not None and first.writes.put == {"a": {"n": 1}}
+        assert first.fresh and not records[1].fresh
+        assert "Idempotency-Key" in first.headers  # ActorClient with retries sends one
+        assert records[1].writes is not None and records[1].writes.put == {"b": [1, 2], "c": None}
+        assert records[2].reply == [1, 2] and records[2].writes is None
+        assert records[3].writes is not None and records[3].writes.delete == ["a"]
+        assert records[4].writes is not None and records[4].writes.cleared
+        assert records[5].headers == {"Content-Type": MSGPACK_CONTENT_TYPE}
+        assert records[5].writes is not None and records[5].writes.put == {"m": "AQI="}
+        for record in records:
+            assert record.class_name == "Store" and record.object_id == "s1"
+            assert record.worker == worker.name
+            assert before <= record.time <= time.time()
+            assert 0 <= record.duration < 1
+        assert worker.metrics.registry.get_sample_value("ndo_journal_records_total") == 6
+
+    async def test_failed_turn_has_error_and_no_writes(
+        self, worker: Worker, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """A handler that raises after writing is recorded with its error and no write-set."""
+        faulty = client.get(Faulty, "f1")
+        with pytest.raises(HandlerError):
+            await faulty.call(Faulty.write_then_raise, value=7)
+        await faulty.call(Faulty.write, value=8)
+        await worker.stop()
+        failed, written = [step.record for step in await _steps(nc, "Faulty", "f1")]
+        assert failed.status == "error" and failed.writes is None
+        assert failed.error is not None
+        assert (failed.error.code, failed.error.type) == (500, "handler_error")
+        assert "boom after writing" in failed.error.message
+        assert written.status == "ok" and written.fresh  # rebuilt after the failure
+        assert written.writes is not None and written.writes.put == {"n": 8}
+
+    async def test_stream_retention_created_and_updated(
+        self, start_worker: WorkerFactory, nc: NatsClient
+    ) -> None:
+        """The stream is created with the configured retention and updated at the next start."""
+        worker = await start_worker(journal_max_age=3600.0, journal_max_bytes=64 * 1024 * 1024)
+        assert worker.journal_stream == "NDO_JOURNAL"
+        info = await nc.jetstream().stream_info("NDO_JOURNAL")
+        assert info.config.subjects == ["ndo.sys.journal.>"]
+        assert (info.config.max_age, info.config.max_bytes) == (3600.0, 64 * 1024 * 1024)
+        await worker.stop()
+        await start_worker(journal_max_age=7200.0, journal_max_bytes=32 * 1024 * 1024)
+        info = await nc.jetstream().stream_info("NDO_JOURNAL")
+        assert (info.config.max_age, info.config.max_bytes) == (7200.0, 32 * 1024 * 1024)
+
+    async def test_journal_off(self, start_worker: WorkerFactory, nc: NatsClient) -> None:
+        """With journal=False no stream is created and requests work as before."""
+        worker = await start_worker(journal=False, prefix="quiet")
+        quiet = ActorClient(nc, prefix="quiet", retry=RetryPolicy(attempts=1))
+        await quiet.get(Store, "s").call(Store.put, key="k", value=1)
+        assert worker.journal_stream is None
+        streams = await nc.jetstream().streams_info()
+        assert journal_stream_name("quiet") not in {s.config.name for s in streams}
+
+
+class TestReconstruction:
+    """Replaying the recorded write-sets rebuilds the object's state at every step."""
+
+    async def test_equals_live_state_at_every_step(
+        self, worker: Worker, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """At each ``list`` step, the reconstructed state equals what the live object listed."""
+        store = client.get(Store, "live")
+        operations: list[tuple[Any, dict[str, Any]]] = [
+            (Store.put, {"key": "a", "value": 1}),
+            (Store.put_many, {"entries": {"b": "two", "c": [3], "d": None}}),
+            (Store.delete, {"key": "a"}),
+            (Store.put, {"key": "b", "value": {"nested": True}}),
+            (Store.delete_all, {}),
+            (Store.put_many, {"entries": {"x": 1.5, "y": "why"}}),
+            (Store.delete, {"key": "missing"}),
+            (Store.put, {"key": "x", "value": -2}),
+        ]
+        listed = []
+        for fn, kwargs in operations:
+            await store.call(fn, **kwargs)
+            listed.append(await store.call(Store.list))
+        await worker.stop()
+        steps = await _steps(nc, "Store", "live")
+        assert len(steps) == 2 * len(operations)
+        list_steps = [s for s in steps if s.record.method == "list"]
+        assert [s.record.reply for s in list_steps] == listed
+        for step in list_steps:
+            assert step.state == dict(step.record.reply)
+        for done, step in zip(steps[::2], list_steps, strict=True):
+            assert done.state == step.state  # the write's own step already shows it
+
+    async def test_at_and_since(self, worker: Worker, client: ActorClient, nats_url: str) -> None:
+        """--at stops at a sequence or time; --since starts at one; state is always complete."""
+        counter = client.get(Store, "c")
+        for value in range(1, 6):
+            await counter.call(Store.put, key="v", value=value)
+            await asyncio.sleep(0.02)
+        await worker.stop()
+        url = nats_url
+        code, everything, _ = await _replay_json(url, class_name="Store", object_id="c")
+        assert code == EXIT_OK
+        assert [line["state"] for line in everything] == [{"v": v} for v in range(1, 6)]
+        seqs = [line["seq"] for line in everything]
+
+        _, upto, _ = await _replay_json(url, class_name="Store", object_id="c", at=("seq", seqs[2]))
+        assert [line["seq"] for line in upto] == seqs[:3]
+        assert upto[-1]["state"] == {"v": 3}
+
+        _, since, _ = await _replay_json(
+            url, class_name="Store", object_id="c", since=("seq", seqs[3])
+        )
+        assert [line["state"] for line in since] == [{"v": 4}, {"v": 5}]
+
+        middle = (everything[1]["timestamp"] + everything[2]["timestamp"]) / 2
+        _, at_time, _ = await _replay_json(
+            url, class_name="Store", object_id="c", at=("time", middle)
+        )
+        assert at_time[-1]["state"] == {"v": 2}
+        _, since_time, _ = await _replay_json(
+            url, class_name="Store", object_id="c", since=("time", middle)
+        )
+        assert [line["seq"] for line in since_time] == seqs[2:]
+
+    def test_select_steps_window(self) -> None:
+        """The step before the window is returned as the starting state of a re-execution."""
+        record = JournalRecord(
+            kind="request",
+            status="ok",
+            class_name="C",
+            object_id="i",
+            partition=0,
+            method="m",
+            time=100.0,
+            duration=0.0,
+            worker="w",
+        )
+        steps = [JournalStep(seq, record, {"s": seq}, None, False) for seq in (3, 5, 9)]
+        chosen, before = select_steps(steps, since=("seq", 4), at=("seq", 9))
+        assert [s.seq for s in chosen] == [5, 9]
+        assert before is steps[0]
+        assert select_steps(steps, since=("seq", 10)) == ([], None)
+
+
+class _ChangedStore(Actor):
+    """Today's code in the divergence test: Store with two behaviour changes."""
+
+    @method
+    async def put(self, key: str, value: object) -> None:
+        self.storage.put(key, value)
+        if key == "audited":
+            self.storage.put("audit", key)  # changed: an extra write
+
+    @method
+    async def get(self, key: str) -> object:
+        value = await self.storage.get(key)
+        return {"wrapped": value} if key == "missing" else value  # changed: another reply
+
+    @method
+    async def delete(self, key: str) -> None:
+        self.storage.delete(key)
+
+
+_ChangedStore.__name__ = "Store"
+
+
+class TestExecute:
+    """--execute re-runs recorded inputs on today's code and reports where it diverges."""
+
+    async def _history(self, worker: Worker, client: ActorClient) -> None:
+        store = client.get(Store, "x")
+        await store.call(Store.put, key="a", value=1)
+        await store.call(Store.put, key="audited", value=2)
+        await store.call(Store.get, key="a")
+        await store.call(Store.get, key="missing")
+        await store.call(Store.delete, key="a")
+        await store.call(Store.put, key="a", value=3)
+        await worker.stop()
+
+    async def test_unchanged_code_does_not_diverge(
+        self,
+        worker: Worker,
+        client: ActorClient,
+        nats_url: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Through the CLI: the same code reproduces every reply and write-set (exit 0)."""
+        await self._history(worker, client)
+        capsys.readouterr()  # the worker's logs
+        argv = [
+            "replay",
+            "Store",
+            "x",
+            "--nats-url",
+            nats_url,
+            "--execute",
+            "--app",
+            "tests.objects",
+        ]
+        assert await asyncio.to_thread(cli.main, [*argv, "--json"]) == EXIT_OK
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(lines) == 6
+        assert all(line["executed"] and not line["diverged"] for line in lines)
+        assert lines[-1]["state"] == {"audited": 2, "a": 3}
+        assert await asyncio.to_thread(cli.main, argv) == EXIT_OK
+        table = capsys.readouterr().out
+        assert table.splitlines()[0].split()[:3] == ["SEQ", "CHECK", "TIME"]
+        assert "6 of 6 recorded steps of Store/x; no divergence" in table
+
+    async def test_changed_code_reports_exactly_the_differing_steps(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """Only the step whose writes changed and the step whose reply changed diverge."""
+        await self._history(worker, client)
+        code, lines, summary = await _replay_json(
+            nats_url, class_name="Store", object_id="x", execute=True, classes=[_ChangedStore]
+        )
+        assert code == EXIT_DIVERGED
+        assert "2 diverged" in summary
+        diverged = {line["args"]["key"]: line["differences"] for line in lines if line["diverged"]}
+        assert set(diverged) == {"audited", "missing"}
+        [writes] = diverged["audited"]
+        assert writes["field"] == "writes"
+        assert writes["recorded"]["put"] == {"audited": 2}
+        assert writes["replayed"]["put"] == {"audited": 2, "audit": "audited"}
+        assert diverged["missing"] == [
+            {"field": "reply", "recorded": None, "replayed": {"wrapped": None}}
+        ]
+
+        per_step = await _replay_json(
+            nats_url,
+            class_name="Store",
+            object_id="x",
+            execute=True,
+            per_step=True,
+            classes=[_ChangedStore],
+        )
+        assert [line["diverged"] for line in per_step[1]] == [line["diverged"] for line in lines]
+
+    async def test_failure_that_now_succeeds_diverges(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """A recorded error that today's code turns into a success is an ``outcome`` change."""
+        with pytest.raises(HandlerError):
+            await client.get(Faulty, "f").call(Faulty.write_then_raise, value=1)
+        await worker.stop()
+
+        class Fixed(Actor):
+            @method
+            async def write_then_raise(self, value: int) -> None:
+                self.storage.put("n", value)
+
+        Fixed.__name__ = "Faulty"
+        code, [line], _ = await _replay_json(
+            nats_url, class_name="Faulty", object_id="f", execute=True, classes=[Fixed]
+        )
+        assert code == EXIT_DIVERGED
+        [difference] = line["differences"]
+        assert difference["field"] == "outcome"
+        assert difference["recorded"]["error"]["type"] == "handler_error"
+        assert difference["replayed"]["writes"]["put"] == {"n": 1}
+
+    async def test_since_starts_from_the_reconstructed_state(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """Re-execution from the middle runs on the state rebuilt from the steps before it."""
+        counter = client.get(Counter, "n")
+        for _ in range(5):
+            await counter.call(Counter.increment, by=2)
+        await worker.stop()
+        _, lines, _ = await _replay_json(nats_url, class_name="Counter", object_id="n")
+        code, tail, _ = await _replay_json(
+            nats_url,
+            class_name="Counter",
+            object_id="n",
+            since=("seq", lines[3]["seq"]),
+            execute=True,
+            classes=[Counter],
+        )
+        assert code == EXIT_OK
+        assert [line["replayed"]["reply"] for line in tail] == [8, 10]
+
+    async def test_duplicates_are_recorded_and_skipped(
+        self, worker: Worker, nc: NatsClient, nats_url: str
+    ) -> None:
+        """A retried request answered from its idempotency record is a ``duplicate`` step."""
+        subject = rpc_subject("ndo", "Counter", "dup", "increment")
+        headers = {Header.IDEMPOTENCY_KEY.value: "once"}
+        first = await nc.request(subject, b'{"by": 5}', headers=headers)
+        again = await nc.request(subject, b'{"by": 5}', headers=headers)
+        assert json.loads(first.data) == json.loads(again.data) == 5
+        await worker.stop()
+        code, lines, _ = await _replay_json(
+            nats_url, class_name="Counter", object_id="dup", execute=True, classes=[Counter]
+        )
+        assert code == EXIT_OK
+        assert [(line["status"], line["reply"]) for line in lines] == [("ok", 5), ("duplicate", 5)]
+        assert lines[1]["headers"] == {"Idempotency-Key": "once"}
+        assert [line["executed"] for line in lines] == [True, False]
+        assert lines[1]["state"] == {"value": 5}
+
+    async def test_record_over_max_payload_is_truncated(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """A record too large for one message loses its values; replay says state is partial."""
+        big = {f"k{i}": "x" * 120_000 for i in range(5)}
+        await client.get(Store, "big").call(Store.put_many, entries=big)
+        await client.get(Store, "big").call(Store.put, key="small", value=1)
+        await worker.stop()
+        code, lines, summary = await _replay_json(nats_url, class_name="Store", object_id="big")
+        assert code == EXIT_OK
+        assert lines[0]["args"] == {} and lines[0]["writes"]["put"] == {}
+        assert lines[0]["incomplete"] and lines[1]["state"] == {"small": 1}
+        assert "state incomplete" in summary
+        code, lines, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="big", execute=True, classes=[Store]
+        )
+        assert code == EXIT_OK
+        assert [line["replayed"]["status"] for line in lines] == ["applied", "ok"]
+
+    async def test_never_touches_the_live_data_dir(
+        self,
+        worker: Worker,
+        client: ActorClient,
+        nats_url: str,
+        data_dir: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Re-execution writes nothing to the worker's data directory nor the current one."""
+        await self._history(worker, client)
+
+        def snapshot() -> dict[str, tuple[int, int]]:
+            found = {}
+            for root, _, files in os.walk(data_dir):
+                for name in files:
+                    stat = os.stat(os.path.join(root, name))
+                    found[os.path.join(root, name)] = (stat.st_size, stat.st_mtime_ns)
+            return found
+
+        before = snapshot()
+        assert before  # the worker did write there
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        code, _, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="x", execute=True, classes=[Store]
+        )
+        assert code == EXIT_OK
+        assert snapshot() == before
+        assert list(cwd.iterdir()) == []
+
+
+class TestAlarmJournal:
+    """Alarm deliveries are journaled like requests, and replay through alarm()."""
+
+    async def test_alarm_attempts_recorded_and_replayed(
+        self, start_worker: WorkerFactory, client: ActorClient, nats_url: str
+    ) -> None:
+        """A failed then successful delivery: two alarm steps with attempts, alarm cleared."""
+        worker = await start_worker(alarm_initial_backoff=0.05)
+        reminder = client.get(Reminder, "r")
+        at = time.time() + 0.05
+        await reminder.call(Reminder.schedule, at=at, fail_times=1)
+        await _wait_for(lambda: reminder.call(Reminder.fired))
+        await worker.stop()
+        code, lines, _ = await _replay_json(
+            nats_url, class_name="Reminder", object_id="r", execute=True, classes=[Reminder]
+        )
+        assert code == EXIT_OK
+        assert not any(line["diverged"] for line in lines)
+        lines = [line for line in lines if line["method"] != "fired"]  # the polls
+        assert [(line["kind"], line["status"]) for line in lines] == [
+            ("request", "ok"),
+            ("alarm", "error"),
+            ("alarm", "ok"),
+        ]
+        assert [line["alarm"]["attempt"] for line in lines[1:3]] == [1, 2]
+        assert lines[0]["state_alarm"] == at and lines[1]["state_alarm"] == at
+        assert lines[2]["state_alarm"] is None
+        assert lines[2]["state"]["fired"] == [[at, 2]]
+
+    async def test_dropped_alarm_recorded(
+        self, start_worker: WorkerFactory, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """An alarm given up after its attempts is followed by an alarm_dropped step."""
+        worker = await start_worker(alarm_initial_backoff=0.05, alarm_max_attempts=2)
+        reminder = client.get(Reminder, "gone")
+        await reminder.call(Reminder.schedule, at=time.time() + 0.05, fail_times=9)
+
+        async def dropped() -> bool:
+            return await reminder.call(Reminder.alarm_time) is None
+
+        await _wait_for(dropped)
+        await worker.stop()
+        steps = [s for s in await _steps(nc, "Reminder", "gone") if s.record.method != "alarm_time"]
+        kinds = [(s.record.kind, s.record.status) for s in steps]
+        assert kinds == [
+            ("request", "ok"),
+            ("alarm", "error"),
+            ("alarm", "error"),
+            ("alarm_dropped", "ok"),
+        ]
+        assert steps[0].alarm is not None and steps[3].alarm is None
+        code, lines, _ = await _replay_json(
+            nats_url, class_name="Reminder", object_id="gone", execute=True, classes=[Reminder]
+        )
+        assert code == EXIT_OK
+        dropped_line = next(line for line in lines if line["kind"] == "alarm_dropped")
+        assert dropped_line["replayed"]["status"] == "applied"
+        assert dropped_line["replayed"]["writes"]["alarm"] is None
+
+
+class TestJournalFailures:
+    """A journal that cannot record never fails or slows requests."""
+
+    async def test_server_without_jetstream(self, make_nats_server: Any, tmp_path: Path) -> None:
+        """A clear warning at start, no journal, requests served normally."""
+        server = await make_nats_server(jetstream=False)
+        from service import WorkerConfig
+
+        config = WorkerConfig(nats_url=server.url, data_dir=tmp_path / "nojs", partitions=8)
+        with capture_logs() as logs:
+            worker = Worker(config, [Store])
+            await worker.start()
+        try:
+            assert worker.journal_stream is None
+            warnings = [e for e in logs if e["log_level"] == "warning"]
+            assert any("JetStream is not enabled" in e["event"] for e in warnings)
+            nc = await nats.connect(server.url)
+            try:
+                store = ActorClient(nc, retry=RetryPolicy(attempts=1)).get(Store, "s")
+                started = time.perf_counter()
+                for value in range(20):
+                    await store.call(Store.put, key="k", value=value)
+                assert await store.call(Store.get, key="k") == 19
+                assert time.perf_counter() - started < 2.0
+            finally:
+                await nc.close()
+        finally:
+            await worker.stop()
+
+    async def test_stream_deleted_while_running(
+        self, worker: Worker, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """Records that no stream takes are counted as failures; requests are unaffected."""
+        await nc.jetstream().delete_stream("NDO_JOURNAL")
+        store = client.get(Store, "s")
+        for value in range(20):
+            started = time.perf_counter()
+            await store.call(Store.put, key="k", value=value)
+            assert time.perf_counter() - started < 0.5
+        assert await store.call(Store.get, key="k") == 19
+
+        async def counted() -> bool:
+            return _failures(worker, "no_stream") >= 21
+
+        await _wait_for(counted)
+
+    async def test_full_buffer_drops_and_counts(self, nats_server: Any, nc: NatsClient) -> None:
+        """Entries beyond max_pending are dropped and counted; ``record`` never blocks."""
+        metrics = WorkerMetrics()
+        publisher = JournalPublisher(
+            nc,
+            prefix="ndo",
+            worker="w",
+            metrics=metrics,
+            max_age=60.0,
+            max_bytes=1024 * 1024,
+            max_pending=10,
+        )
+        assert await publisher.start()
+        from actors import ActorId
+        from service._activation import Envelope
+
+        for _ in range(25):  # no await: the sender cannot run in between
+            publisher.record(
+                JournalEntry(ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok")
+            )
+        assert (
+            metrics.registry.get_sample_value("ndo_journal_failures_total", {"reason": "dropped"})
+            == 15
+        )
+        await publisher.stop()
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
+
+
+class TestTail:
+    """``ndo tail`` follows records as they are written, with wildcards."""
+
+    async def test_follows_with_wildcard(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """Records of every matching object appear in order, one JSON object each."""
+        out = io.StringIO()
+        ready = asyncio.Event()
+        task = asyncio.create_task(
+            run_tail(
+                TailOptions(class_name="Store", nats_url=nats_url, count=3, as_json=True),
+                out=out,
+                ready=ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 5)
+        await client.get(Faulty, "ignored").call(Faulty.write, value=1)
+        await client.get(Store, "one").call(Store.put, key="k", value=1)
+        await client.get(Store, "two").call(Store.put, key="k", value=2)
+        await client.get(Store, "one").call(Store.get, key="k")
+        assert await asyncio.wait_for(task, 10) == EXIT_OK
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [(line["id"], line["method"]) for line in lines] == [
+            ("one", "put"),
+            ("two", "put"),
+            ("one", "get"),
+        ]
+        assert lines[2]["reply"] == 1
+        assert lines[0]["seq"] < lines[1]["seq"] < lines[2]["seq"]
+
+
+class TestCommandLine:
+    """Parsing of points, durations and sizes, and the commands' error exits."""
+
+    def test_parse_point(self) -> None:
+        """Integers are sequences; ISO times, times of day and ages are times."""
+        assert parse_point("42") == ("seq", 42)
+        assert parse_point("2024-05-01T14:02:00Z") == ("time", 1714572120.0)
+        assert parse_point("10m", now=1000.0) == ("time", 400.0)
+        kind, _ = parse_point("14:02")
+        assert kind == "time"
+        with pytest.raises(ValueError, match="sequence number"):
+            parse_point("yesterday-ish")
+
+    def test_parse_duration_and_size(self) -> None:
+        """Units as operators write them."""
+        assert parse_duration("90") == 90 and parse_duration("7d") == 7 * 86400
+        assert parse_duration("500ms") == 0.5
+        assert parse_size("512M") == 512 * 1024**2 and parse_size("1GiB") == 1024**3
+        assert parse_size("2048") == 2048
+        with pytest.raises(ValueError, match="size"):
+            parse_size("lots")
+
+    def test_serve_journal_flags(self) -> None:
+        """serve takes --no-journal and retention flags."""
+        args = cli.build_parser().parse_args(
+            ["serve", "--no-journal", "--journal-max-age", "12h", "--journal-max-bytes", "10G"]
+        )
+        assert (args.journal, args.journal_max_age, args.journal_max_bytes) == (
+            False,
+            12 * 3600,
+            10 * 1024**3,
+        )
+        defaults = cli.build_parser().parse_args(["serve"])
+        assert defaults.journal and defaults.journal_max_age == 7 * 86400
+
+    async def test_replay_without_stream_is_an_error(
+        self, nats_url: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No journal stream on the server: exit 1 with what to check."""
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli.main, ["replay", "Store", "x", "--nats-url", nats_url])
+        assert code == EXIT_ERROR
+        assert "no journal stream NDO_JOURNAL" in capsys.readouterr().err
