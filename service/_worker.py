@@ -34,6 +34,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.micro.service import Service
 from prometheus_client import CollectorRegistry
 
 from actors import (
@@ -55,6 +56,7 @@ from service._alarms import AlarmScheduler
 from service._catalog import Catalog
 from service._codec import encode_error
 from service._config import WorkerConfig
+from service._discovery import start_discovery
 from service._journal import JournalEntry, JournalPublisher
 from service._metrics import WorkerMetrics
 from service._ownership import OwnershipError, OwnershipManager
@@ -128,6 +130,7 @@ class Worker:
     _ownership: OwnershipManager | None
     """Partition leases; None when this worker serves every partition alone."""
     _journal: JournalPublisher | None = None
+    _discovery: Service | None = None
     """Records turns to the journal stream; None when off or without JetStream."""
     # State
     state: WorkerState
@@ -259,6 +262,12 @@ class Worker:
             if self.config.journal:
                 await self._start_journal()
             await self._start_serving()
+            self._discovery = await start_discovery(
+                self._nc,
+                worker=self.name,
+                prefix=self.config.prefix,
+                classes=self._classes,
+            )
             await self._nc.flush()
             self.spawn(self._check_routing(), "ndo-routing-check")
             self.spawn(self._collect_idle(), "ndo-idle-collector")
@@ -282,6 +291,10 @@ class Worker:
             return
         was_running = self.state is WorkerState.RUNNING
         self.state = WorkerState.STOPPING
+        if self._discovery is not None:
+            with contextlib.suppress(Exception):  # best effort: only tooling sees it
+                await self._discovery.stop()
+            self._discovery = None
         if self._router is not None:
             await self._router.stop_rpc()
         if self._ownership is not None:
