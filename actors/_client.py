@@ -61,8 +61,9 @@ _ERROR_DECODER: Final = msgspec.json.Decoder(_ErrorBody)
 class RetryPolicy:
     """How a stub retries transient failures (no responders, timeouts, 503)."""
 
-    attempts: int = 6
-    """Total tries, the first included."""
+    attempts: int = 8
+    """Total tries, the first included. With the default backoff the retries span ~5 s, longer
+    than the default lease TTL (3 s), so a call survives its worker being killed."""
     initial_backoff: float = 0.05
     """Seconds before the first retry; doubles each time."""
     max_backoff: float = 2.0

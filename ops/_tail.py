@@ -95,6 +95,8 @@ def _consumer_config(since: Point | None) -> js_api.ConsumerConfig:
     if since is None:
         return js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
     kind, value = since
+    if kind == "seq" and value <= 1:  # sequences start at 1; JetStream refuses a start of 0
+        return js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     if kind == "seq":
         return js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(value)

@@ -695,7 +695,8 @@ class Worker:
         _log.warning("nats error", error=str(error))
 
     async def _on_disconnect(self) -> None:
-        _log.warning("disconnected from nats; reconnecting")
+        if self.state is WorkerState.RUNNING:  # at shutdown, closing the connection is the point
+            _log.warning("disconnected from nats; reconnecting")
 
     async def _on_reconnect(self) -> None:
         _log.info("reconnected to nats")

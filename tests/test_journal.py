@@ -625,6 +625,28 @@ class TestTail:
         assert lines[2]["reply"] == 1
         assert lines[0]["seq"] < lines[1]["seq"] < lines[2]["seq"]
 
+    @pytest.mark.parametrize("since", ["0", "1"])
+    async def test_since_the_beginning(
+        self, worker: Worker, client: ActorClient, nats_url: str, since: str
+    ) -> None:
+        """``--since 0`` (or 1) starts at the first record (JetStream itself refuses 0)."""
+        for value in (1, 2):
+            await client.get(Store, "old").call(Store.put, key="k", value=value)
+        out = io.StringIO()
+        options = TailOptions(
+            class_name="Store",
+            nats_url=nats_url,
+            count=2,
+            as_json=True,
+            since=parse_point(since),
+        )
+        assert await asyncio.wait_for(run_tail(options, out=out), 10) == EXIT_OK
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [line["args"] for line in lines] == [
+            {"key": "k", "value": 1},
+            {"key": "k", "value": 2},
+        ]
+
 
 class TestCommandLine:
     """Parsing of points, durations and sizes, and the commands' error exits."""
