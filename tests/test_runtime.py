@@ -17,6 +17,7 @@ from actors import (
     HandlerError,
     NotFoundError,
     PayloadTooLargeError,
+    RetryPolicy,
 )
 from examples import ChatMessage, ChatRoom, Counter, DrawingBoard, RateLimiter
 from service import Worker
@@ -119,9 +120,10 @@ class TestClient:
         assert conflict.value.type == "busy"
 
     async def test_retries_until_a_worker_appears(
-        self, start_worker: WorkerFactory, client: ActorClient
+        self, start_worker: WorkerFactory, nc: NatsClient
     ) -> None:
         """No responders is retried with backoff; a worker that starts meanwhile answers."""
+        client = ActorClient(nc, retry=RetryPolicy(attempts=10, initial_backoff=0.05))
         call = asyncio.create_task(client.get(Counter, "late").call(Counter.increment))
         await asyncio.sleep(0.1)
         await start_worker()
