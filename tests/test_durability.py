@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from actors import ActorClient, ActorError, CallTimeoutError, RetryPolicy
 from examples import Counter
 from ops._nats_server import EmbeddedNatsServer
 from tests.helpers import ServeProcess
+from tests.objects import Reminder
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +106,7 @@ def _worker_processes() -> Iterator[list[ServeProcess]]:
             process.close()
 
 
-ServeFactory = Callable[[], Awaitable[ServeProcess]]
+ServeFactory = Callable[..., Awaitable[ServeProcess]]
 
 
 @pytest.fixture(name="start_serve")
@@ -113,9 +115,9 @@ def _start_serve(
 ) -> ServeFactory:
     """Factory: start ``ndo serve`` on the test's nats-server and data directory."""
 
-    async def start() -> ServeProcess:
+    async def start(*modules: str) -> ServeProcess:
         process = ServeProcess(
-            "--nats-url", nats_server.url, "--data-dir", str(tmp_path / "data")
+            *modules, "--nats-url", nats_server.url, "--data-dir", str(tmp_path / "data")
         ).start()
         worker_processes.append(process)
         await process.async_wait_serving()
@@ -148,6 +150,31 @@ class TestKill9:
         # caller can happen to hold a reply or a refusal at that instant; _check covers both.
         await start_serve()
         _check(outcomes, await _final_values(nc))
+
+
+class TestAlarmAfterKill9:
+    """An acknowledged alarm survives kill -9; if it fell due meanwhile it fires after restart."""
+
+    async def test_overdue_alarm_fires_once_after_restart(
+        self, nc: NatsClient, start_serve: ServeFactory
+    ) -> None:
+        """Set an alarm 1 s ahead, kill -9 the worker at once, restart after it is due."""
+        worker = await start_serve("tests.objects")
+        client = ActorClient(nc, timeout=5.0, retry=RetryPolicy(attempts=20, max_backoff=0.5))
+        reminder = client.get(Reminder, "after-kill")
+        at = time.time() + 1.0
+        await reminder.call(Reminder.schedule, at)
+        worker.send_signal(signal.SIGKILL)
+        await worker.async_wait(10)
+        await asyncio.sleep(max(0.0, at - time.time()) + 0.3)
+        await start_serve("tests.objects")
+        fired: list[list[float]] = []
+        async with asyncio.timeout(10):
+            while not fired:
+                await asyncio.sleep(0.05)
+                fired = await reminder.call(Reminder.fired)
+        assert fired == [[at, 1]]
+        assert await reminder.call(Reminder.alarm_time) is None
 
 
 class TestCleanShutdown:
