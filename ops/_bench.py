@@ -56,6 +56,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from ops._bench_load import NODE_GENERATOR_JS, LoadJob, LoadResult, bucket_value_ms
+from ops._loop import LOOP_CHOICES, resolve_loop
 from ops._nats_server import EmbeddedNatsServer, _pdeathsig_preexec, find_nats_server_binary
 from storage import ObjectWrite, SqliteStorage
 from subjects import DEFAULT_PARTITIONS, partition_of
@@ -136,6 +137,9 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
     """Measure the baseline before and after the scenarios and average (noise)."""
     jetstream: bool = True
     """Run nats-server with JetStream, as deployed (workers may then use leases and a journal)."""
+    loop: str = "auto"
+    """Event loop of the workers and of the baseline responder, the same for both (``--loop``
+    of ``ndo serve``: auto, asyncio or uvloop)."""
     worker_args: tuple[str, ...] = ()
     """Extra ``ndo serve`` arguments for every worker."""
     work_dir: Path | None = None
@@ -159,6 +163,7 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         if self.cold_objects < 2 * len(self.levels):
             raise ValueError(f"cold_objects must be >= {2 * len(self.levels)} (two per level)")
+        resolve_loop(self.loop)  # unknown, or uvloop without uvloop installed
 
 
 QUICK_PLAN: Final = BenchPlan(
@@ -377,12 +382,13 @@ async def _spawn(
     return _Child(name, proc, log_path)
 
 
-async def _start_baseline(url: str, run_dir: Path) -> _Child:
+async def _start_baseline(url: str, run_dir: Path, loop: str) -> _Child:
     child = await _spawn(
         "baseline",
         [sys.executable, "-m", "ops._bench_load", "baseline", url, f"{_BASELINE_PREFIX}.rpc.>"],
         run_dir,
         stdout=asyncio.subprocess.PIPE,
+        env={"NDO_LOOP": loop},  # the workers' event loop
     )
     assert child.proc.stdout is not None
     try:
@@ -441,7 +447,7 @@ async def _start_worker(
     ]
     for flag, value in flags.items():
         argv += [f"--{flag.replace('_', '-')}", str(value)]
-    argv += plan.worker_args
+    argv += ["--loop", plan.loop, *plan.worker_args]
     child = await _spawn(f"worker-{name}", argv, run_dir)
     deadline = time.monotonic() + _WORKER_START_TIMEOUT
     # Ready means serving every partition (a worker with leases may wait for its predecessor's
@@ -840,7 +846,7 @@ class _Bench:
             self.nc = await nats.connect(self.server.url, connect_timeout=5)
             self.driver = _LoadDriver(plan, self.server.url, self.run_dir, self.server.pid)
             _progress(f"load generator: {self.driver.kind}, up to {plan.clients} processes")
-            self.baseline = await _start_baseline(self.server.url, self.run_dir)
+            self.baseline = await _start_baseline(self.server.url, self.run_dir, plan.loop)
             _progress(f"baseline responder pid {self.baseline.pid}")
             await self._baseline_pass()
             for scenario in plan.scenarios:
@@ -1178,6 +1184,7 @@ def _machine(plan: BenchPlan, load_kind: str) -> dict[str, Any]:
         "node": _version(["node", "--version"]) if load_kind == "node" else None,
         "load_generator": load_kind,
         "clients": plan.clients,
+        "loop": resolve_loop(plan.loop),
     }
 
 
@@ -1281,7 +1288,8 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"machine: {machine['nproc']} cpus ({machine['cpu_model']}), python {machine['python']}, "
-        f"{machine['nats_server']}, load: {machine['load_generator']} x{machine['clients']}"
+        f"{machine['nats_server']}, load: {machine['load_generator']} x{machine['clients']}, "
+        f"event loop: {machine['loop']}"
     )
     return "\n".join(lines)
 
@@ -1345,6 +1353,12 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", choices=["auto", "node", "python"], help="load generator")
     parser.add_argument("--node-modules", type=Path, help="node_modules with the nats package")
     parser.add_argument(
+        "--loop",
+        choices=LOOP_CHOICES,
+        help="event loop of the worker and the baseline responder alike (auto: uvloop when "
+        "installed)",
+    )
+    parser.add_argument(
         "--worker-arg",
         action="append",
         default=[],
@@ -1379,6 +1393,7 @@ def _plan_from_args(args: argparse.Namespace) -> BenchPlan:
         "clients",
         "load",
         "node_modules",
+        "loop",
         "work_dir",
     ):
         value = getattr(args, name)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -43,6 +44,8 @@ import msgspec
 import nats
 import nats.errors
 from nats.aio.msg import Msg
+
+from ops._loop import run as run_on_loop
 
 __all__ = [
     "BASELINE_QUEUE_GROUP",
@@ -381,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["generate"]:
         return asyncio.run(_generate_main())
     if len(args) == 3 and args[0] == "baseline":
-        return asyncio.run(_baseline_main(args[1], args[2]))
+        # The same event loop as `ndo serve` picks in this environment (NDO_LOOP, default auto),
+        # so the baseline and the worker are compared on equal terms.
+        return run_on_loop(_baseline_main(args[1], args[2]), os.environ.get("NDO_LOOP", "auto"))
     print("usage: python -m ops._bench_load generate | baseline NATS_URL SUBJECT", file=sys.stderr)
     return 2
 

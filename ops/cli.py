@@ -30,6 +30,8 @@ from ops._bench import add_bench_parser, run_bench
 from ops._connect import CannotConnectError, connect_once
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import configure_logging
+from ops._loop import LOOP_CHOICES, resolve_loop
+from ops._loop import run as run_on_loop
 from ops._nats_server import EmbeddedNatsServer, NatsServerError
 from ops._replay import (
     EXIT_ERROR,
@@ -133,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=_env("log_level", "info"),
         help="minimum log level [env NDO_LOG_LEVEL; default info]",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=LOOP_CHOICES,
+        default=_env("loop", "auto"),
+        help="event loop: uvloop is faster (pip install 'ndo[fast]'); auto: uvloop when "
+        "installed [env NDO_LOOP; default auto]",
     )
     defaults = WorkerConfig()
     serve.add_argument(
@@ -392,11 +401,12 @@ def _serve(args: argparse.Namespace) -> int:
             lease_ttl=args.lease_ttl,
             ownership=args.ownership,
         )
+        loop = resolve_loop(args.loop)
     except ValueError as exc:
         print(f"ndo serve: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run_service(config, classes, args))
+        return run_on_loop(_run_service(config, classes, args, loop), loop)
     except (
         NatsServerError,
         StorageError,
@@ -409,7 +419,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _run_service(config: WorkerConfig, classes: list[Any], args: argparse.Namespace) -> int:
+async def _run_service(
+    config: WorkerConfig, classes: list[Any], args: argparse.Namespace, loop_name: str
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -438,6 +450,7 @@ async def _run_service(config: WorkerConfig, classes: list[Any], args: argparse.
                 "serving; press Ctrl-C to stop",
                 nats_url=config.nats_url,
                 classes=sorted(c.__name__ for c in classes),
+                loop=loop_name,
             )
             await stop.wait()
             _log.info("shutting down")

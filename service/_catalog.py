@@ -112,7 +112,7 @@ class Catalog:
     def _remove(self, activation: Activation, reason: str) -> None:
         del self._table[activation.address]
         activation.deactivate()
-        self._host.metrics.evictions.labels(reason).inc()
+        self._host.metrics.count(self._host.metrics.evictions, reason)
         self._host.metrics.active_objects.set(len(self._table))
 
     @property

@@ -1,6 +1,12 @@
-"""Prometheus metrics of one worker, on a registry passed in (never the global one)."""
+"""Prometheus metrics of one worker, on a registry passed in (never the global one).
+
+The per-request metrics are looked up through a small cache of label children: ``labels(...)``
+builds and hashes the label values and takes a lock on every call, which was ~5 µs per request.
+"""
 
 from __future__ import annotations
+
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -24,9 +30,17 @@ _LATENCY_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
+_MAX_CACHED_CHILDREN: Final = 4096
+"""Label children kept per cache; a full cache is emptied (labels are classes, methods and error
+types, so this is only reached with many classes)."""
+
 
 class WorkerMetrics:
     """Every ``ndo_*`` metric. Labels: class, method, outcome — never object ids."""
+
+    # Caches of label children, by metric and label values
+    _counters: dict[tuple[Counter, tuple[str, ...]], Counter]
+    _histograms: dict[tuple[Histogram, tuple[str, ...]], Histogram]
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         """Create the metrics on ``registry`` (a fresh private one when omitted)."""
@@ -45,6 +59,8 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._counters = {}
+        self._histograms = {}
         self.active_objects = Gauge(
             "ndo_active_objects", "Objects currently in memory.", registry=r
         )
@@ -108,3 +124,23 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+
+    def count(self, counter: Counter, *labels: str, amount: float = 1.0) -> None:
+        """``counter.labels(*labels).inc(amount)``, through the cache of label children."""
+        key = (counter, labels)
+        child = self._counters.get(key)
+        if child is None:
+            if len(self._counters) >= _MAX_CACHED_CHILDREN:
+                self._counters.clear()
+            child = self._counters[key] = counter.labels(*labels)
+        child.inc(amount)
+
+    def observe(self, histogram: Histogram, value: float, *labels: str) -> None:
+        """``histogram.labels(*labels).observe(value)``, through the cache of label children."""
+        key = (histogram, labels)
+        child = self._histograms.get(key)
+        if child is None:
+            if len(self._histograms) >= _MAX_CACHED_CHILDREN:
+                self._histograms.clear()
+            child = self._histograms[key] = histogram.labels(*labels)
+        child.observe(value)

@@ -2,7 +2,8 @@
 
 Ingress never runs user code: the NATS callback parses the subject, validates and decodes the
 arguments, finds (or creates) the object's activation and enqueues. Bad input is answered right
-there and never reaches an object.
+there and never reaches an object. Parsed subjects are remembered (``_routes``, bounded), so a
+subject seen before skips the parse and the name checks.
 
 Partitions: with JetStream, the worker holds partition leases (``service._ownership``) and
 serves only its partitions; requests reach it through the routing the server offers
@@ -25,7 +26,7 @@ import time
 from collections.abc import Collection, Coroutine, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import msgspec
 import nats
@@ -51,7 +52,7 @@ from actors import (
     describe_class,
 )
 from actors._actor import Event
-from service._activation import Activation, AlarmDelivery, Envelope
+from service._activation import Activation, AlarmDelivery, DeadlineWatchdog, Envelope
 from service._alarms import AlarmScheduler
 from service._catalog import Catalog
 from service._codec import encode_error
@@ -89,6 +90,20 @@ QUEUE_GROUP = "ndo-workers"
 _ROUTING_CHECK = 15.0
 """Seconds between checks of the server's routing (a mapping added or removed at runtime)."""
 
+_MAX_ROUTES = 8192
+"""Parsed request subjects remembered; the cache is emptied when it is full."""
+
+
+class _Route(NamedTuple):
+    """What a request subject resolves to (everything in it is fixed for the worker's life)."""
+
+    info: ActorClassInfo
+    object_id: str
+    spec: MethodSpec
+    partition: int
+    rpc_subject: str
+    """The ``<prefix>.rpc.<Class>.<id>.<method>`` subject (for forwarding)."""
+
 
 class WorkerState(Enum):
     """Lifecycle of a worker."""
@@ -121,6 +136,7 @@ class Worker:
     # Collaborators
     storage: Storage
     committer: GroupCommitter
+    deadlines: DeadlineWatchdog
     catalog: Catalog
     alarms: AlarmScheduler
     _classes: dict[str, ActorClassInfo]
@@ -143,6 +159,8 @@ class Worker:
     served again until they are idle."""
     _tasks: set[asyncio.Task[None]]
     _max_payload: int
+    _routes: dict[str, _Route]
+    """Parsed request subjects (the subject as received: RPC, mapped or forwarded)."""
 
     def __init__(
         self,
@@ -179,6 +197,7 @@ class Worker:
             Path(config.data_dir) / "ndo.sqlite3", partitions=config.partitions
         )
         self.committer = GroupCommitter(self.storage, observer=self._observe_commit)
+        self.deadlines = DeadlineWatchdog(config.handler_timeout)
         self.catalog = Catalog(self)
         self.alarms = AlarmScheduler(
             self.storage,
@@ -199,6 +218,7 @@ class Worker:
         self._routing_recheck = asyncio.Event()
         self._tasks = set()
         self._max_payload = config.max_payload
+        self._routes = {}
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
@@ -317,6 +337,7 @@ class Worker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.deadlines.close()
         self.catalog.evict_all_idle()
         if self._nc is not None:
             await _close_quietly(self._nc)
@@ -388,6 +409,11 @@ class Worker:
         if self._journal is not None:
             self._journal.record(entry)
 
+    @property
+    def journaling(self) -> bool:
+        """Whether turns are recorded to a journal."""
+        return self._journal is not None
+
     def epoch_of(self, partition: int) -> int:
         """The fencing epoch held for ``partition`` (-1, always fenced, when not held)."""
         if self._ownership is not None:
@@ -414,7 +440,7 @@ class Worker:
                 await nc.publish(event.subject, event.data)
             except nats.errors.Error as exc:
                 _log.warning("event not published", subject=event.subject, error=str(exc))
-        self.metrics.events.labels(class_name).inc(len(events))
+        self.metrics.count(self.metrics.events, class_name, amount=len(events))
 
     def alarm_done(
         self, address: ActorId, delivery: AlarmDelivery, error: BaseException | None
@@ -426,44 +452,43 @@ class Worker:
 
     async def _handle_request(self, msg: Msg) -> None:
         """A request on an RPC subject (``forward`` routing, or serving every partition)."""
-        await self._ingress(msg, msg.subject, routed=False)
+        await self._ingress(msg, routed=False)
 
     async def _handle_routed(self, msg: Msg) -> None:
         """A request on a partition subject: mapped there by the server, or forwarded."""
-        router = self._router
-        if router is None:
+        if self._router is None:
             return
-        try:
-            subject, _ = router.rpc_subject_of(msg.subject)
-        except ValueError:
-            subject = msg.subject  # not a partition subject: reported as an invalid subject
-        await self._ingress(msg, subject, routed=True)
+        await self._ingress(msg, routed=True)
 
-    async def _ingress(self, msg: Msg, subject: str, *, routed: bool) -> None:
+    async def _ingress(self, msg: Msg, *, routed: bool) -> None:
         headers = msg.headers
         msgpack = bool(headers) and headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE  # type: ignore[union-attr]
         try:
-            info, address, spec = self._address(subject)
-            partition = partition_of(address.class_name, address.object_id, self.config.partitions)
+            if self.state is not WorkerState.RUNNING:
+                raise UnavailableError("worker is shutting down; retry", type="shutting_down")
+            route = self._routes.get(msg.subject)
+            if route is None:
+                route = self._route(msg.subject, routed)
+            info, object_id, spec, partition, _ = route
             ownership = self._ownership
             if not self._serve_all and (ownership is None or not ownership.accepts(partition)):
-                if not routed and await self._forward(msg, partition, subject):
+                if not routed and await self._forward(msg, partition, route.rpc_subject):
                     return
                 raise UnavailableError(
-                    f"partition {partition} of {address.class_name}/{address.object_id} is "
+                    f"partition {partition} of {info.name}/{object_id} is "
                     "moving between workers; retry shortly",
                     type="moving",
                 )
             envelope = self._envelope(msg, spec, msgpack)
-            activation = self.catalog.activate(info, address.object_id, partition)
+            activation = self.catalog.activate(info, object_id, partition)
             if not activation.enqueue(envelope):
                 raise UnavailableError(
-                    f"{info.name}/{address.object_id} has {activation.queued} messages "
+                    f"{info.name}/{object_id} has {activation.queued} messages "
                     "waiting; retry with backoff",
                     type="overloaded",
                 )
         except ActorError as error:
-            self.metrics.requests.labels("-", "-", error.type).inc()
+            self.metrics.count(self.metrics.requests, "-", "-", error.type)
             if msg.reply:
                 body, reply_headers = encode_error(error, msgpack)
                 await self.send(msg.reply, body, reply_headers)
@@ -479,10 +504,24 @@ class Worker:
         await router.forward(msg, partition, subject[len(self._rpc_head) :])
         return True
 
+    def _route(self, received: str, routed: bool) -> _Route:
+        """Parse and check a subject not seen before, and remember it (raises ``ActorError``
+        subclasses, which are not remembered)."""
+        subject = received
+        if routed:
+            assert self._router is not None
+            with contextlib.suppress(ValueError):  # not a partition subject: reported as invalid
+                subject, _ = self._router.rpc_subject_of(received)
+        info, address, spec = self._address(subject)
+        partition = partition_of(address.class_name, address.object_id, self.config.partitions)
+        route = _Route(info, address.object_id, spec, partition, subject)
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
+        self._routes[received] = route
+        return route
+
     def _address(self, subject: str) -> tuple[ActorClassInfo, RpcAddress, MethodSpec]:
         """Validate a request's subject, class and method (raises ``ActorError`` subclasses)."""
-        if self.state is not WorkerState.RUNNING:
-            raise UnavailableError("worker is shutting down; retry", type="shutting_down")
         try:
             address = parse_rpc_subject(self.config.prefix, subject)
         except InvalidSubjectError as exc:

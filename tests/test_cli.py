@@ -7,6 +7,7 @@ timeout and killed at teardown.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -276,6 +277,61 @@ class TestServe:
             missing = run_ndo("call", "Counter", "c", "get", "--nats-url", url)
             assert missing.returncode == 1
             assert "unknown_class" in missing.stderr
+
+
+class TestEventLoop:
+    """``--loop`` / ``NDO_LOOP`` picks the worker's event loop; handler deadlines hold on each."""
+
+    def test_auto_prefers_uvloop(self, served: Served) -> None:
+        """Without --loop, serve runs on uvloop when it is installed, else on asyncio."""
+        expected = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+        assert served.process.wait_serving()["loop"] == expected
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_deadline_on_each_loop(self, tmp_path: Path, loop: str) -> None:
+        """On either loop a handler past --handler-timeout fails with 504 and the object keeps
+        serving."""
+        if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            pytest.skip("uvloop is not installed (pip install 'ndo[fast]')")
+        (tmp_path / "sleepy.py").write_text(
+            textwrap.dedent(
+                """
+                import asyncio
+
+                from actors import Actor, method
+
+                class Sleepy(Actor):
+                    @method
+                    async def nap(self, seconds: float) -> str:
+                        self.storage.put("napped", seconds)
+                        await asyncio.sleep(seconds)
+                        return "rested"
+
+                    @method
+                    async def napped(self) -> float | None:
+                        return await self.storage.get("napped")
+                """
+            )
+        )
+        process, url = _embedded(
+            tmp_path, "sleepy", "--loop", loop, "--handler-timeout", "0.3", cwd=tmp_path
+        )
+        with process:
+            assert process.wait_serving()["loop"] == loop
+            late = run_ndo("call", "Sleepy", "s", "nap", '{"seconds": 5}', "--nats-url", url)
+            assert late.returncode == 1
+            assert "deadline" in late.stderr
+            quick = run_ndo("call", "Sleepy", "s", "nap", '{"seconds": 0}', "--nats-url", url)
+            assert (quick.returncode, json.loads(quick.stdout)) == (0, "rested"), quick.stderr
+            stored = run_ndo("call", "Sleepy", "s", "napped", "--nats-url", url)
+            assert json.loads(stored.stdout) == 0  # the late call's write was discarded
+
+    def test_unknown_loop_in_environment(self, tmp_path: Path) -> None:
+        """NDO_LOOP with an unknown loop is a usage error (exit 2) naming the choices."""
+        result = run_ndo("serve", "--data-dir", str(tmp_path), env=ndo_env(NDO_LOOP="tokio"))
+        assert result.returncode == 2, result.stderr
+        assert "asyncio" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 class TestShutdown:

@@ -4,10 +4,40 @@ share storage transactions (one fsync each) instead of paying one each."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
 
 from actors import ActorClient
 from examples import Counter
+from ops._nats_server import EmbeddedNatsServer
+from service import Worker, WorkerConfig
+from storage import ObjectWrite, SqliteStorage
 from tests.worker_fixtures import WorkerFactory
+
+
+class HeldCommits(SqliteStorage):
+    """Real SQLite whose commits wait while ``release`` is clear: a slow disk, on demand."""
+
+    def __init__(self, path: Path, *, partitions: int) -> None:
+        super().__init__(path, partitions=partitions)
+        self.release = asyncio.Event()
+        self.release.set()
+        self.held = asyncio.Event()
+        """Set once a commit is waiting for ``release``."""
+
+    async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        if not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
+        return await super().commit(entries)
+
+
+@pytest.fixture(name="held")
+def _held(data_dir: Path) -> HeldCommits:
+    """SQLite storage whose commits the test can hold back."""
+    return HeldCommits(data_dir / "ndo.sqlite3", partitions=8)
 
 
 class TestGroupCommit:
@@ -41,3 +71,55 @@ class TestGroupCommit:
         assert stats.write_sets == 300
         assert stats.transactions <= stats.write_sets / 3, stats
         assert await counter.call(Counter.get) == 300
+
+
+class TestOutputGate:
+    """A read's reply never leaves before the object's earlier writes are durable; with no
+    write in flight it answers at once, without waiting for the committer."""
+
+    async def test_read_waits_for_an_earlier_write(
+        self,
+        nats_server: EmbeddedNatsServer,
+        data_dir: Path,
+        held: HeldCommits,
+        client: ActorClient,
+    ) -> None:
+        """A get behind an uncommitted increment answers only after that commit, with its value."""
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        async with Worker(config, [Counter], storage=held):
+            counter = client.get(Counter, "gate")
+            assert await counter.call(Counter.increment) == 1
+            held.release.clear()
+            try:
+                write = asyncio.create_task(counter.call(Counter.increment))
+                await asyncio.wait_for(held.held.wait(), 5)
+                read = asyncio.create_task(counter.call(Counter.get))
+                done, _ = await asyncio.wait({write, read}, timeout=0.5)
+                assert not done, "a reply left before its write was durable"
+            finally:
+                held.release.set()
+            assert await write == 2
+            assert await read == 2
+
+    async def test_read_with_nothing_in_flight_skips_the_committer(
+        self,
+        nats_server: EmbeddedNatsServer,
+        data_dir: Path,
+        held: HeldCommits,
+        client: ActorClient,
+    ) -> None:
+        """With every write of the object durable, a get answers while commits are held back
+        (another object's write waits meanwhile)."""
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        async with Worker(config, [Counter], storage=held):
+            counter, other = client.get(Counter, "quiet"), client.get(Counter, "busy")
+            assert await counter.call(Counter.increment) == 1
+            held.release.clear()
+            try:
+                blocked = asyncio.create_task(other.call(Counter.increment))
+                await asyncio.wait_for(held.held.wait(), 5)
+                assert await asyncio.wait_for(counter.call(Counter.get), 2) == 1
+                assert not blocked.done()
+            finally:
+                held.release.set()
+            assert await blocked == 1
