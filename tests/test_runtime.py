@@ -8,6 +8,8 @@ import json
 import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from actors import (
     ActorClient,
@@ -21,6 +23,7 @@ from actors import (
 )
 from examples import ChatMessage, ChatRoom, Counter, DrawingBoard, RateLimiter
 from service import Worker
+from subjects import partition_of
 from tests.objects import Faulty, Slow, Store
 from tests.worker_fixtures import WorkerFactory
 
@@ -182,6 +185,25 @@ class TestHandlerFailures:
         assert await faulty.call(Faulty.state) == {"stored": 1, "attribute": 1}
         with pytest.raises(asyncio.TimeoutError):
             await events.next_msg(timeout=0.3)
+
+    async def test_failure_log_names_the_object(self, worker: Worker, client: ActorClient) -> None:
+        """A failed turn's log line carries the object's class, id, partition and method, also
+        when several turns of different methods run in one pump."""
+        faulty = client.get(Faulty, "logged")
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            outcomes = await asyncio.gather(
+                faulty.call(Faulty.write_then_raise, 1),
+                faulty.call(Faulty.conflict),
+                return_exceptions=True,
+            )
+        assert [type(o) for o in outcomes] == [HandlerError, ConflictError]
+        failed = [e for e in logs if e["event"] == "turn failed"]
+        assert [(e["class_name"], e["object_id"], e["method"]) for e in failed] == [
+            ("Faulty", "logged", "write_then_raise"),
+            ("Faulty", "logged", "conflict"),
+        ]
+        partition = partition_of("Faulty", "logged", worker.config.partitions)
+        assert all(e["partition"] == partition for e in failed)
 
     async def test_deadline(self, start_worker: WorkerFactory, client: ActorClient) -> None:
         """A handler past handler_timeout is cancelled with 504 and writes nothing."""
