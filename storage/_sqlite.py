@@ -9,10 +9,19 @@ Every commit runs as one function inside the writer connection's thread (one thr
 batch, not per statement). Reads use a second connection so a read never queues behind an fsync.
 Fencing: the ``fences`` table holds each partition's epoch; the commit transaction reads it
 first and skips the entries of any partition whose epoch moved on.
+
+Several processes (workers sharing a data directory) take turns at the write lock through an
+``flock`` on ``<db>.writelock`` held around every write transaction. SQLite's own busy handler
+would also serialise them, but it polls with sleeps of up to 100 ms, so a process that finds
+the database locked sleeps long past the other's commit; a blocking ``flock`` wakes the next
+writer the moment the lock is released.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
@@ -78,6 +87,8 @@ class SqliteStorage(Storage):
     # Connections (None until open)
     _writer: aiosqlite.Connection | None
     _reader: aiosqlite.Connection | None
+    _lock_fd: int | None
+    """Open file descriptor of ``<db>.writelock`` (None until open)."""
     _closed: bool
 
     def __init__(self, path: Path | str, *, partitions: int) -> None:
@@ -86,6 +97,7 @@ class SqliteStorage(Storage):
         self._partitions = partitions
         self._writer = None
         self._reader = None
+        self._lock_fd = None
         self._closed = False
 
     @property
@@ -99,11 +111,14 @@ class SqliteStorage(Storage):
             raise StorageClosedError()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self._lock_fd = os.open(
+                self._path.with_name(self._path.name + ".writelock"), os.O_RDWR | os.O_CREAT, 0o644
+            )
             self._writer = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._run(self._writer, self._init_schema)
+            await self._run_write(self._init_schema)
             self._reader = await aiosqlite.connect(self._path, isolation_level=None)
             await self._run(self._reader, _configure)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open SQLite database {self._path}: {exc}") from exc
         except PartitionCountError:
@@ -134,6 +149,9 @@ class SqliteStorage(Storage):
         for conn in (reader, writer):
             if conn is not None:
                 await conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # Reads
 
@@ -255,11 +273,28 @@ class SqliteStorage(Storage):
         result: _T = await conn._execute(fn, raw)  # type: ignore[no-untyped-call]
         return result
 
+    async def _run_write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the write transaction ``fn(connection)`` in the writer thread, holding the
+        cross-process write lock."""
+        lock_fd = self._lock_fd
+
+        def locked(conn: sqlite3.Connection) -> _T:
+            if lock_fd is None:
+                raise StorageClosedError()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                return fn(conn)
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+        return await self._run(self._write_conn(), locked)
+
     async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
         if not entries:
             return frozenset()
         try:
-            return await self._run(self._write_conn(), lambda conn: _commit_batch(conn, entries))
+            return await self._run_write(lambda conn: _commit_batch(conn, entries))
         except sqlite3.Error as exc:
             raise StorageError(f"commit of {len(entries)} write-set(s) failed: {exc}") from exc
 
@@ -299,7 +334,7 @@ class SqliteStorage(Storage):
         if not wanted:
             return {}
         try:
-            return await self._run(self._write_conn(), claim)
+            return await self._run_write(claim)
         except sqlite3.Error as exc:
             raise StorageError(f"claiming partitions failed: {exc}") from exc
 
@@ -316,7 +351,7 @@ class SqliteStorage(Storage):
             return len(rows)
 
         try:
-            return await self._run(self._write_conn(), purge)
+            return await self._run_write(purge)
         except sqlite3.Error as exc:
             raise StorageError(f"purging idempotency records failed: {exc}") from exc
 

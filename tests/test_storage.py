@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -387,6 +388,42 @@ class TestFencing:
             await second.claim_partitions([0], "second")
             assert await first.commit([_write(epoch=old[0], writes={"k": b"2"})]) == {0}
             assert await second.read(CLS, OID, "k") == b"1"
+        finally:
+            await first.close()
+            await second.close()
+
+
+class TestSharedFile:
+    """Processes sharing the file take turns at the write lock (``<db>.writelock``)."""
+
+    async def test_commit_waits_for_the_write_lock(self, sqlite: SqliteStorage) -> None:
+        """While another holder has the lock, a commit waits; it lands once the lock is free."""
+        await sqlite.claim_partitions(range(PARTITIONS), "test", EPOCH)
+        lock_path = sqlite.path.with_name(sqlite.path.name + ".writelock")
+        with lock_path.open("a") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            commit = asyncio.create_task(sqlite.commit([_write(writes={"k": _encode(1)})]))
+            await asyncio.sleep(0.2)
+            assert not commit.done()
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            assert await asyncio.wait_for(commit, 5) == frozenset()
+        assert msgspec.msgpack.decode(await sqlite.read(CLS, OID, "k") or b"") == 1
+
+    async def test_two_stores_on_one_file(self, db_path: Path) -> None:
+        """Two stores (as two workers) commit concurrently to one file; nothing is lost."""
+        first, second = await _open_sqlite(db_path), await _open_sqlite(db_path)
+        try:
+            await first.claim_partitions([0], "a", EPOCH)
+            await second.claim_partitions([1], "b", EPOCH)
+            await asyncio.gather(
+                *(
+                    store.commit([_write(f"o{i}", partition=p, writes={"n": _encode(i)})])
+                    for i in range(50)
+                    for p, store in ((0, first), (1, second))
+                )
+            )
+            for i in range(50):
+                assert await first.read(CLS, f"o{i}", "n") == _encode(i)
         finally:
             await first.close()
             await second.close()
