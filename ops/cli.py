@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from actors import ActorClient, ActorError, RetryPolicy
 from ops._bench import add_bench_parser, run_bench
+from ops._config_file import ConfigFileError, load_config_file
 from ops._connect import CannotConnectError, connect_once
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import configure_logging
@@ -82,8 +83,15 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of the ``ndo`` command."""
+def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser of the ``ndo`` command.
+
+    ``serve_defaults`` (from ``--config``) replace the built-in defaults of ``ndo serve``
+    options that have no ``NDO_*`` variable set; command-line flags still win.
+
+    Raises:
+        ConfigFileError: ``serve_defaults`` names an option ``ndo serve`` does not have.
+    """
     parser = argparse.ArgumentParser(
         prog="ndo", description="NATS Durable Objects: stateful actors over NATS and SQLite."
     )
@@ -100,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="MODULE",
         help="module (or module:Class) with Actor subclasses; default: the bundled examples",
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=_env("config", None),
+        metavar="FILE",
+        help='TOML file of serve options by flag name (data-dir = "/srv/ndo"), plus '
+        "modules = [...]; flags and NDO_* variables win over it [env NDO_CONFIG]",
     )
     _add_connection_options(serve)
     serve.add_argument(
@@ -336,7 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for each try [env NDO_TIMEOUT; default 5]",
     )
     add_bench_parser(commands)
+    if serve_defaults:
+        _apply_file_defaults(serve, serve_defaults)
     return parser
+
+
+def _apply_file_defaults(serve: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
+    """Make a config file's values the defaults of ``serve``, below NDO_* variables."""
+    known = set(vars(serve.parse_args([]))) - {"config"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        valid = ", ".join(sorted(name.replace("_", "-") for name in known))
+        raise ConfigFileError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    serve.set_defaults(
+        **{
+            dest: str(value)
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            # numbers go through the option's type like a flag would; strings already do
+            else value
+            for dest, value in values.items()
+            if f"NDO_{dest.upper()}" not in os.environ
+        }
+    )
 
 
 def _argument(parse: Any) -> Any:
@@ -355,6 +392,13 @@ def _argument(parse: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ndo`` command; return the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.config is not None:
+        try:
+            values = load_config_file(args.config)
+            args = build_parser(values).parse_args(argv)
+        except ConfigFileError as exc:
+            print(f"ndo serve: config file {args.config}: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         return _serve(args)
     if args.command == "call":

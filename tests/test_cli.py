@@ -7,6 +7,7 @@ timeout and killed at teardown.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import signal
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.cli import main
+from ops._config_file import load_config_file
+from ops.cli import build_parser, main
 from tests.helpers import ServeProcess, free_port, ndo_env, process_gone, run_ndo
 
 pytestmark = pytest.mark.slow
@@ -364,3 +366,70 @@ class TestShutdown:
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=SHUTDOWN_TIMEOUT)
             assert _wait_gone(server_pid), f"nats-server {server_pid} survived kill -9 of ndo"
+
+
+class TestConfigFile:
+    """``ndo serve --config FILE``: TOML options, below NDO_* variables and flags."""
+
+    @staticmethod
+    def _parse(config: Path, *flags: str) -> argparse.Namespace:
+        argv = ["serve", "--config", str(config), *flags]
+        return build_parser(load_config_file(config)).parse_args(argv)
+
+    def test_values_and_precedence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """File values become defaults (converted like flags); env beats file; flag beats env."""
+        config = tmp_path / "ndo.toml"
+        config.write_text(
+            'data-dir = "/srv/ndo"\nmax_active = 123\nidle-timeout = 2.5\n'
+            'modules = ["myapp.objects"]\njournal = false\nprefix = "file"\nport = 5000\n'
+        )
+        monkeypatch.delenv("NDO_PREFIX", raising=False)
+        monkeypatch.delenv("NDO_PORT", raising=False)
+        args = self._parse(config)
+        assert args.data_dir == Path("/srv/ndo")
+        assert (args.max_active, args.idle_timeout, args.journal) == (123, 2.5, False)
+        assert args.modules == ["myapp.objects"]
+        monkeypatch.setenv("NDO_PREFIX", "env")
+        monkeypatch.setenv("NDO_PORT", "6000")
+        args = self._parse(config, "--port", "7000", "other.module")
+        assert (args.prefix, args.port, args.modules) == ("env", 7000, ["other.module"])
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("bogus = 1\n", "unknown option(s) bogus; valid options:"),
+            ("max-active = 'many'\n", "invalid int value: 'many'"),
+            ("x = [\n", "not valid TOML"),
+            ("[journal]\nage = 1\n", "must be a value, not a table"),
+        ],
+    )
+    def test_bad_file_is_a_usage_error(self, tmp_path: Path, text: str, message: str) -> None:
+        """A bad file exits 2 with a message that names the problem, and starts nothing."""
+        config = tmp_path / "ndo.toml"
+        config.write_text(text)
+        result = run_ndo("serve", "--config", str(config), "--data-dir", str(tmp_path / "d"))
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "d").exists()
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A config file that does not exist is a usage error naming it."""
+        result = run_ndo("serve", "--config", str(tmp_path / "nope.toml"))
+        assert result.returncode == 2
+        assert "nope.toml: cannot read it" in result.stderr
+
+    def test_serves_with_a_config_file(self, tmp_path: Path) -> None:
+        """``ndo serve --config`` runs with the file's port, data directory and modules."""
+        port = free_port()
+        config = tmp_path / "ndo.toml"
+        config.write_text(
+            f'port = {port}\ndata-dir = "{tmp_path / "data"}"\nmodules = ["examples.objects"]\n'
+        )
+        with ServeProcess("--config", str(config)) as process:
+            process.wait_serving()
+            result = run_ndo(
+                "call", "Counter", "cfg", "increment", "--nats-url", f"nats://127.0.0.1:{port}"
+            )
+            assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
+        assert (tmp_path / "data" / "ndo.sqlite3").exists()
