@@ -11,9 +11,14 @@ This module owns three things that must agree with each other:
 Publishing: an activation hands a finished turn to ``JournalPublisher.record`` *after* its reply
 left (for a turn that wrote, after the commit). ``record`` only appends a cheap ``JournalEntry``
 (references, nothing encoded) to a bounded buffer. A background task encodes entries and sends
-them with a core-NATS publish whose reply subject is the publisher's own inbox; the stream's
-acknowledgements arrive on that inbox and are matched there. No request ever waits for
-JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
+them with core-NATS publishes. Acknowledgements are asked per *burst*, not per record: only
+the last record of what was buffered (and every ``_CONFIRM_EVERY``-th) carries a reply subject
+on the publisher's own inbox, and its acknowledgement confirms the whole burst. That is sound
+because the server stores one connection's publishes to a stream in order and the stream
+discards old records, never new ones: a later record is stored only if the earlier ones were;
+a deleted stream or a full disk fails the burst's acknowledgement. It halves the messages the
+worker handles per journaled turn (no acknowledgement to parse for most records). No request
+ever waits for JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
 acknowledgement that does not arrive within ``ack_timeout`` is a lost record. Each loss is
 counted in ``ndo_journal_failures_total{reason}`` and logged (rate limited); none fails a
 request.
@@ -104,6 +109,8 @@ _STORED: Final = b'{"stream":'
 _WARN_EVERY: Final = 30.0
 """Seconds between two warnings about lost journal records (the counter has every loss)."""
 _SWEEP_INTERVAL: Final = 0.5
+_CONFIRM_EVERY: Final = 64
+"""Longest run of records published without asking for an acknowledgement."""
 """Seconds between checks for acknowledgements that did not arrive in time."""
 
 
@@ -476,8 +483,14 @@ class JournalPublisher:
     _ack_timeout: float
     # State
     _queue: deque[JournalEntry]
-    _inflight: dict[str, float]
-    """Reply token -> monotonic deadline of its acknowledgement, oldest first."""
+    _inflight: dict[str, tuple[float, int]]
+    """Reply token -> (monotonic deadline of its acknowledgement, records it confirms), oldest
+    first."""
+    _unconfirmed: int
+    """Records published and not yet acknowledged (sum over ``_inflight``, plus the current
+    burst's records sent so far)."""
+    _burst: int
+    """Records of the current burst published without a reply subject so far."""
     _next_token: int
     _inbox: str
     _sub: Subscription | None
@@ -522,6 +535,8 @@ class JournalPublisher:
         self._ack_timeout = ack_timeout
         self._queue = deque()
         self._inflight = {}
+        self._unconfirmed = 0
+        self._burst = 0
         self._next_token = 0
         self._inbox = ""
         self._sub = None
@@ -538,7 +553,7 @@ class JournalPublisher:
     @property
     def pending(self) -> int:
         """Records buffered or waiting for their acknowledgement."""
-        return len(self._queue) + len(self._inflight)
+        return len(self._queue) + self._unconfirmed
 
     async def start(self) -> bool:
         """Create or update the stream and start publishing.
@@ -585,7 +600,7 @@ class JournalPublisher:
         """Queue a finished turn for the journal; drops (and counts) it when the buffer is full."""
         if not self._running:
             return
-        if len(self._queue) + len(self._inflight) >= self._max_pending:
+        if len(self._queue) + self._unconfirmed >= self._max_pending:
             self._fail("dropped", "journal buffer full")
             return
         self._queue.append(entry)
@@ -608,9 +623,10 @@ class JournalPublisher:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        lost = len(self._queue) + len(self._inflight)
+        lost = len(self._queue) + self._unconfirmed
         self._queue.clear()
         self._inflight.clear()
+        self._unconfirmed = self._burst = 0
         if lost:
             self._fail("timeout", f"{lost} journal records unconfirmed at shutdown", count=lost)
         if self._sub is not None:
@@ -626,9 +642,13 @@ class JournalPublisher:
             self._wakeup.clear()
             self._expire(time.monotonic())
             while self._queue:
-                await self._publish(self._queue.popleft())
+                entry = self._queue.popleft()
+                confirm = not self._queue or self._burst + 1 >= _CONFIRM_EVERY
+                await self._publish(entry, confirm=confirm)
 
-    async def _publish(self, entry: JournalEntry) -> None:
+    async def _publish(self, entry: JournalEntry, *, confirm: bool) -> None:
+        """Publish one record; with ``confirm``, ask for the acknowledgement of it and of the
+        records published without one before it."""
         try:
             data = encode_journal_record(journal_record(entry, self._worker))
             if len(data) > self._nc.max_payload:
@@ -639,51 +659,66 @@ class JournalPublisher:
         if len(data) > self._nc.max_payload:
             self._fail("too_large", f"record of {len(data)} bytes")
             return
-        token = str(self._next_token)
-        self._next_token += 1
-        self._inflight[token] = time.monotonic() + self._ack_timeout
         subject = journal_subject(self._prefix, entry.address.class_name, entry.address.object_id)
+        reply = ""
+        if confirm:
+            token = str(self._next_token)
+            self._next_token += 1
+            self._inflight[token] = (time.monotonic() + self._ack_timeout, self._burst + 1)
+            reply = f"{self._inbox}.{token}"
+        self._unconfirmed += 1
         try:
             # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes these
             # subjects, and a header-less publish is cheaper.
-            await self._nc.publish(subject, data, reply=f"{self._inbox}.{token}")
+            await self._nc.publish(subject, data, reply=reply)
         except nats.errors.Error as exc:
-            self._inflight.pop(token, None)
-            self._fail("publish_error", str(exc))
+            # The burst so far cannot be confirmed any more: count it lost with this record.
+            if confirm:
+                self._inflight.pop(token, None)
+            lost, self._burst = self._burst + 1, 0
+            self._unconfirmed -= lost
+            self._fail("publish_error", str(exc), count=lost)
+            return
+        self._burst = 0 if confirm else self._burst + 1
 
     async def _handle_ack(self, msg: Msg) -> None:
         token = msg.subject.rpartition(".")[2]
-        if self._inflight.pop(token, None) is None:
+        confirmed = self._inflight.pop(token, None)
+        if confirmed is None:
             return  # already counted as timed out
+        count = confirmed[1]
+        self._unconfirmed -= count
         data = msg.data
         if data.startswith(_STORED):  # the common case, without parsing
-            self._metrics.journal_records.inc()
+            self._metrics.journal_records.inc(count)
             return
         if msg.headers and msg.headers.get(_STATUS) == "503":
-            self._fail("no_stream", f"no stream captures the journal subjects ({self._stream})")
+            self._fail(
+                "no_stream",
+                f"no stream captures the journal subjects ({self._stream})",
+                count=count,
+            )
             return
         try:
             reply = json.loads(msg.data)
         except ValueError:
-            self._fail("rejected", "unreadable acknowledgement")
+            self._fail("rejected", "unreadable acknowledgement", count=count)
             return
         if isinstance(reply, dict) and "error" in reply:
             error = reply["error"]
             detail = error.get("description", str(error)) if isinstance(error, dict) else error
-            self._fail("rejected", str(detail))
+            self._fail("rejected", str(detail), count=count)
             return
-        self._metrics.journal_records.inc()
+        self._metrics.journal_records.inc(count)
 
     def _expire(self, now: float) -> None:
         expired = [
-            token for token, _ in takewhile(lambda item: item[1] <= now, self._inflight.items())
+            token for token, _ in takewhile(lambda item: item[1][0] <= now, self._inflight.items())
         ]
-        for token in expired:
-            del self._inflight[token]
-        if expired:
-            self._fail(
-                "timeout", f"{len(expired)} journal records not acknowledged", count=len(expired)
-            )
+        lost = sum(self._inflight.pop(token)[1] for token in expired)
+        if lost:
+            self._unconfirmed -= lost
+            self._fail("timeout", f"{lost} journal records not acknowledged", count=lost)
 
     def _fail(self, reason: str, detail: str, *, count: int = 1) -> None:
         self._metrics.journal_failures.labels(reason).inc(count)

@@ -594,6 +594,46 @@ class TestJournalFailures:
         assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
 
 
+class TestBurstConfirmation:
+    """One acknowledgement confirms a burst of records: every record is counted either way."""
+
+    @staticmethod
+    async def _burst(nc: NatsClient, count: int, *, delete_stream: bool) -> WorkerMetrics:
+        from actors import ActorId
+        from service._activation import Envelope
+
+        metrics = WorkerMetrics()
+        publisher = JournalPublisher(
+            nc, prefix="ndo", worker="w", metrics=metrics, max_age=60.0, max_bytes=1 << 20
+        )
+        assert await publisher.start()
+        if delete_stream:
+            await nc.jetstream().delete_stream("NDO_JOURNAL")
+        for _ in range(count):  # no await: one burst
+            publisher.record(
+                JournalEntry(ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok")
+            )
+        await publisher.stop()
+        assert publisher.pending == 0
+        return metrics
+
+    async def test_stored_burst(self, nats_server: Any, nc: NatsClient) -> None:
+        """150 records in one burst (3 acknowledgements): all counted, all in the stream."""
+        metrics = await self._burst(nc, 150, delete_stream=False)
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 150
+        info = await nc.jetstream().stream_info("NDO_JOURNAL")
+        assert info.state.messages == 150
+
+    async def test_lost_burst(self, nats_server: Any, nc: NatsClient) -> None:
+        """With the stream gone, the burst's one failed acknowledgement counts every record."""
+        metrics = await self._burst(nc, 40, delete_stream=True)
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 0
+        failures = metrics.registry.get_sample_value(
+            "ndo_journal_failures_total", {"reason": "no_stream"}
+        )
+        assert failures == 40
+
+
 class TestTail:
     """``ndo tail`` follows records as they are written, with wildcards."""
 
