@@ -41,7 +41,15 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from subjects import fnv1a_32, partition_of, rpc_wildcard, sys_subject
+from subjects import (
+    fnv1a_32,
+    forward_subject,
+    forward_wildcard,
+    partition_mapping,
+    partition_of,
+    partition_wildcard,
+    rpc_wildcard,
+)
 
 __all__ = [
     "PROBE_CLASS",
@@ -50,7 +58,6 @@ __all__ = [
     "RoutingMode",
     "detect_routing",
     "drain_all",
-    "forward_subject",
     "mapping_snippet",
     "partition_queue",
     "server_mapping",
@@ -87,11 +94,7 @@ class RoutingMode(StrEnum):
 
 def server_mapping(prefix: str, partitions: int) -> tuple[str, str]:
     """The server subject mapping (source, destination) for a deployment."""
-    return (
-        rpc_wildcard(prefix),
-        f"{prefix}.part.{{{{partition({partitions},1,2)}}}}"
-        ".{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}",
-    )
+    return partition_mapping(prefix, partitions)
 
 
 def mapping_snippet(prefix: str, partitions: int, account: str | None = None) -> str:
@@ -110,17 +113,10 @@ def partition_queue(prefix: str, partition: int) -> str:
     return f"{prefix.replace('.', '-')}-part-{partition}"
 
 
-def forward_subject(prefix: str, partition: int, rpc_tail: str) -> str:
-    """Internal subject a request for ``partition`` is forwarded to (``rpc_tail`` is
-    ``<Class>.<id>.<method>``)."""
-    return f"{prefix}.sys.fwd.{partition}.{rpc_tail}"
-
-
 def _partition_wildcard(prefix: str, mode: RoutingMode, partition: int | None) -> str:
-    token = "*" if partition is None else str(partition)
     if mode is RoutingMode.MAPPED:
-        return f"{prefix}.part.{token}.*.*.*"
-    return sys_subject(prefix, "fwd", token, "*", "*", "*")
+        return partition_wildcard(prefix, partition)
+    return forward_wildcard(prefix, partition)
 
 
 async def detect_routing(

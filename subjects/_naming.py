@@ -210,6 +210,35 @@ def sys_subject(prefix: str, *tokens: str) -> str:
     return ".".join((prefix, "sys", *tokens))
 
 
+def partition_wildcard(prefix: str, partition: int | None = None) -> str:
+    """Requests the server mapped onto ``partition`` (any partition when None):
+    ``<prefix>.part.<p>.<Class>.<id>.<method>``."""
+    token = "*" if partition is None else str(partition)
+    return f"{prefix}.part.{token}.*.*.*"
+
+
+def partition_mapping(prefix: str, partitions: int) -> tuple[str, str]:
+    """The nats-server subject mapping ``(source, destination)`` that routes RPC subjects onto
+    partition subjects with the server's ``partition()`` function (the same FNV-1a hash as
+    ``partition_of``)."""
+    return (
+        rpc_wildcard(prefix),
+        f"{prefix}.part.{{{{partition({partitions},1,2)}}}}"
+        ".{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}",
+    )
+
+
+def forward_subject(prefix: str, partition: int, rpc_tail: str) -> str:
+    """Internal subject a request for ``partition`` is forwarded to by a worker that does not
+    hold it (``rpc_tail`` is ``<Class>.<id>.<method>``)."""
+    return sys_subject(prefix, "fwd", str(partition), rpc_tail)
+
+
+def forward_wildcard(prefix: str, partition: int | None = None) -> str:
+    """Forwarded requests for ``partition`` (any partition when None)."""
+    return sys_subject(prefix, "fwd", "*" if partition is None else str(partition), "*", "*", "*")
+
+
 def journal_subject(prefix: str, class_name: str, object_id: str) -> str:
     """Subject of one object's journal records."""
     return sys_subject(prefix, "journal", class_name, object_id)

@@ -22,13 +22,17 @@ from subjects import (
     event_subject,
     event_wildcard,
     fnv1a_32,
+    forward_subject,
+    forward_wildcard,
     id_from_name,
     is_valid_id,
     journal_subject,
     journal_wildcard,
     new_unique_id,
     parse_rpc_subject,
+    partition_mapping,
     partition_of,
+    partition_wildcard,
     rpc_subject,
     rpc_wildcard,
     sys_subject,
@@ -200,6 +204,23 @@ class TestOtherSubjects:
         assert journal_subject("ndo", "C", "i") == "ndo.sys.journal.C.i"
         assert journal_wildcard("ndo") == "ndo.sys.journal.*.*"
         assert journal_wildcard("ndo", "C") == "ndo.sys.journal.C.*"
+
+    def test_partition_and_forward_subjects(self) -> None:
+        """Mapped requests arrive on <prefix>.part.<p>.<Class>.<id>.<method>; forwarded ones on
+        <prefix>.sys.fwd.<p>.<Class>.<id>.<method>."""
+        assert partition_wildcard("ndo") == "ndo.part.*.*.*.*"
+        assert partition_wildcard("ndo", 7) == "ndo.part.7.*.*.*"
+        assert forward_subject("ndo", 7, "C.i.m") == "ndo.sys.fwd.7.C.i.m"
+        assert forward_wildcard("ndo") == "ndo.sys.fwd.*.*.*.*"
+        assert forward_wildcard("a.b", 3) == "a.b.sys.fwd.3.*.*.*"
+
+    def test_partition_mapping(self) -> None:
+        """The server mapping takes every RPC subject to its partition subject."""
+        source, destination = partition_mapping("ndo", 64)
+        assert source == "ndo.rpc.*.*.*"
+        assert destination == (
+            "ndo.part.{{partition(64,1,2)}}.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}"
+        )
 
 
 class TestObjectIds:
