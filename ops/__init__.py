@@ -1,14 +1,29 @@
 """What operators touch: the ``ndo`` command line, the embedded nats-server, logging setup."""
 
+from ops._errors import (
+    BenchError,
+    CannotConnectError,
+    ConfigFileError,
+    NatsServerError,
+    OpsError,
+    ReplayError,
+    StatusError,
+)
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import LogFormat, configure_logging
-from ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
+from ops._nats_server import EmbeddedNatsServer, find_nats_server_binary
 
 __all__ = [
     "DEFAULT_MODULES",
+    "BenchError",
+    "CannotConnectError",
+    "ConfigFileError",
     "EmbeddedNatsServer",
     "LogFormat",
     "NatsServerError",
+    "OpsError",
+    "ReplayError",
+    "StatusError",
     "configure_logging",
     "find_nats_server_binary",
     "load_actor_classes",

@@ -56,6 +56,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from ops._bench_load import NODE_GENERATOR_JS, LoadJob, LoadResult, bucket_value_ms
+from ops._errors import BenchError
 from ops._loop import LOOP_CHOICES, resolve_loop
 from ops._nats_server import EmbeddedNatsServer, _pdeathsig_preexec, find_nats_server_binary
 from storage import ObjectWrite, SqliteStorage
@@ -312,10 +313,6 @@ def _free_port() -> int:
 
 def _progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    """The harness could not run (a process did not start, a generator failed)."""
 
 
 # Processes

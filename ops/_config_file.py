@@ -18,13 +18,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ops._errors import ConfigFileError
+
 __all__ = ["ConfigFileError", "load_config_file"]
-
-
-class ConfigFileError(ValueError):
-    """The config file cannot be read, is not TOML, or names options that do not exist.
-
-    The message does not repeat the file's path; callers put it in front."""
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -6,11 +6,9 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from ops._errors import CannotConnectError
+
 __all__ = ["CannotConnectError", "connect_once"]
-
-
-class CannotConnectError(RuntimeError):
-    """The NATS server at the given URL could not be reached."""
 
 
 async def connect_once(url: str, *, hint: str = "pass --nats-url (or NDO_NATS_URL)") -> NatsClient:

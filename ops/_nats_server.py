@@ -37,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from ops._errors import NatsServerError
+
 __all__ = ["EmbeddedNatsServer", "NatsServerError", "find_nats_server_binary"]
 
 _BINARY_NAME: Final = "nats-server"
@@ -65,14 +67,6 @@ _LOG_DRAIN_TIMEOUT: Final = 2.0
 
 _PR_SET_PDEATHSIG: Final = 1
 """``prctl`` option from ``<linux/prctl.h>``."""
-
-
-class NatsServerError(RuntimeError):
-    """The ``nats-server`` process could not be found, started or reached.
-
-    The message says what to do: install the binary, free the port, or read the attached log
-    tail. Retrying helps only when the cause was transient (for example a port briefly taken).
-    """
 
 
 class _Status(Enum):

@@ -58,6 +58,7 @@ from actors import (
     describe_class,
 )
 from ops._connect import CannotConnectError, connect_once
+from ops._errors import ReplayError
 from service import (
     JournalError,
     JournalRecord,
@@ -129,10 +130,6 @@ _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?", re.IGNORE
 _SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _UNIT_BYTES: Final = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-class ReplayError(Exception):
-    """Replay cannot run (``EXIT_ERROR``); the message says what is missing and what to do."""
 
 
 # Parsing command-line values

@@ -15,6 +15,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
+from ops._errors import StatusError
 from service._ownership import (
     CONFIG_KEY,
     DeploymentRecord,
@@ -36,10 +37,6 @@ __all__ = [
 _CONFIG = msgspec.json.Decoder(DeploymentRecord)
 _MEMBER = msgspec.json.Decoder(MemberRecord)
 _LEASE = msgspec.json.Decoder(LeaseRecord)
-
-
-class StatusError(RuntimeError):
-    """The deployment's lease bucket cannot be read (no JetStream, no bucket, no server)."""
 
 
 class MemberStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,6 +1,7 @@
 """The runtime of one ndo worker: NATS ingress, activations, turns, group commit, shutdown."""
 
 from service._config import WorkerConfig
+from service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
 from service._journal import (
     JOURNAL_VERSION,
     JournalAlarm,
@@ -11,13 +12,8 @@ from service._journal import (
     journal_stream_name,
 )
 from service._metrics import WorkerMetrics
-from service._ownership import (
-    DeploymentMismatchError,
-    OwnershipError,
-    assign_partitions,
-    lease_bucket,
-)
-from service._routing import RoutingError, RoutingMode, mapping_snippet, server_mapping
+from service._ownership import assign_partitions, lease_bucket
+from service._routing import RoutingMode, mapping_snippet, server_mapping
 from service._worker import QUEUE_GROUP, Worker, WorkerState, WorkerStats
 
 __all__ = [
@@ -31,6 +27,7 @@ __all__ = [
     "OwnershipError",
     "RoutingError",
     "RoutingMode",
+    "ServiceError",
     "Worker",
     "WorkerConfig",
     "WorkerMetrics",

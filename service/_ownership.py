@@ -57,6 +57,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from service._errors import DeploymentMismatchError, OwnershipError
 from storage import FencedError, StorageError
 
 __all__ = [
@@ -92,15 +93,6 @@ _DRAIN_POLL: Final = 0.02
 
 _TRANSIENT = (nats.errors.Error, OSError, TimeoutError)
 """Failures a later step may not see again (server restarting, network)."""
-
-
-class OwnershipError(RuntimeError):
-    """Partition ownership cannot work as configured. Deterministic: fix the configuration or
-    the server; retrying cannot help."""
-
-
-class DeploymentMismatchError(OwnershipError):
-    """This worker's configuration disagrees with the running deployment (partition count)."""
 
 
 class LeaseState(Enum):

@@ -41,6 +41,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from service._errors import RoutingError
 from subjects import (
     fnv1a_32,
     forward_subject,
@@ -76,11 +77,6 @@ _PENDING_MSGS: Final = 1_000_000
 _PENDING_BYTES: Final = 512 * 1024 * 1024
 
 Handler = Callable[[Msg], Awaitable[None]]
-
-
-class RoutingError(RuntimeError):
-    """The server's subject mapping disagrees with the deployment. Deterministic: fix the
-    server's mapping (``ndo mapping`` prints the right one) or the worker's ``--partitions``."""
 
 
 class RoutingMode(StrEnum):
