@@ -787,6 +787,11 @@ def _row(
         "clients": outcome.clients,
         "check": "ok" if not problems else "; ".join(problems[:_PROBLEMS_SHOWN]),
     }
+    # Journal records stored vs lost (a full buffer drops records rather than slowing requests).
+    journaled = outcome.metric_delta("ndo_journal_records_total")
+    journal_lost = outcome.metric_delta("ndo_journal_failures_total")
+    row["journal_per_s"] = round(journaled / outcome.elapsed, 1) if outcome.elapsed else 0.0
+    row["journal_lost"] = int(journal_lost)
     activations = outcome.metric_delta("ndo_activations_total")
     if scenario == "cold":
         row["activations"] = int(activations)
@@ -1238,7 +1243,7 @@ def render_table(report: dict[str, Any]) -> str:
     header = (
         f"{'scenario':<11} {'inflight':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'ratio':>6} {'cpu us/req':>10} {'cpu ratio':>9} {'tx/s':>7} {'writes/s':>9} "
-        f"{'w/tx':>6} {'other':>5}  check"
+        f"{'w/tx':>6} {'jrnl/s':>7} {'j.lost':>6} {'other':>5}  check"
     )
     lines.append(header)
     lines.append("-" * len(header))
@@ -1251,6 +1256,7 @@ def render_table(report: dict[str, Any]) -> str:
             f"{_fmt(row['ratio'], '.2f'):>6} {_fmt(row['cpu_us_per_req'], '.1f'):>10} "
             f"{_fmt(row['cpu_ratio'], '.2f'):>9} {_fmt(row.get('transactions_per_s'), ',.0f'):>7} "
             f"{_fmt(row.get('writes_per_s'), ',.0f'):>9} {_fmt(row.get('writes_per_tx'), '.1f'):>6}"
+            f" {_fmt(row.get('journal_per_s'), ',.0f'):>7} {_fmt(row.get('journal_lost'), ',d'):>6}"
             f" {_fmt(row.get('other_cpu_cores'), '.2f'):>5}  {row['check']}"
         )
     for row in report["results"]:
@@ -1274,7 +1280,8 @@ def render_table(report: dict[str, Any]) -> str:
         )
     lines.append(
         "other = CPU cores busy outside the benchmark's processes during the run (noise); "
-        "ratio and cpu ratio are against the baseline at the same in-flight level"
+        "ratio and cpu ratio are against the baseline at the same in-flight level; "
+        "jrnl/s and j.lost = journal records stored per second and lost (buffer full, timeouts)"
     )
     lines.append("")
     lines.append("targets (issue 5):")

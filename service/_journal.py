@@ -721,7 +721,7 @@ class JournalPublisher:
             self._fail("timeout", f"{lost} journal records not acknowledged", count=lost)
 
     def _fail(self, reason: str, detail: str, *, count: int = 1) -> None:
-        self._metrics.journal_failures.labels(reason).inc(count)
+        self._metrics.count(self._metrics.journal_failures, reason, amount=count)
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY:
             self._last_warning = now
