@@ -109,9 +109,9 @@ _STORED: Final = b'{"stream":'
 _WARN_EVERY: Final = 30.0
 """Seconds between two warnings about lost journal records (the counter has every loss)."""
 _SWEEP_INTERVAL: Final = 0.5
+"""Seconds between checks for acknowledgements that did not arrive in time."""
 _CONFIRM_EVERY: Final = 64
 """Longest run of records published without asking for an acknowledgement."""
-"""Seconds between checks for acknowledgements that did not arrive in time."""
 
 
 # Record format
@@ -335,6 +335,14 @@ class JournalEntry:
         self.started = started or time.time()
         self.duration = duration
         self.fresh = fresh
+
+    @property
+    def changes_state(self) -> bool:
+        """Whether replay needs this record to reconstruct the object's state: a committed
+        write-set, or an alarm delivery (which consumes the alarm)."""
+        if self.kind != "request":
+            return True
+        return self.changes is not None and not self.changes.is_empty()
 
     def aborted(self, error: ActorError) -> JournalEntry:
         """This turn, discarded by the runtime with ``error``.
@@ -600,7 +608,13 @@ class JournalPublisher:
         """Queue a finished turn for the journal; drops (and counts) it when the buffer is full."""
         if not self._running:
             return
-        if len(self._queue) + self._unconfirmed >= self._max_pending:
+        backlog = len(self._queue) + self._unconfirmed
+        if backlog >= self._max_pending // 2 and not entry.changes_state:
+            # Past half full, records that changed nothing (reads, errors, duplicates) give way,
+            # so the records replay needs to rebuild state keep the other half of the buffer.
+            self._fail("shed", "journal buffer half full: read-only records shed")
+            return
+        if backlog >= self._max_pending:
             self._fail("dropped", "journal buffer full")
             return
         self._queue.append(entry)

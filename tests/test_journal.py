@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 
-from actors import Actor, ActorClient, HandlerError, RetryPolicy, method
+from actors import Actor, ActorClient, HandlerError, RetryPolicy, TurnWrites, method
 from examples import Counter
 from ops import cli
 from ops._replay import (
@@ -40,6 +40,7 @@ from ops._replay import (
 from ops._tail import TailOptions, run_tail
 from service import JournalRecord, Worker, WorkerMetrics, journal_stream_name
 from service._journal import JournalEntry, JournalPublisher
+from storage import ALARM_UNCHANGED
 from subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
 from tests.objects import Faulty, Reminder, Store
 from tests.worker_fixtures import WorkerFactory
@@ -566,30 +567,58 @@ class TestJournalFailures:
 
         await _wait_for(counted)
 
-    async def test_full_buffer_drops_and_counts(self, nats_server: Any, nc: NatsClient) -> None:
-        """Entries beyond max_pending are dropped and counted; ``record`` never blocks."""
-        metrics = WorkerMetrics()
-        publisher = JournalPublisher(
+    @staticmethod
+    def _entry(*, writes: bool) -> JournalEntry:
+        from actors import ActorId
+        from service._activation import Envelope
+
+        changes = TurnWrites({"k": b"\x01"}, False, ALARM_UNCHANGED) if writes else None
+        return JournalEntry(
+            ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok", changes=changes
+        )
+
+    @staticmethod
+    def _publisher(nc: NatsClient, metrics: WorkerMetrics, max_pending: int) -> JournalPublisher:
+        return JournalPublisher(
             nc,
             prefix="ndo",
             worker="w",
             metrics=metrics,
             max_age=60.0,
             max_bytes=1024 * 1024,
-            max_pending=10,
+            max_pending=max_pending,
         )
-        assert await publisher.start()
-        from actors import ActorId
-        from service._activation import Envelope
 
+    async def test_full_buffer_drops_and_counts(self, nats_server: Any, nc: NatsClient) -> None:
+        """Entries beyond max_pending are dropped and counted; ``record`` never blocks."""
+        metrics = WorkerMetrics()
+        publisher = self._publisher(nc, metrics, max_pending=10)
+        assert await publisher.start()
         for _ in range(25):  # no await: the sender cannot run in between
-            publisher.record(
-                JournalEntry(ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok")
-            )
+            publisher.record(self._entry(writes=True))
         assert (
             metrics.registry.get_sample_value("ndo_journal_failures_total", {"reason": "dropped"})
             == 15
         )
+        await publisher.stop()
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
+
+    async def test_reads_give_way_to_writes(self, nats_server: Any, nc: NatsClient) -> None:
+        """Past half full, records that changed nothing are shed; writes keep the other half."""
+        metrics = WorkerMetrics()
+        publisher = self._publisher(nc, metrics, max_pending=10)
+        assert await publisher.start()
+        for _ in range(8):
+            publisher.record(self._entry(writes=False))
+        for _ in range(8):
+            publisher.record(self._entry(writes=True))
+
+        def failures(reason: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "ndo_journal_failures_total", {"reason": reason}
+            )
+
+        assert (failures("shed"), failures("dropped")) == (3, 3)  # 5 reads + 5 writes kept
         await publisher.stop()
         assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
 
