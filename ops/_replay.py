@@ -67,7 +67,7 @@ from service import (
     decode_journal_record,
     journal_stream_name,
 )
-from service._journal import jsonable_reply, jsonable_writes
+from service._journal import jsonable_reply, jsonable_writes, record_advances_state
 from storage import InMemoryStorage, ObjectWrite
 from subjects import (
     DEFAULT_PREFIX,
@@ -311,7 +311,10 @@ class JournalStep:
     alarm: float | None
     """The object's alarm after this step (epoch seconds), or None."""
     incomplete: bool
-    """A too-large record at or before this step left values out: ``state`` misses them."""
+    """A too-large record, or a lost one, at or before this step: ``state`` misses values."""
+    missing_before: int = 0
+    """State-changing records the journal lost right before this step (found by the gap in
+    ``write_count``); from here on ``state`` misses their writes."""
 
 
 def _apply(state: dict[str, Any], writes: JournalWrites) -> None:
@@ -330,14 +333,26 @@ def reconstruct(records: Iterable[tuple[int, JournalRecord]]) -> Iterator[Journa
     state: dict[str, Any] = {}
     alarm: float | None = None
     incomplete = False
+    write_counts: dict[str, int] = {}  # activation token -> write_count of its last record
     for seq, record in records:
+        missing = _missing_before(record, write_counts)
         writes = record.writes
         if record.status == "ok" and writes is not None:
             _apply(state, writes)
             if writes.alarm is not UNSET:
                 alarm = writes.alarm
             incomplete = incomplete or record.truncated
-        yield JournalStep(seq, record, dict(state), alarm, incomplete)
+        incomplete = incomplete or missing > 0
+        yield JournalStep(seq, record, dict(state), alarm, incomplete, missing)
+
+
+def _missing_before(record: JournalRecord, write_counts: dict[str, int]) -> int:
+    """State-changing records of the record's activation that should have come before it."""
+    if not record.activation:  # written by an ndo without write counts
+        return 0
+    expected = write_counts.get(record.activation, 0) + (1 if record_advances_state(record) else 0)
+    write_counts[record.activation] = max(record.write_count, expected)
+    return max(0, record.write_count - expected)
 
 
 def _in_window(step: JournalStep, at: Point | None, since: Point | None) -> bool:
@@ -770,11 +785,14 @@ def step_json(
         "writes": msgspec.to_builtins(record.writes),
         "duration": record.duration,
         "worker": record.worker,
+        "activation": record.activation,
+        "write_count": record.write_count,
         "fresh": record.fresh,
         "state": step.state,
         "state_alarm": step.alarm,
         "incomplete": step.incomplete,
         "truncated": record.truncated,
+        "missing_before": step.missing_before,
     }
     if outcome is not None:
         line["executed"] = outcome.executed
@@ -819,6 +837,11 @@ def _print_table(
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip() + "\n")
     for index, row in enumerate(rows):
+        if steps[index].missing_before:
+            out.write(
+                f"!! {steps[index].missing_before} state-changing record(s) lost by the journal "
+                "here (see ndo_journal_failures_total): the state from here on misses them\n"
+            )
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
         if checks is not None:
             for difference in checks[index][1]:
@@ -899,7 +922,10 @@ async def run_replay(
     summary = f"{len(steps)} of {len(records)} recorded steps of {label}"
     if checks is not None:
         summary += f"; {diverged} diverged" if diverged else "; no divergence"
-    if steps and steps[-1].incomplete:
+    lost = sum(step.missing_before for step in steps)
+    if lost:
+        summary += f"; {lost} state-changing record(s) lost by the journal: state incomplete"
+    elif steps and steps[-1].incomplete:
         summary += "; state incomplete (a record was too large to journal in full)"
     (err if options.as_json else out).write(summary + "\n")
     return EXIT_DIVERGED if diverged else EXIT_OK

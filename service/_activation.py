@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -228,6 +229,8 @@ class Activation:
         "_followed",
         "_host",
         "_idempotency",
+        "_journal_token",
+        "_journal_writes",
         "_mailbox",
         "_pending",
         "_pump",
@@ -259,6 +262,10 @@ class Activation:
     _followed: _Turn | None
     """The newest turn still waiting for its commit; read-only turns answer after it."""
     _idempotency: IdempotencyCache[_Turn] | None
+    _journal_token: str
+    """This activation's token in journal records ("" until the first record)."""
+    _journal_writes: int
+    """State-changing journal records released so far (their ``write_count``)."""
     # Handler deadline (kept by the host's DeadlineWatchdog)
     _deadline: float
     """``time.monotonic()`` by which the running handler must finish; 0.0 when none runs."""
@@ -281,6 +288,8 @@ class Activation:
         self._pending = 0
         self._followed = None
         self._idempotency = None
+        self._journal_token = ""
+        self._journal_writes = 0
         self._deadline = 0.0
         self._expired = False
 
@@ -460,7 +469,7 @@ class Activation:
             # idempotency key, if any, was never remembered: nothing to update).
             await self._send_reply(envelope, body, headers)
             if host.journaling:
-                host.journal(
+                self._record(
                     JournalEntry(
                         self.address,
                         self.partition,
@@ -641,7 +650,7 @@ class Activation:
             current = pending.pop(0)
             await self._send_error(current.envelope, failure)
             if current.journal is not None:
-                self._host.journal(current.journal.aborted(failure))
+                self._record(current.journal.aborted(failure))
             if current.envelope.alarm is not None:
                 self._host.alarm_done(self.address, current.envelope.alarm, error)  # retried
             pending.extend(current.followers or ())
@@ -674,17 +683,28 @@ class Activation:
                 )
             await self._send_reply(envelope, current.body, current.headers)
             if current.journal is not None:
-                host.journal(current.journal)
+                self._record(current.journal)
             if current.events:
                 await host.publish_events(self.address.class_name, current.events)
             if envelope.alarm is not None:
                 host.alarm_done(self.address, envelope.alarm, None)
             pending.extend(current.followers or ())
 
+    def _record(self, entry: JournalEntry) -> None:
+        """Stamp a finished turn's record with this activation's token and write count (in
+        release order, so replay can find records the journal lost) and hand it over."""
+        if not self._journal_token:
+            self._journal_token = os.urandom(4).hex()
+        if entry.advances_state:
+            self._journal_writes += 1
+        entry.activation = self._journal_token
+        entry.write_count = self._journal_writes
+        self._host.journal(entry)
+
     def _journal(self, entry: JournalEntry) -> None:
         """Record a turn that commits nothing, in order behind the object's pending writes."""
         if self._followed is None:
-            self._host.journal(entry)
+            self._record(entry)
             return
         follower = _Turn(self, Envelope(None, None, ""), b"", None, None)  # journal only
         follower.journal = entry

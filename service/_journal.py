@@ -77,6 +77,7 @@ __all__ = [
     "jsonable_reply",
     "jsonable_value",
     "jsonable_writes",
+    "record_advances_state",
 ]
 
 _log = structlog.get_logger("ndo.journal")
@@ -196,6 +197,13 @@ class JournalRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="record
     truncated: bool = False
     """The full record was over the server's max_payload: ``args``, ``reply`` and the values of
     ``writes.put`` were left out, so it cannot be re-run and the state after it is incomplete."""
+    activation: str = ""
+    """Token of the in-memory instance (activation) that ran the step; a new one after every
+    eviction, reload or move. Empty in records written before it existed."""
+    write_count: int = 0
+    """Steps of this activation so far, this one included, that committed a non-empty write-set
+    (``writes`` present). Replay checks it for gaps: a record the journal lost (buffer full,
+    timeout) that changed state leaves ``write_count`` one step ahead of what replay counted."""
 
 
 _RECORD_ENCODER: Final = msgspec.json.Encoder()
@@ -278,6 +286,7 @@ class JournalEntry:
     """
 
     __slots__ = (
+        "activation",
         "address",
         "body",
         "changes",
@@ -289,6 +298,7 @@ class JournalEntry:
         "partition",
         "started",
         "status",
+        "write_count",
     )
 
     address: ActorId
@@ -305,6 +315,10 @@ class JournalEntry:
     """``time.time()`` when the turn started."""
     duration: float
     fresh: bool
+    activation: str
+    """Token of the activation that ran the turn (stamped when the record is released)."""
+    write_count: int
+    """State-changing records of that activation up to this one (stamped on release)."""
 
     def __init__(
         self,
@@ -335,6 +349,14 @@ class JournalEntry:
         self.started = started or time.time()
         self.duration = duration
         self.fresh = fresh
+        self.activation = ""
+        self.write_count = 0
+
+    @property
+    def advances_state(self) -> bool:
+        """Whether the record carries a committed, non-empty write-set (counted in
+        ``write_count``; matches ``record_advances_state`` on the encoded record)."""
+        return self.status == "ok" and self.changes is not None and not self.changes.is_empty()
 
     @property
     def changes_state(self) -> bool:
@@ -397,15 +419,22 @@ def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False)
         error=None
         if error is None
         else JournalError(code=error.code, type=error.type, message=error.message),
-        writes=None
-        if entry.changes is None or entry.status != "ok"
-        else jsonable_writes(entry.changes, truncated=truncated),
+        writes=jsonable_writes(entry.changes, truncated=truncated)
+        if entry.advances_state and entry.changes is not None
+        else None,
         time=entry.started,
         duration=entry.duration,
         worker=worker,
         fresh=entry.fresh,
         truncated=truncated,
+        activation=entry.activation,
+        write_count=entry.write_count,
     )
+
+
+def record_advances_state(record: JournalRecord) -> bool:
+    """Whether a record counts in its activation's ``write_count`` (a committed write-set)."""
+    return record.status == "ok" and record.writes is not None
 
 
 # Stream

@@ -274,6 +274,58 @@ class _ChangedStore(Actor):
 _ChangedStore.__name__ = "Store"
 
 
+class TestLostRecords:
+    """Replay finds state-changing records the journal lost, from each activation's write count."""
+
+    async def test_no_false_alarm_in_a_mixed_history(
+        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """Writes, reads, errors, duplicates and a reload from storage: nothing is missing."""
+        store = client.get(Store, "mixed")
+        await store.call(Store.put, key="a", value=1)
+        await store.call(Store.get, key="a")
+        subject = rpc_subject("ndo", "Store", "mixed", "put")
+        for _ in range(2):  # the second is a duplicate: its stored reply, no new write
+            await nc.request(
+                subject, b'{"key": "b", "value": 2}', timeout=5, headers={"Idempotency-Key": "k1"}
+            )
+        await nc.request(subject, b'{"key": 3}', timeout=5)  # 400: wrong type, no turn
+        assert worker.catalog.evict_all_idle("test") >= 1
+        await store.call(Store.put, key="c", value=3)
+        await store.call(Store.get, key="c")
+        await worker.stop()
+        code, lines, err = await _replay_json(nats_url, class_name="Store", object_id="mixed")
+        assert code == EXIT_OK, err
+        assert [line["missing_before"] for line in lines] == [0] * len(lines)
+        assert lines[-1]["state"] == {"a": 1, "b": 2, "c": 3}
+        assert not lines[-1]["incomplete"]
+        assert "lost" not in err
+        assert len({line["activation"] for line in lines}) == 2  # evicted and reloaded once
+
+    async def test_lost_record_is_reported(
+        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """With one write's record gone from the stream, the next step says so and the state
+        from there on is marked incomplete."""
+        store = client.get(Store, "gap")
+        for key, value in (("a", 1), ("b", 2), ("c", 3)):
+            await store.call(Store.put, key=key, value=value)
+        await worker.stop()
+        _, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap")
+        await nc.jetstream().delete_msg("NDO_JOURNAL", lines[1]["seq"])
+        code, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap")
+        assert code == EXIT_OK
+        assert [line["missing_before"] for line in lines] == [0, 1]
+        assert lines[1]["state"] == {"a": 1, "c": 3}
+        assert lines[1]["incomplete"]
+        out = io.StringIO()
+        await run_replay(
+            ReplayOptions(class_name="Store", object_id="gap", nats_url=nats_url), out=out
+        )
+        assert "!! 1 state-changing record(s) lost by the journal" in out.getvalue()
+        assert "1 state-changing record(s) lost by the journal: state incomplete" in out.getvalue()
+
+
 class TestExecute:
     """--execute re-runs recorded inputs on today's code and reports where it diverges."""
 
