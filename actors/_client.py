@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -228,8 +228,11 @@ class ActorStub(Generic[A]):
         reply = await self._client.request(subject, body)
         return self._client._decoder(return_type).decode(reply)
 
-    async def events(self, topic: str = "*") -> AsyncIterator[Event]:
-        """Yield this object's events as they are published (``topic`` may be ``*``)."""
+    async def events(self, topic: str = "*") -> AsyncGenerator[Event, None]:
+        """Yield this object's events as they are published (``topic`` may be ``*``).
+
+        ``aclose()`` the generator (or leave its ``async for``) to unsubscribe.
+        """
         subject = event_wildcard(self._client._prefix, self.class_name, self.object_id, topic)
         sub = await self._client._nc.subscribe(subject)
         try:
