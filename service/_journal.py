@@ -11,14 +11,14 @@ This module owns three things that must agree with each other:
 Publishing: an activation hands a finished turn to ``JournalPublisher.record`` *after* its reply
 left (for a turn that wrote, after the commit). ``record`` only appends a cheap ``JournalEntry``
 (references, nothing encoded) to a bounded buffer. A background task encodes entries and sends
-them with core-NATS publishes. Acknowledgements are asked per *burst*, not per record: only
-the last record of what was buffered (and every ``_CONFIRM_EVERY``-th) carries a reply subject
-on the publisher's own inbox, and its acknowledgement confirms the whole burst. That is sound
-because the server stores one connection's publishes to a stream in order and the stream
-discards old records, never new ones: a later record is stored only if the earlier ones were;
-a deleted stream or a full disk fails the burst's acknowledgement. It halves the messages the
-worker handles per journaled turn (no acknowledgement to parse for most records). No request
-ever waits for JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
+them with core-NATS publishes, a *burst* at a time (what was buffered, up to
+``_CONFIRM_EVERY`` records): on nats-server 2.12+ as one atomic batch (``Nats-Batch-*``
+headers; the stream has ``allow_atomic``), stored all or nothing and several times faster for
+JetStream than single records; on older servers as plain publishes. Either way only the last
+record carries a reply subject on the publisher's own inbox, and its acknowledgement confirms
+the whole burst (for plain publishes because the server stores one connection's publishes in
+order and the stream discards old records, never new ones). No request ever waits for
+JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
 acknowledgement that does not arrive within ``ack_timeout`` is a lost record. Each loss is
 counted in ``ndo_journal_failures_total{reason}`` and logged (rate limited); none fails a
 request.
@@ -35,6 +35,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections import deque
 from itertools import takewhile
@@ -111,8 +112,11 @@ _WARN_EVERY: Final = 30.0
 """Seconds between two warnings about lost journal records (the counter has every loss)."""
 _SWEEP_INTERVAL: Final = 0.5
 """Seconds between checks for acknowledgements that did not arrive in time."""
-_CONFIRM_EVERY: Final = 64
-"""Longest run of records published without asking for an acknowledgement."""
+_CONFIRM_EVERY: Final = 256
+"""Most records in one burst (one atomic batch, one acknowledgement); servers allow 1,000."""
+_BATCH_ID: Final = "Nats-Batch-Id"
+_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 
 
 # Record format
@@ -479,6 +483,7 @@ async def ensure_journal_stream(
             max_age=max_age,
             max_bytes=max_bytes,
             allow_direct=True,
+            allow_atomic=True,  # bursts go in as atomic batches (nats-server 2.12+)
         )
         try:
             return await js.add_stream(config)
@@ -492,9 +497,12 @@ async def ensure_journal_stream(
         and current.max_bytes == max_bytes
         and current.max_age is not None
         and abs(current.max_age - max_age) < 1e-3
+        and current.allow_atomic
     ):
         return info
-    wanted = dataclasses.replace(current, subjects=subjects, max_age=max_age, max_bytes=max_bytes)
+    wanted = dataclasses.replace(
+        current, subjects=subjects, max_age=max_age, max_bytes=max_bytes, allow_atomic=True
+    )
     return await js.update_stream(wanted)
 
 
@@ -526,8 +534,10 @@ class JournalPublisher:
     _unconfirmed: int
     """Records published and not yet acknowledged (sum over ``_inflight``, plus the current
     burst's records sent so far)."""
-    _burst: int
-    """Records of the current burst published without a reply subject so far."""
+    _atomic: bool
+    """The stream takes atomic batches (nats-server 2.12+): a burst is stored all or nothing."""
+    _batch_prefix: str
+    """Prefix of this publisher's batch ids (unique per publisher)."""
     _next_token: int
     _inbox: str
     _sub: Subscription | None
@@ -547,6 +557,7 @@ class JournalPublisher:
         max_bytes: int,
         max_pending: int = 10_000,
         ack_timeout: float = 5.0,
+        atomic_batches: bool = True,
     ) -> None:
         """Describe the publisher; nothing happens until ``start``.
 
@@ -560,6 +571,8 @@ class JournalPublisher:
             max_pending: records buffered or waiting for their acknowledgement before new ones
                 are dropped.
             ack_timeout: seconds after which an unacknowledged record counts as lost.
+            atomic_batches: publish bursts as atomic batches when the stream allows them
+                (False: plain publishes, as on servers before 2.12).
         """
         self._nc = nc
         self._prefix = prefix
@@ -573,7 +586,8 @@ class JournalPublisher:
         self._queue = deque()
         self._inflight = {}
         self._unconfirmed = 0
-        self._burst = 0
+        self._atomic = atomic_batches  # and the stream allows them: checked in start()
+        self._batch_prefix = ""
         self._next_token = 0
         self._inbox = ""
         self._sub = None
@@ -620,6 +634,8 @@ class JournalPublisher:
                 error=str(exc),
             )
             return False
+        self._atomic = self._atomic and bool(info.config.allow_atomic)  # None before 2.12
+        self._batch_prefix = os.urandom(6).hex() + "-"
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._handle_ack)
         self._running = True
@@ -669,7 +685,7 @@ class JournalPublisher:
         lost = len(self._queue) + self._unconfirmed
         self._queue.clear()
         self._inflight.clear()
-        self._unconfirmed = self._burst = 0
+        self._unconfirmed = 0
         if lost:
             self._fail("timeout", f"{lost} journal records unconfirmed at shutdown", count=lost)
         if self._sub is not None:
@@ -685,44 +701,62 @@ class JournalPublisher:
             self._wakeup.clear()
             self._expire(time.monotonic())
             while self._queue:
-                entry = self._queue.popleft()
-                confirm = not self._queue or self._burst + 1 >= _CONFIRM_EVERY
-                await self._publish(entry, confirm=confirm)
+                await self._publish_burst(self._encode_burst())
 
-    async def _publish(self, entry: JournalEntry, *, confirm: bool) -> None:
-        """Publish one record; with ``confirm``, ask for the acknowledgement of it and of the
-        records published without one before it."""
-        try:
-            data = encode_journal_record(journal_record(entry, self._worker))
+    def _encode_burst(self) -> list[tuple[str, bytes]]:
+        """Take up to ``_CONFIRM_EVERY`` buffered entries and encode them (no await in here,
+        so ``record`` cannot interleave); entries that cannot be encoded are counted lost."""
+        burst: list[tuple[str, bytes]] = []
+        while self._queue and len(burst) < _CONFIRM_EVERY:
+            entry = self._queue.popleft()
+            try:
+                data = encode_journal_record(journal_record(entry, self._worker))
+                if len(data) > self._nc.max_payload:
+                    data = encode_journal_record(
+                        journal_record(entry, self._worker, truncated=True)
+                    )
+            except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+                self._fail("encode_error", str(exc))
+                continue
             if len(data) > self._nc.max_payload:
-                data = encode_journal_record(journal_record(entry, self._worker, truncated=True))
-        except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
-            self._fail("encode_error", str(exc))
+                self._fail("too_large", f"record of {len(data)} bytes")
+                continue
+            address = entry.address
+            burst.append(
+                (journal_subject(self._prefix, address.class_name, address.object_id), data)
+            )
+        return burst
+
+    async def _publish_burst(self, burst: list[tuple[str, bytes]]) -> None:
+        """Publish a burst with one acknowledgement for all of it: as one atomic batch when the
+        stream allows it, else as plain publishes of which the last asks for the ack."""
+        if not burst:
             return
-        if len(data) > self._nc.max_payload:
-            self._fail("too_large", f"record of {len(data)} bytes")
-            return
-        subject = journal_subject(self._prefix, entry.address.class_name, entry.address.object_id)
-        reply = ""
-        if confirm:
-            token = str(self._next_token)
-            self._next_token += 1
-            self._inflight[token] = (time.monotonic() + self._ack_timeout, self._burst + 1)
-            reply = f"{self._inbox}.{token}"
-        self._unconfirmed += 1
+        count = len(burst)
+        token = str(self._next_token)
+        self._next_token += 1
+        self._inflight[token] = (time.monotonic() + self._ack_timeout, count)
+        self._unconfirmed += count
+        reply = f"{self._inbox}.{token}"
+        batch_id = f"{self._batch_prefix}{token}" if self._atomic and count > 1 else None
         try:
-            # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes these
-            # subjects, and a header-less publish is cheaper.
-            await self._nc.publish(subject, data, reply=reply)
+            for index, (subject, data) in enumerate(burst, start=1):
+                last = index == count
+                if batch_id is None:
+                    # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes
+                    # these subjects, and a header-less publish is cheaper.
+                    await self._nc.publish(subject, data, reply=reply if last else "")
+                    continue
+                headers = {_BATCH_ID: batch_id, _BATCH_SEQUENCE: str(index)}
+                if last:
+                    headers[_BATCH_COMMIT] = "1"
+                await self._nc.publish(subject, data, reply=reply if last else "", headers=headers)
         except nats.errors.Error as exc:
-            # The burst so far cannot be confirmed any more: count it lost with this record.
-            if confirm:
-                self._inflight.pop(token, None)
-            lost, self._burst = self._burst + 1, 0
-            self._unconfirmed -= lost
-            self._fail("publish_error", str(exc), count=lost)
-            return
-        self._burst = 0 if confirm else self._burst + 1
+            # The burst cannot be confirmed any more (an atomic batch left open is discarded by
+            # the server): count all of it lost.
+            if self._inflight.pop(token, None) is not None:
+                self._unconfirmed -= count
+                self._fail("publish_error", str(exc), count=count)
 
     async def _handle_ack(self, msg: Msg) -> None:
         token = msg.subject.rpartition(".")[2]

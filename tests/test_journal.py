@@ -679,13 +679,21 @@ class TestBurstConfirmation:
     """One acknowledgement confirms a burst of records: every record is counted either way."""
 
     @staticmethod
-    async def _burst(nc: NatsClient, count: int, *, delete_stream: bool) -> WorkerMetrics:
+    async def _burst(
+        nc: NatsClient, count: int, *, delete_stream: bool, atomic: bool = True
+    ) -> WorkerMetrics:
         from actors import ActorId
         from service._activation import Envelope
 
         metrics = WorkerMetrics()
         publisher = JournalPublisher(
-            nc, prefix="ndo", worker="w", metrics=metrics, max_age=60.0, max_bytes=1 << 20
+            nc,
+            prefix="ndo",
+            worker="w",
+            metrics=metrics,
+            max_age=60.0,
+            max_bytes=1 << 20,
+            atomic_batches=atomic,
         )
         assert await publisher.start()
         if delete_stream:
@@ -698,12 +706,17 @@ class TestBurstConfirmation:
         assert publisher.pending == 0
         return metrics
 
-    async def test_stored_burst(self, nats_server: Any, nc: NatsClient) -> None:
-        """150 records in one burst (3 acknowledgements): all counted, all in the stream."""
-        metrics = await self._burst(nc, 150, delete_stream=False)
-        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 150
+    @pytest.mark.parametrize("atomic", [True, False], ids=["atomic-batches", "plain"])
+    async def test_stored_burst(self, nats_server: Any, nc: NatsClient, atomic: bool) -> None:
+        """600 records buffered at once go out in three bursts (256 + 256 + 88), each with one
+        acknowledgement: all counted, all in the stream."""
+        metrics = await self._burst(nc, 600, delete_stream=False, atomic=atomic)
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 600
         info = await nc.jetstream().stream_info("NDO_JOURNAL")
-        assert info.state.messages == 150
+        assert info.state.messages == 600
+        assert info.config.allow_atomic
+        stored = await nc.jetstream().get_msg("NDO_JOURNAL", seq=info.state.first_seq)
+        assert ("Nats-Batch-Id" in (stored.headers or {})) is atomic
 
     async def test_lost_burst(self, nats_server: Any, nc: NatsClient) -> None:
         """With the stream gone, the burst's one failed acknowledgement counts every record."""
