@@ -651,7 +651,7 @@ class OwnershipManager:
             lease.state = LeaseState.SERVING
             self._serving[partition] = lease.deadline
             self._moves.labels("acquired").inc()
-            _log.info("partition acquired", partition=partition, epoch=epoch)
+            _log.debug("partition acquired", partition=partition, epoch=epoch)
             self._host.partitions_changed()
         except _TRANSIENT as exc:
             _log.warning("acquiring a partition failed", partition=partition, error=repr(exc))
@@ -788,7 +788,7 @@ class OwnershipManager:
             self._held.pop(partition, None)
             self._released[partition] = time.monotonic() + min(2.0, float(self._ttl))
         self._moves.labels("released").inc()
-        _log.info("partition released", partition=partition)
+        _log.debug("partition released", partition=partition)
         self._host.partitions_changed()
 
     def _drop(self, partition: int, lease: _Lease, reason: str) -> None:

@@ -60,7 +60,7 @@ from service._config import WorkerConfig
 from service._discovery import start_discovery
 from service._journal import JournalEntry, JournalPublisher
 from service._metrics import WorkerMetrics
-from service._ownership import OwnershipError, OwnershipManager
+from service._ownership import OwnershipError, OwnershipManager, partitions_text
 from service._routing import Router, RoutingError, RoutingMode, detect_routing, drain_all
 from storage import (
     ALARM_UNCHANGED,
@@ -89,6 +89,9 @@ QUEUE_GROUP = "ndo-workers"
 
 _ROUTING_CHECK = 15.0
 """Seconds between checks of the server's routing (a mapping added or removed at runtime)."""
+
+_PARTITIONS_LOG_DELAY = 0.5
+"""Seconds partition moves settle before the worker logs what it serves now."""
 
 _MAX_ROUTES = 8192
 """Parsed request subjects remembered; the cache is emptied when it is full."""
@@ -159,6 +162,10 @@ class Worker:
     served again until they are idle."""
     _tasks: set[asyncio.Task[None]]
     _max_payload: int
+    _partitions_log: asyncio.TimerHandle | None
+    """Pending "serving partitions" summary."""
+    _partitions_logged: frozenset[int]
+    """Partitions the last summary reported."""
     _routes: dict[str, _Route]
     """Parsed request subjects (the subject as received: RPC, mapped or forwarded)."""
 
@@ -219,6 +226,8 @@ class Worker:
         self._tasks = set()
         self._max_payload = config.max_payload
         self._routes = {}
+        self._partitions_log = None
+        self._partitions_logged = frozenset()
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
@@ -338,6 +347,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.deadlines.close()
+        if self._partitions_log is not None:
+            self._partitions_log.cancel()
+            self._partitions_log = None
         self.catalog.evict_all_idle()
         if self._nc is not None:
             await _close_quietly(self._nc)
@@ -677,8 +689,29 @@ class Worker:
                 del self._zombies[p]
 
     def partitions_changed(self) -> None:
-        """The served partitions changed: let the alarm scheduler look again."""
+        """The served partitions changed: let the alarm scheduler look again, and log a summary
+        once the moves of the moment have settled (one line, not one per partition)."""
         self.alarms.partitions_changed()
+        if self._partitions_log is None and self.state is WorkerState.RUNNING:
+            self._partitions_log = asyncio.get_running_loop().call_later(
+                _PARTITIONS_LOG_DELAY, self._log_partitions
+            )
+
+    def _log_partitions(self) -> None:
+        self._partitions_log = None
+        serving = self.partitions
+        gained = sorted(serving - self._partitions_logged)
+        lost = sorted(self._partitions_logged - serving)
+        self._partitions_logged = serving
+        if gained or lost:
+            _log.info(
+                "serving partitions",
+                worker=self.name,
+                count=len(serving),
+                partitions=partitions_text(serving),
+                acquired=partitions_text(gained),
+                released=partitions_text(lost),
+            )
 
     # Alarms
 

@@ -21,6 +21,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from structlog.testing import capture_logs
 
 from actors import ActorClient, RetryPolicy
 from examples import Counter
@@ -124,6 +125,33 @@ class TestAssignment:
         moved = [p for p in range(64) if before[p] != after[p]]
         assert all(after[p] == "c-3" for p in moved) or len(moved) <= 32
         assert 21 <= len(moved) <= 32
+
+
+class TestPartitionLog:
+    """Partition moves are summarised in one log line per change, not one per partition."""
+
+    async def test_one_summary_per_change(
+        self, make_nats_server: NatsServerFactory, start_workers: Any
+    ) -> None:
+        """The first worker logs all partitions once; when a second joins, the first logs
+        what it released in one line."""
+        server = await make_nats_server()
+        with capture_logs() as logs:
+            first = await start_workers(server.url)
+            await _wait(lambda: any(e["event"] == "serving partitions" for e in logs))
+            second = await start_workers(server.url)
+            await _wait(lambda: first.partitions and len(first.partitions) < PARTITIONS)
+            await _wait(
+                lambda: sum(e["event"] == "serving partitions" for e in logs) >= 3, timeout=5
+            )
+        summaries = [e for e in logs if e["event"] == "serving partitions"]
+        first_logs = [e for e in summaries if e["worker"] == first.name]
+        assert first_logs[0]["count"] == PARTITIONS
+        assert first_logs[0]["partitions"] == f"0-{PARTITIONS - 1}"
+        assert any(e["released"] != "-" for e in first_logs[1:])
+        assert any(e["worker"] == second.name and e["count"] > 0 for e in summaries)
+        acquired = [e for e in logs if e["event"] == "partition acquired"]
+        assert acquired and all(e["log_level"] == "debug" for e in acquired)
 
 
 class TestRoutingDetection:
