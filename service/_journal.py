@@ -392,20 +392,27 @@ class JournalEntry:
 
 
 def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False) -> JournalRecord:
-    """Build the record of a finished turn (decodes arguments, reply and values)."""
+    """Build the record of a finished turn, ready for ``encode_journal_record`` (its ``args``
+    and ``reply`` may hold a Struct and raw JSON; decode the encoded record to inspect it)."""
     envelope = entry.envelope
     headers: dict[str, str] = {}
     if envelope.idempotency_key is not None:
         headers[Header.IDEMPOTENCY_KEY.value] = envelope.idempotency_key
     if envelope.msgpack:
         headers[Header.CONTENT_TYPE.value] = MSGPACK_CONTENT_TYPE
-    args: dict[str, Any] = {}
+    # For speed, the record is built to be encoded, not inspected: the arguments stay the
+    # decoded Struct (msgspec encodes it as the same JSON object to_builtins would give), and a
+    # JSON reply body is embedded as it was sent (it is valid JSON: the worker encoded it).
+    args: Any = {}
     if envelope.args is not None and not truncated:
-        args = msgspec.to_builtins(envelope.args)
+        args = envelope.args
     delivery = envelope.alarm
     reply = None
     if entry.body is not None and entry.status in ("ok", "duplicate") and not truncated:
-        reply = jsonable_reply(entry.body, envelope.msgpack)
+        if envelope.msgpack:
+            reply = jsonable_value(entry.body)
+        elif entry.body:
+            reply = msgspec.Raw(entry.body)
     error = entry.error
     return JournalRecord(
         kind=entry.kind,
