@@ -7,6 +7,7 @@ wait for hand-overs the way an operator would watch them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from ops._errors import StatusError
+from service._discovery import SERVICE_NAME
 from service._ownership import (
     CONFIG_KEY,
     DeploymentRecord,
@@ -27,10 +29,13 @@ from service._ownership import (
 
 __all__ = [
     "DeploymentStatus",
+    "DiscoveredWorker",
     "MemberStatus",
     "PartitionStatus",
     "StatusError",
+    "discover_workers",
     "fetch_status",
+    "format_discovered",
     "format_status",
 ]
 
@@ -88,6 +93,60 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     def unheld(self) -> list[int]:
         """Partitions nobody holds."""
         return [p.partition for p in self.leases if p.owner is None]
+
+
+class DiscoveredWorker(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker that answered the NATS service API (``$SRV.INFO.ndo``)."""
+
+    name: str
+    """The worker's name (``--worker-name``)."""
+    classes: list[str]
+    """Classes it serves."""
+    version: str
+    """ndo version it runs."""
+
+
+async def discover_workers(
+    nc: NatsClient, prefix: str, *, wait: float = 0.5
+) -> list[DiscoveredWorker]:
+    """Workers of deployment ``prefix`` that answer ``$SRV.INFO.ndo`` within ``wait`` seconds
+    (any worker, with or without JetStream), sorted by name."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: dict[str, DiscoveredWorker] = {}
+    try:
+        await nc.publish(f"$SRV.INFO.{SERVICE_NAME}", b"", reply=inbox)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError, AttributeError):
+                info = msgspec.json.decode(msg.data)
+                metadata = info["metadata"]
+                if metadata.get("prefix") != prefix:
+                    continue
+                name = metadata["worker"]
+                classes = [c for c in metadata.get("classes", "").split(",") if c]
+                found[name] = DiscoveredWorker(
+                    name=name, classes=classes, version=str(info.get("version", ""))
+                )
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return sorted(found.values(), key=lambda w: w.name)
+
+
+def format_discovered(workers: Sequence[DiscoveredWorker], reason: str) -> str:
+    """Text table of workers found through discovery when there is no lease bucket."""
+    lines = [f"{reason}; workers answering the NATS service API:", ""]
+    lines += _table(
+        ("WORKER", "VERSION", "CLASSES"),
+        [(w.name, w.version, ",".join(w.classes)) for w in workers],
+    )
+    lines += ["", "each serves every partition alone (no leases): run only one per deployment"]
+    return "\n".join(lines)
 
 
 async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:

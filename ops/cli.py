@@ -42,7 +42,13 @@ from ops._replay import (
     parse_size,
     run_replay,
 )
-from ops._status import StatusError, fetch_status, format_status
+from ops._status import (
+    StatusError,
+    discover_workers,
+    fetch_status,
+    format_discovered,
+    format_status,
+)
 from ops._tail import TailOptions, run_tail
 from service import (
     OwnershipError,
@@ -517,8 +523,22 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
     try:
-        status = await fetch_status(nc, args.prefix)
-    except (StatusError, nats.errors.Error) as exc:
+        try:
+            status = await fetch_status(nc, args.prefix)
+        except StatusError as exc:
+            # No lease bucket (no JetStream, or only standalone workers): list who answers the
+            # NATS service API instead, which every worker does.
+            workers = await discover_workers(nc, args.prefix)
+            if not workers:
+                print(f"ndo status: {exc}; no worker answered $SRV.INFO.ndo", file=sys.stderr)
+                return 1
+            if args.json:
+                document = {"standalone": True, "reason": str(exc), "workers": workers}
+                print(msgspec.json.format(msgspec.json.encode(document).decode(), indent=2))
+            else:
+                print(format_discovered(workers, str(exc)))
+            return 0
+    except nats.errors.Error as exc:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
     finally:
