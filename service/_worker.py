@@ -320,25 +320,15 @@ class Worker:
             return
         was_running = self.state is WorkerState.RUNNING
         self.state = WorkerState.STOPPING
-        if self._discovery is not None:
-            with contextlib.suppress(Exception):  # best effort: only tooling sees it
-                await self._discovery.stop()
-            self._discovery = None
-        if self._router is not None:
-            await self._router.stop_rpc()
-        if self._ownership is not None:
-            if was_running:
-                await self._ownership.leave()
-            await self._ownership.close()
-        if self._router is not None:
-            await self._router.close()
-        if self._unsubscribing:
-            await asyncio.wait(set(self._unsubscribing), timeout=10)
-        if was_running:
-            await self._drain()
-        await self.committer.stop()
+        # Each step runs even if an earlier one failed (a NATS server that is gone makes the
+        # NATS-facing ones fail): commits must flush and storage must close, or the process
+        # hangs on its SQLite threads.
+        await _step("leave service discovery", self._stop_discovery())
+        await _step("stop taking requests", self._stop_taking_requests(was_running))
+        await _step("flush commits", self.committer.stop())
         if self._journal is not None:
-            await self._journal.stop()  # after the committer: its last releases are recorded
+            # After the committer: its last releases are recorded.
+            await _step("flush the journal", self._journal.stop())
             self._journal = None
         tasks = list(self._tasks)
         for task in tasks:
@@ -354,9 +344,29 @@ class Worker:
         if self._nc is not None:
             await _close_quietly(self._nc)
             self._nc = None
-        await self.storage.close()
+        await _step("close storage", self.storage.close())
         self.state = WorkerState.STOPPED
         _log.info("worker stopped", worker=self.name)
+
+    async def _stop_discovery(self) -> None:
+        if self._discovery is not None:
+            discovery, self._discovery = self._discovery, None
+            await discovery.stop()
+
+    async def _stop_taking_requests(self, was_running: bool) -> None:
+        """Unsubscribe, hand partitions over (leases), and let queued turns finish."""
+        if self._router is not None:
+            await self._router.stop_rpc()
+        if self._ownership is not None:
+            if was_running:
+                await self._ownership.leave()
+            await self._ownership.close()
+        if self._router is not None:
+            await self._router.close()
+        if self._unsubscribing:
+            await asyncio.wait(set(self._unsubscribing), timeout=10)
+        if was_running:
+            await self._drain()
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_timeout
@@ -777,14 +787,23 @@ class Worker:
         self._routing_recheck.set()
 
 
+async def _step(what: str, step: Coroutine[Any, Any, None]) -> None:
+    """Run one shutdown step; a failure is logged and shutdown goes on."""
+    try:
+        await step
+    except Exception as exc:
+        _log.warning("shutdown step failed; going on", step=what, error=repr(exc))
+
+
 async def _close_quietly(nc: NatsClient) -> None:
     """Flush and close a NATS connection that may already be broken (server gone)."""
-    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError, RuntimeError):
         await nc.flush(timeout=2)
     try:
         async with asyncio.timeout(5):
             await nc.close()
-    except (nats.errors.Error, OSError, TimeoutError):
+    except (nats.errors.Error, OSError, TimeoutError, RuntimeError):
+        # RuntimeError: uvloop refuses writes on a transport that is already closed.
         pass
     except asyncio.CancelledError:
         # nats-py can raise CancelledError from a transport that died under it; only a

@@ -8,6 +8,7 @@ timeout and killed at teardown.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import signal
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -356,6 +358,31 @@ class TestShutdown:
             assert code == 0, process.output
             assert process.events("worker stopped")
             assert _wait_gone(server_pid), f"nats-server {server_pid} outlived ndo serve"
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    async def test_signal_after_the_server_died(
+        self, tmp_path: Path, make_nats_server: Any, loop: str
+    ) -> None:
+        """With its NATS server gone (the worker is reconnecting), SIGTERM still drains,
+        closes storage and exits 0 without a traceback."""
+        if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            pytest.skip("uvloop is not installed (pip install -e '.[fast]')")
+        server = await make_nats_server()
+        process = ServeProcess(
+            "--nats-url", server.url, "--data-dir", str(tmp_path / "data"), "--loop", loop
+        )
+        with process:
+            await process.async_wait_serving()
+            await server.stop()
+            await asyncio.sleep(1.0)  # the worker notices and starts reconnecting
+            process.send_signal(signal.SIGTERM)
+            try:
+                code = await asyncio.to_thread(process.wait, SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"ndo serve still running {SHUTDOWN_TIMEOUT}s after SIGTERM")
+            assert code == 0, process.output
+            assert "Traceback" not in process.output
+            assert process.events("worker stopped")
 
     def test_kill_9_takes_the_server_along(self, tmp_path: Path) -> None:
         """Even SIGKILL of ndo serve stops its nats-server (parent-death signal)."""
