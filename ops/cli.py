@@ -29,11 +29,12 @@ from actors import ActorClient, ActorError, RetryPolicy
 from ops._bench import add_bench_parser, run_bench
 from ops._config_file import ConfigFileError, load_config_file
 from ops._connect import CannotConnectError, connect_once
+from ops._errors import OpsError
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import configure_logging
 from ops._loop import LOOP_CHOICES, resolve_loop
 from ops._loop import run as run_on_loop
-from ops._nats_server import EmbeddedNatsServer, NatsServerError
+from ops._nats_server import EmbeddedNatsServer
 from ops._replay import (
     EXIT_ERROR,
     ReplayOptions,
@@ -51,8 +52,7 @@ from ops._status import (
 )
 from ops._tail import TailOptions, run_tail
 from service import (
-    OwnershipError,
-    RoutingError,
+    ServiceError,
     Worker,
     WorkerConfig,
     mapping_snippet,
@@ -457,14 +457,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return run_on_loop(_run_service(config, classes, args, loop), loop)
-    except (
-        NatsServerError,
-        StorageError,
-        OSError,
-        nats.errors.Error,
-        OwnershipError,
-        RoutingError,
-    ) as exc:
+    except (OpsError, ServiceError, StorageError, OSError, nats.errors.Error) as exc:
         print(f"ndo serve: {exc}", file=sys.stderr)
         return 1
 
@@ -479,9 +472,15 @@ async def _run_service(
     registry = CollectorRegistry()
     metrics_server = None
     if args.metrics_port is not None:
-        metrics_server, _ = start_http_server(
-            args.metrics_port, addr=args.metrics_host, registry=registry
-        )
+        try:
+            metrics_server, _ = start_http_server(
+                args.metrics_port, addr=args.metrics_host, registry=registry
+            )
+        except OSError as exc:
+            raise OpsError(
+                f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: "
+                f"{exc.strerror}; pick another --metrics-port (or leave it out)"
+            ) from None
         _log.info("metrics endpoint", url=f"http://{args.metrics_host}:{args.metrics_port}/metrics")
     embedded: EmbeddedNatsServer | None = None
     try:

@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import textwrap
 import urllib.request
@@ -222,6 +223,21 @@ class TestServe:
         result = run_ndo("serve", *modules, "--port", str(free_port()), "--data-dir", str(tmp_path))
         assert result.returncode == 2
         assert message in result.stderr
+        assert not (tmp_path / "nats").exists()
+
+    def test_metrics_port_taken(self, tmp_path: Path) -> None:
+        """A metrics port in use exits 1 with a fix-it message, before starting anything."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = run_ndo(
+                "serve", "--port", "0", "--data-dir", str(tmp_path), "--metrics-port", str(port)
+            )
+        assert result.returncode == 1
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+        assert "pick another --metrics-port" in result.stderr
+        assert "Traceback" not in result.stderr
         assert not (tmp_path / "nats").exists()
 
     def test_bad_config_value(self, tmp_path: Path) -> None:
