@@ -922,6 +922,16 @@ async def run_replay(
     summary = f"{len(steps)} of {len(records)} recorded steps of {label}"
     if checks is not None:
         summary += f"; {diverged} diverged" if diverged else "; no divergence"
+        after_gap = sum(
+            1
+            for step, (_, differences) in zip(steps, checks, strict=True)
+            if differences and step.incomplete
+        )
+        if after_gap:
+            summary += (
+                f" ({after_gap} of them after records the journal lost or truncated: the "
+                "re-run started from a state missing those writes, so the gap may be the cause)"
+            )
     lost = sum(step.missing_before for step in steps)
     if lost:
         summary += f"; {lost} state-changing record(s) lost by the journal: state incomplete"

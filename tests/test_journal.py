@@ -325,6 +325,26 @@ class TestLostRecords:
         assert "!! 1 state-changing record(s) lost by the journal" in out.getvalue()
         assert "1 state-changing record(s) lost by the journal: state incomplete" in out.getvalue()
 
+    async def test_divergence_after_a_gap_is_attributed(
+        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """--execute: a step that diverges because a lost write is missing is reported as
+        possibly caused by the gap (the exit code still says it diverged)."""
+        store = client.get(Store, "gap-exec")
+        await store.call(Store.put, key="b", value=2)
+        await store.call(Store.put, key="c", value=3)
+        assert await store.call(Store.get, key="b") == 2
+        await worker.stop()
+        _, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap-exec")
+        await nc.jetstream().delete_msg("NDO_JOURNAL", lines[0]["seq"])
+        out, err = io.StringIO(), io.StringIO()
+        options = ReplayOptions(
+            class_name="Store", object_id="gap-exec", nats_url=nats_url, execute=True
+        )
+        code = await run_replay(options, classes=[Store], out=out, err=err)
+        assert code == EXIT_DIVERGED
+        assert "1 diverged (1 of them after records the journal lost" in out.getvalue()
+
 
 class TestExecute:
     """--execute re-runs recorded inputs on today's code and reports where it diverges."""
