@@ -477,6 +477,8 @@ async def ensure_journal_stream(
     js = nc.jetstream()
     name = journal_stream_name(prefix)
     subjects = journal_stream_subjects(prefix)
+    # Older servers do not know allow_atomic (and a strict one would refuse the field).
+    atomic: bool | None = True if _supports_atomic_batches(nc) else None
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
@@ -490,7 +492,7 @@ async def ensure_journal_stream(
             max_age=max_age,
             max_bytes=max_bytes,
             allow_direct=True,
-            allow_atomic=True,  # bursts go in as atomic batches (nats-server 2.12+)
+            allow_atomic=atomic,  # bursts go in as atomic batches (nats-server 2.12+)
         )
         try:
             return await js.add_stream(config)
@@ -504,13 +506,26 @@ async def ensure_journal_stream(
         and current.max_bytes == max_bytes
         and current.max_age is not None
         and abs(current.max_age - max_age) < 1e-3
-        and current.allow_atomic
+        and (current.allow_atomic or atomic is None)
     ):
         return info
     wanted = dataclasses.replace(
-        current, subjects=subjects, max_age=max_age, max_bytes=max_bytes, allow_atomic=True
+        current,
+        subjects=subjects,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        allow_atomic=atomic if atomic else current.allow_atomic,
     )
     return await js.update_stream(wanted)
+
+
+def _supports_atomic_batches(nc: NatsClient) -> bool:
+    """Whether the connected server takes atomic batch publishes (nats-server 2.12+)."""
+    try:
+        version = nc.connected_server_version
+        return (version.major, version.minor) >= (2, 12)
+    except (ValueError, TypeError):  # an unparsable version string
+        return False
 
 
 # Publisher
