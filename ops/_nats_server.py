@@ -150,6 +150,7 @@ class EmbeddedNatsServer:
     _jetstream: bool
     _mappings: dict[str, str]
     _max_payload: int | None
+    _websocket_port: int | None
     _binary: str | None
     _startup_timeout: float
 
@@ -169,6 +170,7 @@ class EmbeddedNatsServer:
         jetstream: bool = True,
         mappings: dict[str, str] | None = None,
         max_payload: int | None = None,
+        websocket_port: int | None = None,
         binary: str | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
@@ -183,6 +185,8 @@ class EmbeddedNatsServer:
             mappings: Subject mappings, source pattern to destination template, e.g.
                 ``{"ndo.rpc.*.*.*": "ndo.part.{{partition(64,1,2)}}.{{wildcard(1)}}..."}``.
             max_payload: Largest message the server accepts, in bytes (server default 1 MiB).
+            websocket_port: Also accept WebSocket clients (browsers, ``nats.ws``) on this port,
+                on ``host``, without TLS (for local development).
             binary: Path of the ``nats-server`` executable; default
                 :func:`find_nats_server_binary`.
             startup_timeout: Seconds to wait for the server to listen before giving up.
@@ -194,6 +198,8 @@ class EmbeddedNatsServer:
             raise ValueError(f"port must be 0 (random) or 1-65535, got {port}")
         if max_payload is not None and max_payload <= 0:
             raise ValueError(f"max_payload must be a positive number of bytes, got {max_payload}")
+        if websocket_port is not None and not 1 <= websocket_port <= 65535:
+            raise ValueError(f"websocket_port must be 1-65535, got {websocket_port}")
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be > 0 seconds, got {startup_timeout}")
         if not host:
@@ -204,6 +210,7 @@ class EmbeddedNatsServer:
         self._jetstream = jetstream
         self._mappings = dict(mappings) if mappings else {}
         self._max_payload = max_payload
+        self._websocket_port = websocket_port
         self._binary = binary
         self._startup_timeout = startup_timeout
         self._status = _Status.STOPPED
@@ -318,6 +325,13 @@ class EmbeddedNatsServer:
                 "jetstream {",
                 f"  store_dir: {json.dumps(str(self._store_dir))}",
                 "  sync_interval: always",
+                "}",
+            ]
+        if self._websocket_port is not None:
+            lines += [
+                "websocket {",
+                f"  listen: {json.dumps(f'{_format_host(self._host)}:{self._websocket_port}')}",
+                "  no_tls: true",
                 "}",
             ]
         if self._mappings:

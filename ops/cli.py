@@ -131,6 +131,13 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         help="embedded server's client port [env NDO_PORT; default 4222; 0=any]",
     )
     serve.add_argument(
+        "--websocket-port",
+        type=int,
+        default=_env("websocket_port", None) or None,
+        help="embedded server also accepts WebSocket clients (browsers: "
+        "examples/drawing_board.html) on this port, without TLS [env NDO_WEBSOCKET_PORT]",
+    )
+    serve.add_argument(
         "--data-dir",
         type=Path,
         default=Path(_env("data_dir", "ndo-data")),
@@ -428,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        if args.nats_url is not None and args.websocket_port is not None:
+            raise ValueError(
+                "--websocket-port configures the embedded nats-server; with --nats-url, enable "
+                "websocket { port: N, no_tls: true } in your server's configuration instead"
+            )
         configure_logging(args.log_format, args.log_level)
         classes = load_actor_classes(args.modules or list(DEFAULT_MODULES))
         config = WorkerConfig(
@@ -490,10 +502,18 @@ async def _run_service(
                 store_dir=config.data_dir / "nats",
                 port=args.port,
                 mappings=dict([server_mapping(config.prefix, config.partitions)]),
+                websocket_port=args.websocket_port,
             )
             await embedded.start()
             config = msgspec.structs.replace(config, nats_url=embedded.url)
-            _log.info("embedded nats-server started", url=embedded.url, pid=embedded.pid)
+            _log.info(
+                "embedded nats-server started",
+                url=embedded.url,
+                pid=embedded.pid,
+                websocket=None
+                if args.websocket_port is None
+                else f"ws://127.0.0.1:{args.websocket_port}",
+            )
         async with Worker(config, classes, registry=registry):
             _log.info(
                 "serving; press Ctrl-C to stop",

@@ -240,6 +240,15 @@ class TestServe:
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "nats").exists()
 
+    def test_websocket_port_needs_the_embedded_server(self, tmp_path: Path) -> None:
+        """--websocket-port with --nats-url is a usage error saying what to do instead."""
+        result = run_ndo(
+            "serve", "--nats-url", "nats://127.0.0.1:1", "--websocket-port", "9222",
+            "--data-dir", str(tmp_path),
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "enable websocket" in result.stderr
+
     def test_bad_config_value(self, tmp_path: Path) -> None:
         """An invalid setting exits 2 with a fix-it message."""
         result = run_ndo("serve", "--partitions", "0", "--data-dir", str(tmp_path))
