@@ -40,5 +40,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
         dest = key.replace("-", "_")
         if isinstance(value, dict):
             raise ConfigFileError(f"option {key!r} must be a value, not a table")
+        if dest == "modules":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+                raise ConfigFileError(
+                    'modules must be a list of module names, e.g. modules = ["myapp.objects"]'
+                )
+        elif isinstance(value, list):
+            raise ConfigFileError(f"option {key!r} takes one value, not a list")
         options[dest] = value
     return options

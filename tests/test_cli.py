@@ -453,6 +453,8 @@ class TestConfigFile:
             ("max-active = 'many'\n", "invalid int value: 'many'"),
             ("x = [\n", "not valid TOML"),
             ("[journal]\nage = 1\n", "must be a value, not a table"),
+            ("modules = [1]\n", "modules must be a list of module names"),
+            ("port = [1, 2]\n", "takes one value, not a list"),
         ],
     )
     def test_bad_file_is_a_usage_error(self, tmp_path: Path, text: str, message: str) -> None:
@@ -464,6 +466,12 @@ class TestConfigFile:
         assert message in result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "d").exists()
+
+    def test_one_module_as_a_string(self, tmp_path: Path) -> None:
+        """``modules = "pkg.mod"`` means one module, not a list of characters."""
+        config = tmp_path / "ndo.toml"
+        config.write_text('modules = "myapp.objects"\n')
+        assert self._parse(config).modules == ["myapp.objects"]
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A config file that does not exist is a usage error naming it."""
