@@ -717,12 +717,9 @@ class Activation:
         spec = envelope.spec
         if spec is not None:
             metrics, class_name = host.metrics, self.address.class_name
-            metrics.count(metrics.requests, class_name, spec.name, "ok")
-            metrics.observe(
-                metrics.request_seconds,
-                time.perf_counter() - envelope.received,
-                class_name,
-                spec.name,
+            metrics.requests.inc((class_name, spec.name, "ok"))
+            metrics.request_seconds.observe(
+                (class_name, spec.name), time.perf_counter() - envelope.received
             )
         if envelope.reply:
             await host.send(envelope.reply, body, headers)
@@ -731,7 +728,7 @@ class Activation:
         host = self._host
         if envelope.spec is not None:
             metrics = host.metrics
-            metrics.count(metrics.requests, self.address.class_name, envelope.method, error.type)
+            metrics.requests.inc((self.address.class_name, envelope.method, error.type))
         if envelope.reply:
             body, headers = encode_error(error, envelope.msgpack)
             await host.send(envelope.reply, body, headers)

@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker, on a registry passed in (never the global one).
 
-The per-request metrics are looked up through a small cache of label children: ``labels(...)``
-builds and hashes the label values and takes a lock on every call, which was ~5 µs per request.
+The two metrics every request updates (``requests``, ``request_seconds``) are lock-free tallies
+(``service._tally``). The others are looked up through a small cache of label children:
+``labels(...)`` builds and hashes the label values and takes a lock on every call.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service._tally import CounterTally, HistogramTally
 
 __all__ = ["WorkerMetrics"]
 
@@ -46,13 +49,14 @@ class WorkerMetrics:
         """Create the metrics on ``registry`` (a fresh private one when omitted)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # The two metrics every request updates are lock-free tallies (see service._tally).
+        self.requests = CounterTally(
             "ndo_requests_total",
             "Requests handled, by class, method and outcome (ok or an error type).",
             ["class_name", "method", "outcome"],
             registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = HistogramTally(
             "ndo_request_duration_seconds",
             "Time from a request's arrival to its reply (after commit), by class and method.",
             ["class_name", "method"],

@@ -510,7 +510,7 @@ class Worker:
                     type="overloaded",
                 )
         except ActorError as error:
-            self.metrics.count(self.metrics.requests, "-", "-", error.type)
+            self.metrics.requests.inc(("-", "-", error.type))
             if msg.reply:
                 body, reply_headers = encode_error(error, msgpack)
                 await self.send(msg.reply, body, reply_headers)
