@@ -8,7 +8,10 @@ from nats.aio.client import Client as NatsClient
 
 from ops._errors import CannotConnectError
 
-__all__ = ["CannotConnectError", "connect_once"]
+__all__ = ["DEFAULT_NATS_URL", "CannotConnectError", "connect_once"]
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+"""Where commands look for NATS without ``--nats-url`` (``ndo serve``'s embedded server)."""
 
 
 async def connect_once(url: str, *, hint: str = "pass --nats-url (or NDO_NATS_URL)") -> NatsClient:

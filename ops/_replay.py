@@ -57,7 +57,7 @@ from actors import (
     StorageLimits,
     describe_class,
 )
-from ops._connect import CannotConnectError, connect_once
+from ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ops._errors import ReplayError
 from service import (
     JournalError,
@@ -675,7 +675,7 @@ class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     class_name: str
     object_id: str
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = DEFAULT_NATS_URL
     prefix: str = DEFAULT_PREFIX
     at: Point | None = None
     """Last step to show (inclusive)."""

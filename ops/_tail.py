@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
+from ops._connect import DEFAULT_NATS_URL
 from ops._replay import (
     EXIT_ERROR,
     EXIT_OK,
@@ -54,7 +55,7 @@ class TailOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Class to follow, or ``*`` for every class."""
     object_id: str = "*"
     """Object id to follow, or ``*`` for every object."""
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = DEFAULT_NATS_URL
     prefix: str = DEFAULT_PREFIX
     since: Point | None = None
     """Start at this sequence or time instead of at new records."""

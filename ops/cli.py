@@ -23,12 +23,13 @@ import msgspec
 import nats
 import nats.errors
 import structlog
+from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry, start_http_server
 
 from actors import ActorClient, ActorError, RetryPolicy
 from ops._bench import add_bench_parser, run_bench
 from ops._config_file import ConfigFileError, load_config_file
-from ops._connect import CannotConnectError, connect_once
+from ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ops._errors import OpsError
 from ops._loader import DEFAULT_MODULES, load_actor_classes
 from ops._logging import configure_logging
@@ -80,7 +81,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--nats-url",
         default=_env("nats_url", None),
         help="NATS server URL [env NDO_NATS_URL]"
-        + ("" if parser.prog.endswith("serve") else "; default nats://127.0.0.1:4222"),
+        + ("" if parser.prog.endswith("serve") else f"; default {DEFAULT_NATS_URL}"),
     )
     parser.add_argument(
         "--prefix",
@@ -443,7 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
         configure_logging(args.log_format, args.log_level)
         classes = load_actor_classes(args.modules or list(DEFAULT_MODULES))
         config = WorkerConfig(
-            nats_url=args.nats_url or "nats://127.0.0.1:4222",
+            nats_url=args.nats_url or DEFAULT_NATS_URL,
             prefix=args.prefix,
             data_dir=args.data_dir,
             partitions=args.partitions,
@@ -535,28 +536,18 @@ async def _run_service(
 
 
 async def _status(args: argparse.Namespace) -> int:
-    url = args.nats_url or "nats://127.0.0.1:4222"
+    url = args.nats_url or DEFAULT_NATS_URL
     try:
         nc = await connect_once(url)
     except CannotConnectError as exc:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
     try:
-        try:
-            status = await fetch_status(nc, args.prefix)
-        except StatusError as exc:
-            # No lease bucket (no JetStream, or only standalone workers): list who answers the
-            # NATS service API instead, which every worker does.
-            workers = await discover_workers(nc, args.prefix)
-            if not workers:
-                print(f"ndo status: {exc}; no worker answered $SRV.INFO.ndo", file=sys.stderr)
-                return 1
-            if args.json:
-                document = {"standalone": True, "reason": str(exc), "workers": workers}
-                print(msgspec.json.format(msgspec.json.encode(document).decode(), indent=2))
-            else:
-                print(format_discovered(workers, str(exc)))
-            return 0
+        status = await fetch_status(nc, args.prefix)
+    except StatusError as exc:
+        # No lease bucket (no JetStream, or only standalone workers): list who answers the
+        # NATS service API instead, which every worker does.
+        return await _print_standalone(nc, args, str(exc))
     except nats.errors.Error as exc:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
@@ -564,17 +555,38 @@ async def _status(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             await nc.close()
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode(status).decode(), indent=2))
+        _print_json(status)
     else:
         print(format_status(status, partitions=not args.brief))
     return 0
+
+
+async def _print_standalone(nc: NatsClient, args: argparse.Namespace, reason: str) -> int:
+    """``ndo status`` without a lease bucket: the workers found through discovery."""
+    try:
+        workers = await discover_workers(nc, args.prefix)
+    except nats.errors.Error as exc:
+        print(f"ndo status: {reason}; discovery failed: {exc}", file=sys.stderr)
+        return 1
+    if not workers:
+        print(f"ndo status: {reason}; no worker answered $SRV.INFO.ndo", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json({"standalone": True, "reason": reason, "workers": workers})
+    else:
+        print(format_discovered(workers, reason))
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value).decode(), indent=2))
 
 
 # call
 
 
 async def _call(args: argparse.Namespace) -> int:
-    url = args.nats_url or "nats://127.0.0.1:4222"
+    url = args.nats_url or DEFAULT_NATS_URL
     try:
         subject = rpc_subject(args.prefix, args.class_name, args.object_id, args.method)
     except InvalidSubjectError as exc:
@@ -627,7 +639,7 @@ def _replay(args: argparse.Namespace) -> int:
     options = ReplayOptions(
         class_name=args.class_name,
         object_id=args.object_id,
-        nats_url=args.nats_url or "nats://127.0.0.1:4222",
+        nats_url=args.nats_url or DEFAULT_NATS_URL,
         prefix=args.prefix,
         at=args.at,
         since=args.since,
@@ -643,7 +655,7 @@ def _tail(args: argparse.Namespace) -> int:
     options = TailOptions(
         class_name=args.class_name,
         object_id=args.object_id,
-        nats_url=args.nats_url or "nats://127.0.0.1:4222",
+        nats_url=args.nats_url or DEFAULT_NATS_URL,
         prefix=args.prefix,
         since=args.since,
         count=args.count,

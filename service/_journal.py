@@ -366,9 +366,7 @@ class JournalEntry:
     def changes_state(self) -> bool:
         """Whether replay needs this record to reconstruct the object's state: a committed
         write-set, or an alarm delivery (which consumes the alarm)."""
-        if self.kind != "request":
-            return True
-        return self.changes is not None and not self.changes.is_empty()
+        return self.kind != "request" or self.advances_state
 
     def aborted(self, error: ActorError) -> JournalEntry:
         """This turn, discarded by the runtime with ``error``.
