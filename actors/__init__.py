@@ -2,7 +2,7 @@
 
 Write an object::
 
-    from actors import Actor, method
+    from ndo.actors import Actor, method
 
     class Counter(Actor):
         @method
@@ -17,9 +17,9 @@ Call it::
     await client.get(Counter, "a1").call(Counter.increment, by=2)
 """
 
-from actors._actor import Actor, ActorContext, ActorId, AlarmInfo, Event
-from actors._client import ActorClient, ActorStub, RetryPolicy
-from actors._errors import (
+from ndo.actors._actor import Actor, ActorContext, ActorId, AlarmInfo, Event
+from ndo.actors._client import ActorClient, ActorStub, RetryPolicy
+from ndo.actors._errors import (
     ActorError,
     BadRequestError,
     CallTimeoutError,
@@ -31,8 +31,8 @@ from actors._errors import (
     UnavailableError,
     error_from_wire,
 )
-from actors._methods import ActorClassInfo, MethodSpec, describe_class, is_method, method
-from actors._storage import ActorStorage, StateReader, StorageLimits, TurnWrites, prefix_range
+from ndo.actors._methods import ActorClassInfo, MethodSpec, describe_class, is_method, method
+from ndo.actors._storage import ActorStorage, StateReader, StorageLimits, TurnWrites, prefix_range
 
 __all__ = [
     "Actor",

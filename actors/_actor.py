@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from actors._errors import BadRequestError
-from actors._storage import ActorStorage
-from subjects import InvalidSubjectError, event_subject
+from ndo.actors._errors import BadRequestError
+from ndo.actors._storage import ActorStorage
+from ndo.subjects import InvalidSubjectError, event_subject
 
 __all__ = ["Actor", "ActorContext", "ActorId", "AlarmInfo", "Event"]
 

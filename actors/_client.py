@@ -30,9 +30,9 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from actors._actor import Actor, Event
-from actors._errors import ActorError, CallTimeoutError, UnavailableError, error_from_wire
-from subjects import DEFAULT_PREFIX, Header, event_wildcard, rpc_subject, validate_id
+from ndo.actors._actor import Actor, Event
+from ndo.actors._errors import ActorError, CallTimeoutError, UnavailableError, error_from_wire
+from ndo.subjects import DEFAULT_PREFIX, Header, event_wildcard, rpc_subject, validate_id
 
 __all__ = ["ActorClient", "ActorStub", "RetryPolicy"]
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, get_type_hints
 
 import msgspec
 
-from actors._errors import BadRequestError
-from subjects import InvalidSubjectError, validate_name
+from ndo.actors._errors import BadRequestError
+from ndo.subjects import InvalidSubjectError, validate_name
 
 if TYPE_CHECKING:
-    from actors._actor import Actor
+    from ndo.actors._actor import Actor
 
 __all__ = ["ActorClassInfo", "MethodSpec", "describe_class", "is_method", "method"]
 

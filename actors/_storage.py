@@ -16,7 +16,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 
-from actors._errors import BadRequestError, PayloadTooLargeError
+from ndo.actors._errors import BadRequestError, PayloadTooLargeError
 
 __all__ = ["ActorStorage", "StateReader", "StorageLimits", "TurnWrites", "prefix_range"]
 

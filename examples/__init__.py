@@ -1,6 +1,6 @@
 """Example durable objects, served by ``ndo serve`` when no module is given."""
 
-from examples.objects import (
+from ndo.examples.objects import (
     ChatMessage,
     ChatRoom,
     Counter,

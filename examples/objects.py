@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from actors import Actor, BadRequestError, method
+from ndo import Actor, BadRequestError, method
 
 __all__ = [
     "ChatMessage",

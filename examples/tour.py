@@ -1,7 +1,7 @@
 """A five-step tour of the bundled objects from Python, runnable against ``ndo serve``.
 
     ndo serve                       # in one terminal
-    python -m examples.tour         # in another (or: --nats-url nats://host:4222)
+    python -m ndo.examples.tour     # in another (or: --nats-url nats://host:4222)
 
 Each step prints what it did: a durable counter, a rate limiter, a chat room whose posts arrive
 as events, a typed error, and a retried call that applies once thanks to its idempotency key.
@@ -20,8 +20,8 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 
-from actors import ActorClient, BadRequestError
-from examples.objects import ChatMessage, ChatRoom, Counter, RateLimiter
+from ndo import ActorClient, BadRequestError
+from ndo.examples.objects import ChatMessage, ChatRoom, Counter, RateLimiter
 
 __all__ = ["main", "tour"]
 

@@ -1,6 +1,6 @@
 """What operators touch: the ``ndo`` command line, the embedded nats-server, logging setup."""
 
-from ops._errors import (
+from ndo.ops._errors import (
     BenchError,
     CannotConnectError,
     ConfigFileError,
@@ -9,9 +9,9 @@ from ops._errors import (
     ReplayError,
     StatusError,
 )
-from ops._loader import DEFAULT_MODULES, load_actor_classes
-from ops._logging import LogFormat, configure_logging
-from ops._nats_server import EmbeddedNatsServer, find_nats_server_binary
+from ndo.ops._loader import DEFAULT_MODULES, load_actor_classes
+from ndo.ops._logging import LogFormat, configure_logging
+from ndo.ops._nats_server import EmbeddedNatsServer, find_nats_server_binary
 
 __all__ = [
     "DEFAULT_MODULES",

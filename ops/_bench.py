@@ -8,9 +8,9 @@ The process tree (all on 127.0.0.1):
 
 * an embedded ``nats-server`` (random port, its own temporary directory);
 * a **baseline** responder: raw nats-py that decodes the JSON body with msgspec and encodes a
-  JSON reply, nothing else (``ops._bench_load``) — the practical limit of one Python worker;
-* an **ndo worker** (``python -m ops.cli serve``, the bundled example objects), one fresh process
-  per scenario, on a SQLite file the harness pre-populates directly (fast, big batches);
+  JSON reply, nothing else (``ndo.ops._bench_load``) — the practical limit of one Python worker;
+* an **ndo worker** (``python -m ndo.ops.cli serve``, the bundled example objects), one fresh
+  process per scenario, on a SQLite file the harness pre-populates directly (fast, big batches);
 * **load generators** (Node.js, or nats-py processes as a fallback), the same ones for the
   baseline and for ndo, keeping a fixed total number of requests in flight.
 
@@ -55,12 +55,12 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from ops._bench_load import NODE_GENERATOR_JS, LoadJob, LoadResult, bucket_value_ms
-from ops._errors import BenchError
-from ops._loop import LOOP_CHOICES, resolve_loop
-from ops._nats_server import EmbeddedNatsServer, _pdeathsig_preexec, find_nats_server_binary
-from storage import ObjectWrite, SqliteStorage
-from subjects import DEFAULT_PARTITIONS, partition_of
+from ndo.ops._bench_load import NODE_GENERATOR_JS, LoadJob, LoadResult, bucket_value_ms
+from ndo.ops._errors import BenchError
+from ndo.ops._loop import LOOP_CHOICES, resolve_loop
+from ndo.ops._nats_server import EmbeddedNatsServer, _pdeathsig_preexec, find_nats_server_binary
+from ndo.storage import ObjectWrite, SqliteStorage
+from ndo.subjects import DEFAULT_PARTITIONS, partition_of
 
 __all__ = [
     "SCENARIOS",
@@ -382,7 +382,7 @@ async def _spawn(
 async def _start_baseline(url: str, run_dir: Path, loop: str) -> _Child:
     child = await _spawn(
         "baseline",
-        [sys.executable, "-m", "ops._bench_load", "baseline", url, f"{_BASELINE_PREFIX}.rpc.>"],
+        [sys.executable, "-m", "ndo.ops._bench_load", "baseline", url, f"{_BASELINE_PREFIX}.rpc.>"],
         run_dir,
         stdout=asyncio.subprocess.PIPE,
         env={"NDO_LOOP": loop},  # the workers' event loop
@@ -427,7 +427,7 @@ async def _start_worker(
     argv = [
         sys.executable,
         "-m",
-        "ops.cli",
+        "ndo.ops.cli",
         "serve",
         "--nats-url",
         url,
@@ -531,7 +531,7 @@ class _LoadDriver:
     def _argv(self) -> list[str]:
         if self.kind == "node":
             return ["node", str(self._script)]
-        return [sys.executable, "-m", "ops._bench_load", "generate"]
+        return [sys.executable, "-m", "ndo.ops._bench_load", "generate"]
 
     async def run(
         self,
@@ -1442,7 +1442,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ops._bench``: the same as ``ndo bench`` without the ``ndo`` command."""
+    """``python -m ndo.ops._bench``: the same as ``ndo bench`` without the ``ndo`` command."""
     parser = argparse.ArgumentParser(prog="ndo bench", description=__doc__.split("\n")[0])
     _add_bench_options(parser)
     return run_bench(parser.parse_args(argv))

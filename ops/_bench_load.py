@@ -1,6 +1,6 @@
 """The processes ``ndo bench`` drives: load generators and the raw-NATS baseline responder.
 
-Kept apart from the harness (``ops._bench``) because everything here runs in *other* processes:
+Kept apart from the harness (``ndo.ops._bench``) because everything here runs in *other* processes:
 the harness spawns them, talks to them over stdin/stdout and measures their CPU from ``/proc``.
 
 Load generator protocol (the same for the Node.js and the Python generator, so the baseline and
@@ -24,8 +24,8 @@ The Node.js generator needs ``node`` and the ``nats`` npm package (``tests/node/
 after ``npm install --prefix tests/node``); one Node process costs the machine several times
 less CPU per request than a nats-py requester, which matters on two cores.
 
-Run ``python -m ops._bench_load generate`` (the Python generator) or
-``python -m ops._bench_load baseline URL SUBJECT`` (the baseline responder).
+Run ``python -m ndo.ops._bench_load generate`` (the Python generator) or
+``python -m ndo.ops._bench_load baseline URL SUBJECT`` (the baseline responder).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import nats
 import nats.errors
 from nats.aio.msg import Msg
 
-from ops._loop import run as run_on_loop
+from ndo.ops._loop import run as run_on_loop
 
 __all__ = [
     "BASELINE_QUEUE_GROUP",
@@ -379,7 +379,7 @@ async def _baseline_main(url: str, subject: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m ops._bench_load {generate | baseline URL SUBJECT}``."""
+    """Entry point of ``python -m ndo.ops._bench_load {generate | baseline URL SUBJECT}``."""
     args = sys.argv[1:] if argv is None else argv
     if args == ["generate"]:
         return asyncio.run(_generate_main())
@@ -387,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         # The same event loop as `ndo serve` picks in this environment (NDO_LOOP, default auto),
         # so the baseline and the worker are compared on equal terms.
         return run_on_loop(_baseline_main(args[1], args[2]), os.environ.get("NDO_LOOP", "auto"))
-    print("usage: python -m ops._bench_load generate | baseline NATS_URL SUBJECT", file=sys.stderr)
+    print(
+        "usage: python -m ndo.ops._bench_load generate | baseline NATS_URL SUBJECT",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ops._errors import ConfigFileError
+from ndo.ops._errors import ConfigFileError
 
 __all__ = ["ConfigFileError", "load_config_file"]
 

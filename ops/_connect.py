@@ -6,7 +6,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from ops._errors import CannotConnectError
+from ndo.ops._errors import CannotConnectError
 
 __all__ = ["DEFAULT_NATS_URL", "CannotConnectError", "connect_once"]
 

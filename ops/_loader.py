@@ -7,11 +7,11 @@ import inspect
 import os
 import sys
 
-from actors import Actor
+from ndo.actors import Actor
 
 __all__ = ["DEFAULT_MODULES", "load_actor_classes"]
 
-DEFAULT_MODULES = ("examples.objects",)
+DEFAULT_MODULES = ("ndo.examples.objects",)
 """Served when ``ndo serve`` gets no module: Counter, RateLimiter, ChatRoom, DrawingBoard."""
 
 

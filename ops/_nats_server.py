@@ -37,7 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from ops._errors import NatsServerError
+from ndo.ops._errors import NatsServerError
 
 __all__ = ["EmbeddedNatsServer", "NatsServerError", "find_nats_server_binary"]
 

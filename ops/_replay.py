@@ -43,7 +43,7 @@ from msgspec import UNSET
 from nats.aio.client import Client as NatsClient
 from nats.js import api as js_api
 
-from actors import (
+from ndo.actors import (
     Actor,
     ActorClassInfo,
     ActorContext,
@@ -57,9 +57,9 @@ from actors import (
     StorageLimits,
     describe_class,
 )
-from ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
-from ops._errors import ReplayError
-from service import (
+from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
+from ndo.ops._errors import ReplayError
+from ndo.service import (
     JournalError,
     JournalRecord,
     JournalWrites,
@@ -67,9 +67,9 @@ from service import (
     decode_journal_record,
     journal_stream_name,
 )
-from service._journal import jsonable_reply, jsonable_writes, record_advances_state
-from storage import InMemoryStorage, ObjectWrite
-from subjects import (
+from ndo.service._journal import jsonable_reply, jsonable_writes, record_advances_state
+from ndo.storage import InMemoryStorage, ObjectWrite
+from ndo.subjects import (
     DEFAULT_PREFIX,
     MSGPACK_CONTENT_TYPE,
     Header,

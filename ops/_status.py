@@ -16,9 +16,9 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
-from ops._errors import StatusError
-from service._discovery import SERVICE_NAME
-from service._ownership import (
+from ndo.ops._errors import StatusError
+from ndo.service._discovery import SERVICE_NAME
+from ndo.service._ownership import (
     CONFIG_KEY,
     DeploymentRecord,
     LeaseRecord,

@@ -19,8 +19,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
-from ops._connect import DEFAULT_NATS_URL
-from ops._replay import (
+from ndo.ops._connect import DEFAULT_NATS_URL
+from ndo.ops._replay import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
@@ -34,8 +34,8 @@ from ops._replay import (
     shorten,
     sorted_json,
 )
-from service import JournalRecord, decode_journal_record
-from subjects import (
+from ndo.service import JournalRecord, decode_journal_record
+from ndo.subjects import (
     DEFAULT_PREFIX,
     InvalidSubjectError,
     journal_wildcard,

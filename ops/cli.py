@@ -26,17 +26,17 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry, start_http_server
 
-from actors import ActorClient, ActorError, RetryPolicy
-from ops._bench import add_bench_parser, run_bench
-from ops._config_file import ConfigFileError, load_config_file
-from ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
-from ops._errors import OpsError
-from ops._loader import DEFAULT_MODULES, load_actor_classes
-from ops._logging import configure_logging
-from ops._loop import LOOP_CHOICES, resolve_loop
-from ops._loop import run as run_on_loop
-from ops._nats_server import EmbeddedNatsServer
-from ops._replay import (
+from ndo.actors import ActorClient, ActorError, RetryPolicy
+from ndo.ops._bench import add_bench_parser, run_bench
+from ndo.ops._config_file import ConfigFileError, load_config_file
+from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
+from ndo.ops._errors import OpsError
+from ndo.ops._loader import DEFAULT_MODULES, load_actor_classes
+from ndo.ops._logging import configure_logging
+from ndo.ops._loop import LOOP_CHOICES, resolve_loop
+from ndo.ops._loop import run as run_on_loop
+from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.ops._replay import (
     EXIT_ERROR,
     ReplayOptions,
     parse_duration,
@@ -44,23 +44,23 @@ from ops._replay import (
     parse_size,
     run_replay,
 )
-from ops._status import (
+from ndo.ops._status import (
     StatusError,
     discover_workers,
     fetch_status,
     format_discovered,
     format_status,
 )
-from ops._tail import TailOptions, run_tail
-from service import (
+from ndo.ops._tail import TailOptions, run_tail
+from ndo.service import (
     ServiceError,
     Worker,
     WorkerConfig,
     mapping_snippet,
     server_mapping,
 )
-from storage import StorageError
-from subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, rpc_subject
+from ndo.storage import StorageError
+from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, rpc_subject
 
 __all__ = ["build_parser", "main"]
 

@@ -1,8 +1,8 @@
 """The runtime of one ndo worker: NATS ingress, activations, turns, group commit, shutdown."""
 
-from service._config import WorkerConfig
-from service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
-from service._journal import (
+from ndo.service._config import WorkerConfig
+from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
+from ndo.service._journal import (
     JOURNAL_VERSION,
     JournalAlarm,
     JournalError,
@@ -11,10 +11,10 @@ from service._journal import (
     decode_journal_record,
     journal_stream_name,
 )
-from service._metrics import WorkerMetrics
-from service._ownership import assign_partitions, lease_bucket
-from service._routing import RoutingMode, mapping_snippet, server_mapping
-from service._worker import QUEUE_GROUP, Worker, WorkerState, WorkerStats
+from ndo.service._metrics import WorkerMetrics
+from ndo.service._ownership import assign_partitions, lease_bucket
+from ndo.service._routing import RoutingMode, mapping_snippet, server_mapping
+from ndo.service._worker import QUEUE_GROUP, Worker, WorkerState, WorkerStats
 
 __all__ = [
     "JOURNAL_VERSION",

@@ -33,7 +33,7 @@ import msgspec
 import structlog
 from structlog.contextvars import bind_contextvars
 
-from actors import (
+from ndo.actors import (
     ActorClassInfo,
     ActorContext,
     ActorError,
@@ -47,11 +47,11 @@ from actors import (
     StorageLimits,
     UnavailableError,
 )
-from actors._actor import Event
-from service._codec import MSGPACK_HEADERS, encode_error, encode_result
-from service._idempotency import IdempotencyCache
-from service._journal import JournalEntry
-from storage import (
+from ndo.actors._actor import Event
+from ndo.service._codec import MSGPACK_HEADERS, encode_error, encode_result
+from ndo.service._idempotency import IdempotencyCache
+from ndo.service._journal import JournalEntry
+from ndo.storage import (
     ALARM_UNCHANGED,
     CommitAbandonedError,
     FencedError,
@@ -63,9 +63,9 @@ from storage import (
 )
 
 if TYPE_CHECKING:
-    from actors import Actor
-    from service._config import WorkerConfig
-    from service._metrics import WorkerMetrics
+    from ndo.actors import Actor
+    from ndo.service._config import WorkerConfig
+    from ndo.service._metrics import WorkerMetrics
 
 __all__ = [
     "Activation",

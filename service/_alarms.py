@@ -19,12 +19,12 @@ from typing import Final
 
 import structlog
 
-from actors import ActorId
-from service._activation import AlarmDelivery
-from service._config import WorkerConfig
-from service._metrics import WorkerMetrics
-from storage import Storage, StorageError, StoredAlarm
-from subjects import partition_of
+from ndo.actors import ActorId
+from ndo.service._activation import AlarmDelivery
+from ndo.service._config import WorkerConfig
+from ndo.service._metrics import WorkerMetrics
+from ndo.storage import Storage, StorageError, StoredAlarm
+from ndo.subjects import partition_of
 
 __all__ = ["AlarmScheduler"]
 

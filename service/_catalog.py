@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from actors import ActorClassInfo, ActorId
-from service._activation import Activation, Host
-from subjects import partition_of
+from ndo.actors import ActorClassInfo, ActorId
+from ndo.service._activation import Activation, Host
+from ndo.subjects import partition_of
 
 __all__ = ["Catalog"]
 

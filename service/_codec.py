@@ -6,8 +6,8 @@ from typing import Any, Final
 
 import msgspec
 
-from actors import ActorError
-from subjects import MSGPACK_CONTENT_TYPE, Header
+from ndo.actors import ActorError
+from ndo.subjects import MSGPACK_CONTENT_TYPE, Header
 
 __all__ = ["MSGPACK_HEADERS", "encode_error", "encode_result"]
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-from subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
+from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
 
 __all__ = ["WorkerConfig"]
 

@@ -51,13 +51,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 
-from actors import ActorError, ActorId, TurnWrites
-from storage import ALARM_UNCHANGED
-from subjects import MSGPACK_CONTENT_TYPE, Header, journal_subject, sys_subject
+from ndo.actors import ActorError, ActorId, TurnWrites
+from ndo.storage import ALARM_UNCHANGED
+from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, journal_subject, sys_subject
 
 if TYPE_CHECKING:
-    from service._activation import Envelope
-    from service._metrics import WorkerMetrics
+    from ndo.service._activation import Envelope
+    from ndo.service._metrics import WorkerMetrics
 
 __all__ = [
     "JOURNAL_VERSION",

@@ -11,7 +11,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service._tally import CounterTally, HistogramTally
+from ndo.service._tally import CounterTally, HistogramTally
 
 __all__ = ["WorkerMetrics"]
 

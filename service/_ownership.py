@@ -57,8 +57,8 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from service._errors import DeploymentMismatchError, OwnershipError
-from storage import FencedError, StorageError
+from ndo.service._errors import DeploymentMismatchError, OwnershipError
+from ndo.storage import FencedError, StorageError
 
 __all__ = [
     "CONFIG_KEY",

@@ -41,8 +41,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from service._errors import RoutingError
-from subjects import (
+from ndo.service._errors import RoutingError
+from ndo.subjects import (
     fnv1a_32,
     forward_subject,
     forward_wildcard,

@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.micro.service import Service
 from prometheus_client import CollectorRegistry
 
-from actors import (
+from ndo.actors import (
     Actor,
     ActorClassInfo,
     ActorError,
@@ -51,18 +51,18 @@ from actors import (
     UnavailableError,
     describe_class,
 )
-from actors._actor import Event
-from service._activation import Activation, AlarmDelivery, DeadlineWatchdog, Envelope
-from service._alarms import AlarmScheduler
-from service._catalog import Catalog
-from service._codec import encode_error
-from service._config import WorkerConfig
-from service._discovery import start_discovery
-from service._journal import JournalEntry, JournalPublisher
-from service._metrics import WorkerMetrics
-from service._ownership import OwnershipError, OwnershipManager, partitions_text
-from service._routing import Router, RoutingError, RoutingMode, detect_routing, drain_all
-from storage import (
+from ndo.actors._actor import Event
+from ndo.service._activation import Activation, AlarmDelivery, DeadlineWatchdog, Envelope
+from ndo.service._alarms import AlarmScheduler
+from ndo.service._catalog import Catalog
+from ndo.service._codec import encode_error
+from ndo.service._config import WorkerConfig
+from ndo.service._discovery import start_discovery
+from ndo.service._journal import JournalEntry, JournalPublisher
+from ndo.service._metrics import WorkerMetrics
+from ndo.service._ownership import OwnershipError, OwnershipManager, partitions_text
+from ndo.service._routing import Router, RoutingError, RoutingMode, detect_routing, drain_all
+from ndo.storage import (
     ALARM_UNCHANGED,
     GroupCommitter,
     ObjectWrite,
@@ -71,7 +71,7 @@ from storage import (
     StorageError,
     StoredAlarm,
 )
-from subjects import (
+from ndo.subjects import (
     MSGPACK_CONTENT_TYPE,
     Header,
     InvalidSubjectError,

@@ -3,18 +3,18 @@
 Knows nothing of NATS; the runtime in ``service`` drives it.
 """
 
-from storage._base import Storage
-from storage._committer import (
+from ndo.storage._base import Storage
+from ndo.storage._committer import (
     CommitAbandonedError,
     CommitStats,
     CommitWaiter,
     GroupCommitter,
     PendingCommit,
 )
-from storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
-from storage._memory import InMemoryStorage
-from storage._records import ALARM_UNCHANGED, IdempotentReply, ObjectWrite, StoredAlarm
-from storage._sqlite import SqliteStorage
+from ndo.storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
+from ndo.storage._memory import InMemoryStorage
+from ndo.storage._records import ALARM_UNCHANGED, IdempotentReply, ObjectWrite, StoredAlarm
+from ndo.storage._sqlite import SqliteStorage
 
 __all__ = [
     "ALARM_UNCHANGED",

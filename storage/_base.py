@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Sequence
 
-from storage._records import ObjectWrite, StoredAlarm
+from ndo.storage._records import ObjectWrite, StoredAlarm
 
 __all__ = ["Storage"]
 

@@ -18,9 +18,9 @@ from typing import Final, Protocol
 
 import structlog
 
-from storage._base import Storage
-from storage._errors import FencedError, StorageClosedError, StorageError
-from storage._records import ObjectWrite
+from ndo.storage._base import Storage
+from ndo.storage._errors import FencedError, StorageClosedError, StorageError
+from ndo.storage._records import ObjectWrite
 
 __all__ = ["CommitAbandonedError", "CommitStats", "CommitWaiter", "GroupCommitter", "PendingCommit"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Iterable, Sequence
 
-from storage._base import Storage
-from storage._errors import FencedError, StorageClosedError
-from storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
+from ndo.storage._base import Storage
+from ndo.storage._errors import FencedError, StorageClosedError
+from ndo.storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
 
 __all__ = ["InMemoryStorage"]
 

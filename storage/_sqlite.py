@@ -29,9 +29,9 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
-from storage._base import Storage
-from storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
-from storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
+from ndo.storage._base import Storage
+from ndo.storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
+from ndo.storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
 
 __all__ = ["SqliteStorage"]
 

@@ -1,6 +1,6 @@
 """ndo's naming scheme: subjects, object IDs and partitions (pure functions, no I/O)."""
 
-from subjects._naming import (
+from ndo.subjects._naming import (
     DEFAULT_PREFIX,
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,
@@ -27,7 +27,7 @@ from subjects._naming import (
     validate_name,
     validate_prefix,
 )
-from subjects._partition import DEFAULT_PARTITIONS, fnv1a_32, partition_of
+from ndo.subjects._partition import DEFAULT_PARTITIONS, fnv1a_32, partition_of
 
 __all__ = [
     "DEFAULT_PARTITIONS",

@@ -26,8 +26,8 @@ from typing import Any
 import nats
 import nats.errors
 
-from ops._nats_server import EmbeddedNatsServer
-from service import server_mapping
+from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.service import server_mapping
 from tests.cluster_fixtures import REPO_ROOT, Cluster, one_object_per_partition
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -1,9 +1,10 @@
 """Scale-out test helpers: ndo workers as real processes (``ndo serve``), and status polling.
 
 Workers run as separate processes where signals matter (SIGTERM hand-over, kill -9, SIGSTOP):
-each is ``python -m ops.cli serve tests.objects examples.objects --nats-url ...``, exactly as
-an operator starts one, logging JSON to a file in ``tmp_path``. A worker dies with the test
-process (Linux ``PR_SET_PDEATHSIG``), and the ``make_cluster`` fixture kills whatever is left.
+each is ``python -m ndo.ops.cli serve tests.objects ndo.examples.objects --nats-url ...``,
+exactly as an operator starts one, logging JSON to a file in ``tmp_path``. A worker dies with
+the test process (Linux ``PR_SET_PDEATHSIG``), and the ``make_cluster`` fixture kills whatever
+is left.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from ops._status import DeploymentStatus, StatusError, fetch_status
-from subjects import partition_of
+from ndo.ops._status import DeploymentStatus, StatusError, fetch_status
+from ndo.subjects import partition_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,10 +102,10 @@ class Cluster:
         args = [
             sys.executable,
             "-m",
-            "ops.cli",
+            "ndo.ops.cli",
             "serve",
             "tests.objects",
-            "examples.objects",
+            "ndo.examples.objects",
             "--nats-url",
             self.url,
             "--data-dir",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
+from ndo.ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
 
 NODE_DIR = Path(__file__).parent / "node"
 """The Node.js client package (``npm install --prefix tests/node`` fills its node_modules)."""

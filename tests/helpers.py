@@ -1,6 +1,6 @@
 """Helpers shared by several test modules: bounded polling, and ``ndo serve`` as a child process.
 
-``ServeProcess`` runs the real entry point (``python -m ops.cli serve ...``) with JSON logs. A
+``ServeProcess`` runs the real entry point (``python -m ndo.ops.cli serve ...``) with JSON logs. A
 reader thread collects every log line, so a chatty worker never blocks on a full pipe and tests
 can wait for a log event (``wait_for_event``) with a deadline. Every wait is bounded; ``close``
 kills whatever is still running, so a failing test never leaves a process behind.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-NDO_COMMAND: tuple[str, ...] = (sys.executable, "-m", "ops.cli")
+NDO_COMMAND: tuple[str, ...] = (sys.executable, "-m", "ndo.ops.cli")
 """How the tests run the ``ndo`` command (the venv's interpreter, no PATH lookup)."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from actors import Actor, AlarmInfo, ConflictError, method
+from ndo import Actor, AlarmInfo, ConflictError, method
 
 
 class Slow(Actor):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from actors import ActorClient
-from service import Worker
+from ndo.actors import ActorClient
+from ndo.service import Worker
 from tests.objects import Reminder
 from tests.worker_fixtures import WorkerFactory
 

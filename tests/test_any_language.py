@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from service import Worker
+from ndo.service import Worker
 from tests.conftest import NodeRequest
 
 pytestmark = pytest.mark.slow

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from ops._config_file import load_config_file
-from ops.cli import build_parser, main
+from ndo.ops._config_file import load_config_file
+from ndo.ops.cli import build_parser, main
 from tests.helpers import ServeProcess, free_port, ndo_env, process_gone, run_ndo
 
 pytestmark = pytest.mark.slow
@@ -283,7 +283,7 @@ class TestServe:
         (tmp_path / "greetings.py").write_text(
             textwrap.dedent(
                 """
-                from actors import Actor, method
+                from ndo.actors import Actor, method
 
                 class Greeter(Actor):
                     @method
@@ -307,6 +307,38 @@ class TestServe:
             assert missing.returncode == 1
             assert "unknown_class" in missing.stderr
 
+    def test_user_packages_named_like_ndo_folders(self, tmp_path: Path) -> None:
+        """A user's own ``storage``, ``service`` and ``ops`` packages import as theirs under
+        `ndo serve`: ndo installs one top-level package, ``ndo``, so nothing shadows them."""
+        for package in ("storage", "service", "ops", "myapp"):
+            (tmp_path / package).mkdir()
+        for package in ("storage", "service", "ops"):
+            (tmp_path / package / "__init__.py").write_text(f"user_{package} = 'mine'\n")
+        (tmp_path / "myapp" / "__init__.py").write_text("")
+        (tmp_path / "myapp" / "objects.py").write_text(
+            textwrap.dedent(
+                """
+                from ops import user_ops
+                from service import user_service
+                from storage import user_storage
+
+                from ndo import Actor, method
+
+                class Owned(Actor):
+                    @method
+                    async def whose(self) -> list[str]:
+                        return [user_ops, user_service, user_storage]
+                """
+            )
+        )
+        process, url = _embedded(tmp_path, "myapp.objects", cwd=tmp_path)
+        with process:
+            assert process.wait_serving()["classes"] == ["Owned"]
+            result = run_ndo("call", "Owned", "o1", "whose", "--nats-url", url)
+            assert (result.returncode, json.loads(result.stdout)) == (0, ["mine"] * 3), (
+                result.stderr
+            )
+
 
 class TestEventLoop:
     """``--loop`` / ``NDO_LOOP`` picks the worker's event loop; handler deadlines hold on each."""
@@ -327,7 +359,7 @@ class TestEventLoop:
                 """
                 import asyncio
 
-                from actors import Actor, method
+                from ndo.actors import Actor, method
 
                 class Sleepy(Actor):
                     @method
@@ -484,7 +516,7 @@ class TestConfigFile:
         port = free_port()
         config = tmp_path / "ndo.toml"
         config.write_text(
-            f'port = {port}\ndata-dir = "{tmp_path / "data"}"\nmodules = ["examples.objects"]\n'
+            f'port = {port}\ndata-dir = "{tmp_path / "data"}"\nmodules = ["ndo.examples.objects"]\n'
         )
         with ServeProcess("--config", str(config)) as process:
             process.wait_serving()

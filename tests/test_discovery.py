@@ -8,7 +8,7 @@ from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
-from service import Worker
+from ndo.service import Worker
 from tests.helpers import run_ndo
 from tests.worker_fixtures import WorkerFactory
 

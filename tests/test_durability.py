@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from actors import ActorClient, ActorError, CallTimeoutError, RetryPolicy
-from examples import Counter
-from ops._nats_server import EmbeddedNatsServer
+from ndo.actors import ActorClient, ActorError, CallTimeoutError, RetryPolicy
+from ndo.examples import Counter
+from ndo.ops._nats_server import EmbeddedNatsServer
 from tests.helpers import ServeProcess
 from tests.objects import Reminder
 

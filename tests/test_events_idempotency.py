@@ -8,9 +8,9 @@ import json
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from actors import ActorClient, BadRequestError, PayloadTooLargeError
-from examples import ChatRoom, Counter, DrawingBoard
-from service import Worker
+from ndo.actors import ActorClient, BadRequestError, PayloadTooLargeError
+from ndo.examples import ChatRoom, Counter, DrawingBoard
+from ndo.service import Worker
 from tests.objects import Faulty, Store
 from tests.worker_fixtures import WorkerFactory
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from actors import Actor, ActorClient, ActorId, method
-from service import Worker
+from ndo.actors import Actor, ActorClient, ActorId, method
+from ndo.service import Worker
 from tests.helpers import eventually
 from tests.worker_fixtures import WorkerFactory
 

@@ -1,11 +1,11 @@
-"""The runnable examples keep working: ``examples.tour`` against a real worker."""
+"""The runnable examples keep working: ``ndo.examples.tour`` against a real worker."""
 
 from __future__ import annotations
 
 from nats.aio.client import Client as NatsClient
 
-from examples.tour import tour
-from service import Worker
+from ndo.examples.tour import tour
+from ndo.service import Worker
 
 
 async def test_tour_runs_every_step(worker: Worker, nc: NatsClient) -> None:

@@ -18,13 +18,13 @@ import msgspec
 import nats
 import pytest
 
-from actors import ActorClient, RetryPolicy
-from ops._nats_server import EmbeddedNatsServer
-from ops._status import fetch_status
-from service import Worker, WorkerConfig, lease_bucket
-from service._ownership import CONFIG_KEY, DeploymentRecord, LeaseRecord, lease_key
-from storage import ObjectWrite, SqliteStorage
-from subjects import partition_of
+from ndo.actors import ActorClient, RetryPolicy
+from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.ops._status import fetch_status
+from ndo.service import Worker, WorkerConfig, lease_bucket
+from ndo.service._ownership import CONFIG_KEY, DeploymentRecord, LeaseRecord, lease_key
+from ndo.storage import ObjectWrite, SqliteStorage
+from ndo.subjects import partition_of
 from tests.cluster_fixtures import (
     ClusterFactory,
     _make_cluster,  # noqa: F401  (fixture)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from actors import ActorClient
-from examples import Counter
-from ops._nats_server import EmbeddedNatsServer
-from service import Worker, WorkerConfig
-from storage import ObjectWrite, SqliteStorage
+from ndo.actors import ActorClient
+from ndo.examples import Counter
+from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.service import Worker, WorkerConfig
+from ndo.storage import ObjectWrite, SqliteStorage
 from tests.worker_fixtures import WorkerFactory
 
 

@@ -20,10 +20,10 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 
-from actors import Actor, ActorClient, HandlerError, RetryPolicy, TurnWrites, method
-from examples import Counter
-from ops import cli
-from ops._replay import (
+from ndo.actors import Actor, ActorClient, HandlerError, RetryPolicy, TurnWrites, method
+from ndo.examples import Counter
+from ndo.ops import cli
+from ndo.ops._replay import (
     EXIT_DIVERGED,
     EXIT_ERROR,
     EXIT_OK,
@@ -37,11 +37,11 @@ from ops._replay import (
     run_replay,
     select_steps,
 )
-from ops._tail import TailOptions, run_tail
-from service import JournalRecord, Worker, WorkerMetrics, journal_stream_name
-from service._journal import JournalEntry, JournalPublisher
-from storage import ALARM_UNCHANGED
-from subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
+from ndo.ops._tail import TailOptions, run_tail
+from ndo.service import JournalRecord, Worker, WorkerMetrics, journal_stream_name
+from ndo.service._journal import JournalEntry, JournalPublisher
+from ndo.storage import ALARM_UNCHANGED
+from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
 from tests.objects import Faulty, Reminder, Store
 from tests.worker_fixtures import WorkerFactory
 
@@ -599,7 +599,7 @@ class TestJournalFailures:
     async def test_server_without_jetstream(self, make_nats_server: Any, tmp_path: Path) -> None:
         """A clear warning at start, no journal, requests served normally."""
         server = await make_nats_server(jetstream=False)
-        from service import WorkerConfig
+        from ndo.service import WorkerConfig
 
         config = WorkerConfig(nats_url=server.url, data_dir=tmp_path / "nojs", partitions=8)
         with capture_logs() as logs:
@@ -641,8 +641,8 @@ class TestJournalFailures:
 
     @staticmethod
     def _entry(*, writes: bool) -> JournalEntry:
-        from actors import ActorId
-        from service._activation import Envelope
+        from ndo.actors import ActorId
+        from ndo.service._activation import Envelope
 
         changes = TurnWrites({"k": b"\x01"}, False, ALARM_UNCHANGED) if writes else None
         return JournalEntry(
@@ -702,8 +702,8 @@ class TestBurstConfirmation:
     async def _burst(
         nc: NatsClient, count: int, *, delete_stream: bool, atomic: bool = True
     ) -> WorkerMetrics:
-        from actors import ActorId
-        from service._activation import Envelope
+        from ndo.actors import ActorId
+        from ndo.service._activation import Envelope
 
         metrics = WorkerMetrics()
         publisher = JournalPublisher(

@@ -17,7 +17,7 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
+from ndo.ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,7 +147,7 @@ class TestLifecycle:
             f"""
             import asyncio, os, signal
             from pathlib import Path
-            from ops._nats_server import EmbeddedNatsServer
+            from ndo.ops._nats_server import EmbeddedNatsServer
 
             async def main():
                 server = EmbeddedNatsServer(store_dir=Path({str(tmp_path)!r}), port=0)

@@ -4,13 +4,22 @@ from __future__ import annotations
 import __future__
 
 import importlib
+import importlib.metadata
 import pkgutil
 import re
 import types
 
 import pytest
 
-PACKAGES = ["actors", "examples", "ops", "service", "storage", "subjects"]
+PACKAGES = [
+    "ndo",
+    "ndo.actors",
+    "ndo.examples",
+    "ndo.ops",
+    "ndo.service",
+    "ndo.storage",
+    "ndo.subjects",
+]
 
 
 def _natural(text: str) -> list[str | int]:
@@ -81,3 +90,12 @@ class TestPackageAll:
         package = importlib.import_module(name)
         declared = {n for m in _submodules(package) for n in m.__all__}
         assert set(package.__all__) <= declared, set(package.__all__) - declared
+
+
+class TestDistribution:
+    """The installed distribution puts one package, ``ndo``, at the top of site-packages."""
+
+    def test_one_top_level_package(self) -> None:
+        """top_level.txt names only ``ndo`` (a user's own ``storage`` or ``ops`` never collides)."""
+        top_level = importlib.metadata.distribution("ndo").read_text("top_level.txt") or ""
+        assert top_level.split() == ["ndo"]

@@ -11,7 +11,7 @@ from nats.aio.client import Client as NatsClient
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from actors import (
+from ndo.actors import (
     ActorClient,
     BadRequestError,
     ConflictError,
@@ -21,9 +21,9 @@ from actors import (
     PayloadTooLargeError,
     RetryPolicy,
 )
-from examples import ChatMessage, ChatRoom, Counter, DrawingBoard, RateLimiter
-from service import Worker
-from subjects import partition_of
+from ndo.examples import ChatMessage, ChatRoom, Counter, DrawingBoard, RateLimiter
+from ndo.service import Worker
+from ndo.subjects import partition_of
 from tests.objects import Faulty, Slow, Store
 from tests.worker_fixtures import WorkerFactory
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors import (
+from ndo.actors import (
     ActorStorage,
     BadRequestError,
     PayloadTooLargeError,
@@ -22,7 +22,7 @@ from actors import (
     TurnWrites,
     prefix_range,
 )
-from storage import (
+from ndo.storage import (
     ALARM_UNCHANGED,
     CommitAbandonedError,
     FencedError,

@@ -13,7 +13,7 @@ import re
 import nats
 import pytest
 
-from subjects import (
+from ndo.subjects import (
     DEFAULT_PREFIX,
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,

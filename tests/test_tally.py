@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from service._tally import CounterTally, HistogramTally
+from ndo.service._tally import CounterTally, HistogramTally
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0)
 VALUES = [0.0005, 0.001, 0.002, 0.01, 0.5, 1.0, 3.0, 20.0, 0.05]

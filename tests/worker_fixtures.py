@@ -11,10 +11,10 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from actors import Actor, ActorClient, RetryPolicy
-from examples import ChatRoom, Counter, DrawingBoard, RateLimiter
-from ops._nats_server import EmbeddedNatsServer
-from service import Worker, WorkerConfig
+from ndo.actors import Actor, ActorClient, RetryPolicy
+from ndo.examples import ChatRoom, Counter, DrawingBoard, RateLimiter
+from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.service import Worker, WorkerConfig
 from tests.objects import Faulty, Reminder, Slow, Store
 
 ALL_CLASSES: list[type[Actor]] = [
