@@ -1,4 +1,4 @@
-"""What users import to write and call durable objects.
+"""What object authors and callers use: the ``Actor`` base class, ``@method``, errors, the client.
 
 Write an object::
 
@@ -15,9 +15,12 @@ Call it::
 
     client = ActorClient(nc)
     await client.get(Counter, "a1").call(Counter.increment, by=2)
+
+The same names are re-exported by ``ndo`` itself. What the runtime needs to host objects
+(class descriptions, the per-object context, write-sets) is in ``ndo.actors.runtime``.
 """
 
-from ndo.actors._actor import Actor, ActorContext, ActorId, AlarmInfo, Event
+from ndo.actors._actor import Actor, ActorId, AlarmInfo, Event
 from ndo.actors._client import ActorClient, ActorStub, RetryPolicy
 from ndo.actors._errors import (
     ActorError,
@@ -29,16 +32,13 @@ from ndo.actors._errors import (
     NotFoundError,
     PayloadTooLargeError,
     UnavailableError,
-    error_from_wire,
 )
-from ndo.actors._methods import ActorClassInfo, MethodSpec, describe_class, is_method, method
-from ndo.actors._storage import ActorStorage, StateReader, StorageLimits, TurnWrites, prefix_range
+from ndo.actors._methods import method
+from ndo.actors._storage import ActorStorage
 
 __all__ = [
     "Actor",
-    "ActorClassInfo",
     "ActorClient",
-    "ActorContext",
     "ActorError",
     "ActorId",
     "ActorStorage",
@@ -50,17 +50,9 @@ __all__ = [
     "DeadlineExceededError",
     "Event",
     "HandlerError",
-    "MethodSpec",
     "NotFoundError",
     "PayloadTooLargeError",
     "RetryPolicy",
-    "StateReader",
-    "StorageLimits",
-    "TurnWrites",
     "UnavailableError",
-    "describe_class",
-    "error_from_wire",
-    "is_method",
     "method",
-    "prefix_range",
 ]

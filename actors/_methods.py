@@ -9,19 +9,26 @@ before the handler runs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, get_type_hints
 
 import msgspec
 
-from ndo.actors._errors import BadRequestError
+from ndo.actors._errors import BadRequestError, NotFoundError
 from ndo.subjects import InvalidSubjectError, validate_name
 
 if TYPE_CHECKING:
     from ndo.actors._actor import Actor
 
-__all__ = ["ActorClassInfo", "MethodSpec", "describe_class", "is_method", "method"]
+__all__ = [
+    "ActorClassInfo",
+    "MethodSpec",
+    "describe_class",
+    "describe_classes",
+    "is_method",
+    "method",
+]
 
 _MARK: Final = "__ndo_method__"
 _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -99,6 +106,21 @@ class ActorClassInfo:
     has_alarm: bool
     """Whether the class defines ``async def alarm(self, info)``."""
 
+    def method_spec(self, name: str) -> MethodSpec:
+        """The callable method ``name``.
+
+        Raises:
+            NotFoundError: the class has no ``@method`` of that name (the message lists them).
+        """
+        spec = self.methods.get(name)
+        if spec is None:
+            raise NotFoundError(
+                f"{self.name} has no method {name!r}; callable methods: "
+                f"{', '.join(sorted(self.methods)) or '(none)'}",
+                type="unknown_method",
+            )
+        return spec
+
 
 def _method_spec(cls: type[Any], name: str, fn: Callable[..., Any]) -> MethodSpec:
     try:
@@ -159,3 +181,22 @@ def describe_class(cls: type[Actor]) -> ActorClassInfo:
         methods=methods,
         has_alarm=alarm is not None and inspect.iscoroutinefunction(alarm),
     )
+
+
+def describe_classes(classes: Iterable[type[Actor]]) -> dict[str, ActorClassInfo]:
+    """Describe the classes a worker serves, by name.
+
+    Raises:
+        TypeError: a class cannot be served (see ``describe_class``).
+        ValueError: two different classes share a name, or there is no class at all.
+    """
+    described: dict[str, ActorClassInfo] = {}
+    for cls in classes:
+        info = describe_class(cls)
+        known = described.get(info.name)
+        if known is not None and known.cls is not cls:
+            raise ValueError(f"two actor classes are named {info.name!r}; names must be unique")
+        described[info.name] = info
+    if not described:
+        raise ValueError("no actor classes to serve")
+    return described

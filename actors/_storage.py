@@ -18,13 +18,21 @@ import msgspec
 
 from ndo.actors._errors import BadRequestError, PayloadTooLargeError
 
-__all__ = ["ActorStorage", "StateReader", "StorageLimits", "TurnWrites", "prefix_range"]
+__all__ = [
+    "ALARM_UNCHANGED",
+    "ActorStorage",
+    "StateReader",
+    "StorageLimits",
+    "TurnWrites",
+    "prefix_range",
+]
 
 _T = TypeVar("_T")
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder()
 _UNKNOWN: Final = object()
 ALARM_UNCHANGED: Final = -1.0
+"""``TurnWrites.alarm`` when the turn left the alarm as it was."""
 
 
 class StateReader(Protocol):

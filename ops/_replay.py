@@ -1,8 +1,8 @@
 """``ndo replay``: an object's history read back from the journal, and re-run on today's code.
 
 A module of its own because it is a library as well as a command (tests and tools call
-``run_replay`` and the step functions), and because it is the one place outside the runtime that
-runs user handlers: always on scratch ``InMemoryStorage``, never on a worker's data directory.
+``run_replay`` and the step functions), and because it runs user handlers outside a worker:
+always on scratch ``InMemoryStorage``, never on a worker's data directory.
 
 * **Reading** (``read_journal``): an ephemeral pull consumer on the object's subject
   ``<prefix>.sys.journal.<Class>.<id>`` of the journal stream, fetched in batches until the
@@ -11,12 +11,12 @@ runs user handlers: always on scratch ``InMemoryStorage``, never on a worker's d
   (``cleared``, then ``delete``, then ``put``, and the alarm). No user code runs.
 * **Re-execution** (``Reexecutor``, ``compare``): scratch storage is loaded with the state
   reconstructed just before the first step shown; each step's recorded input then runs through
-  today's class the way the runtime runs a turn (``on_start`` when the record says a fresh
-  instance ran, the handler deadline, the same error mapping) and its reply (or error) and
-  write-set are compared with the record. Later steps run on the state today's code produced.
-  Steps the runtime answered without running the handler (``duplicate``) or discarded
-  (``aborted``) are skipped; the write-sets of a dropped alarm and of a ``truncated`` record
-  (its input is unknown) are applied as recorded.
+  today's class on the worker's own turn engine (``ndo.service.TurnRunner``: ``on_start`` when
+  the record says a fresh instance ran, the handler deadline, the same error mapping) and its
+  reply (or error) and write-set are compared with the record. Later steps run on the state
+  today's code produced. Steps the runtime answered without running the handler (``duplicate``)
+  or discarded (``aborted``) are skipped; the write-sets of a dropped alarm and of a
+  ``truncated`` record (its input is unknown) are applied as recorded.
 
 Exit codes of the command: ``EXIT_OK`` (0) nothing diverged, ``EXIT_ERROR`` (1) replay could not
 run, ``EXIT_USAGE`` (2) bad arguments, ``EXIT_DIVERGED`` (3) at least one step diverged.
@@ -24,7 +24,6 @@ run, ``EXIT_USAGE`` (2) bad arguments, ``EXIT_DIVERGED`` (3) at least one step d
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -43,31 +42,34 @@ from msgspec import UNSET
 from nats.aio.client import Client as NatsClient
 from nats.js import api as js_api
 
-from ndo.actors import (
-    Actor,
+from ndo.actors import Actor, ActorError, ActorId, ActorStorage
+from ndo.actors.runtime import (
     ActorClassInfo,
     ActorContext,
-    ActorError,
-    ActorId,
-    ActorStorage,
-    AlarmInfo,
-    DeadlineExceededError,
-    HandlerError,
-    NotFoundError,
     StorageLimits,
+    TurnWrites,
     describe_class,
 )
 from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ndo.ops._errors import ReplayError
 from ndo.service import (
+    AlarmDelivery,
+    DeadlineWatchdog,
+    Envelope,
+    TurnRunner,
+    WorkerConfig,
+    object_write,
+)
+from ndo.service.journal import (
     JournalError,
     JournalRecord,
     JournalWrites,
-    WorkerConfig,
     decode_journal_record,
     journal_stream_name,
+    jsonable_reply,
+    jsonable_writes,
+    record_advances_state,
 )
-from ndo.service._journal import jsonable_reply, jsonable_writes, record_advances_state
 from ndo.storage import InMemoryStorage, ObjectWrite
 from ndo.subjects import (
     DEFAULT_PREFIX,
@@ -466,8 +468,10 @@ def compare(record: JournalRecord, outcome: StepOutcome) -> list[Difference]:
 class Reexecutor:
     """Runs recorded steps of one object against today's class, on scratch in-memory storage.
 
-    Turn semantics follow the runtime: a failed step discards its writes and the instance is
-    rebuilt before the next one; ``on_start`` runs whenever a new instance is built.
+    Each step runs through the worker's own turn engine (``ndo.service.TurnRunner``): the same
+    instance rules, handler deadline and error mapping. A step whose method today's class lacks,
+    or whose arguments it no longer accepts, fails as ingress would answer it (404, 400) without
+    touching the instance.
     """
 
     # Configuration
@@ -476,12 +480,10 @@ class Reexecutor:
     _prefix: str
     _partition: int
     _limits: StorageLimits
-    _handler_timeout: float
     # State
     storage: InMemoryStorage
     """The scratch store (inspectable by tests)."""
-    _context: ActorContext
-    _instance: Actor | None
+    _runner: TurnRunner
 
     def __init__(
         self,
@@ -513,10 +515,13 @@ class Reexecutor:
             max_value_bytes=defaults.max_value_bytes,
             max_keys_per_call=defaults.max_keys_per_call,
         )
-        self._handler_timeout = handler_timeout or defaults.handler_timeout
         self.storage = InMemoryStorage()
-        self._context = self._new_context()
-        self._instance = None
+        self._runner = TurnRunner(
+            self._info,
+            self._new_context,
+            DeadlineWatchdog(handler_timeout or defaults.handler_timeout),
+            max_reply_bytes=defaults.max_payload,
+        )
 
     def _new_context(self) -> ActorContext:
         view = ActorStorage(
@@ -541,34 +546,19 @@ class Reexecutor:
                 )
             ]
         )
-        self._context = self._new_context()
-        self._instance = None
+        self._runner.reload()
 
-    async def _commit(self) -> JournalWrites | None:
-        changes = self._context.storage.end_turn()
-        self._context.take_events()
+    async def _commit(self, changes: TurnWrites) -> JournalWrites | None:
         if changes.is_empty():
             return None
-        await self.storage.commit(
-            [
-                ObjectWrite(
-                    class_name=self._address.class_name,
-                    object_id=self._address.object_id,
-                    partition=self._partition,
-                    epoch=0,
-                    writes=changes.writes,
-                    cleared=changes.cleared,
-                    alarm=changes.alarm,
-                )
-            ]
-        )
+        await self.storage.commit([object_write(self._address, self._partition, 0, changes)])
         return jsonable_writes(changes)
 
     async def _apply(self, record: JournalRecord) -> JournalWrites | None:
         writes = record.writes
         if record.status != "ok" or writes is None:
             return None
-        view = self._context.storage
+        view = self._runner.context.storage
         if writes.cleared:
             view.delete_all()
         for key in writes.delete:
@@ -579,92 +569,59 @@ class Reexecutor:
             await view.delete_alarm()
         elif writes.alarm is not UNSET:
             await view.set_alarm(writes.alarm)
-        return await self._commit()
+        return await self._commit(view.end_turn())
 
-    async def _start_instance(self) -> Actor:
-        instance = self._info.cls(self._context)
-        try:
-            await instance.on_start()
-        finally:
-            self._context.storage.abort_turn()
-            self._context.take_events()
-        self._instance = instance
-        return instance
+    def _envelope(self, record: JournalRecord, msgpack: bool) -> Envelope:
+        """The message a recorded step carried, as ingress would build it today.
 
-    def _failed(self, error: ActorError) -> StepOutcome:
-        self._context.storage.abort_turn()
-        self._context.take_events()
-        self._instance = None
-        return StepOutcome(
-            executed=True,
-            status="error",
-            error=JournalError(code=error.code, type=error.type, message=error.message),
-        )
+        Raises:
+            NotFoundError: today's class has no such method.
+            BadRequestError: today's method does not accept the recorded arguments.
+        """
+        if record.kind == "alarm":
+            assert record.alarm is not None
+            return Envelope(
+                None, None, "", alarm=AlarmDelivery(record.alarm.due, record.alarm.attempt)
+            )
+        spec = self._info.method_spec(record.method)
+        args = spec.decode_args(_JSON.encode(record.args))
+        return Envelope(spec, args, "", msgpack=msgpack)
 
     async def run(self, record: JournalRecord) -> StepOutcome:
         """Run one recorded step (or skip or apply it, see the module doc) and commit it."""
         if record.status in ("duplicate", "aborted"):
             return StepOutcome(executed=False, status="skipped")
-        storage = self._context.storage
         if record.kind == "alarm_dropped":
-            storage.alarm_fired(0.0)
-            return StepOutcome(executed=False, status="applied", writes=await self._commit())
+            writes = await self._commit(self._runner.drop_alarm())
+            return StepOutcome(executed=False, status="applied", writes=writes)
         if record.truncated:  # its input is not known: apply what the record has
             return StepOutcome(executed=False, status="applied", writes=await self._apply(record))
         if record.fresh:
-            self._instance = None
+            self._runner.drop_instance()
         msgpack = record.headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE
-        name, method = self._info.name, record.method
-        deadline = None
         try:
-            instance = self._instance or await self._start_instance()
-            if record.kind == "alarm":
-                assert record.alarm is not None
-                storage.alarm_fired(record.alarm.due)
-            async with asyncio.timeout(self._handler_timeout) as deadline:
-                if record.kind == "alarm":
-                    assert record.alarm is not None
-                    hook = getattr(instance, "alarm", None)
-                    if hook is None:
-                        raise NotFoundError(f"{name} has no alarm() handler", type="no_alarm")
-                    result = await hook(AlarmInfo(record.alarm.due, record.alarm.attempt))
-                else:
-                    spec = self._info.methods.get(method)
-                    if spec is None:
-                        raise NotFoundError(
-                            f"{name} has no method {method!r}", type="unknown_method"
-                        )
-                    args = spec.decode_args(_JSON.encode(record.args))
-                    result = await spec.call(instance, args)
-            body = _MSGPACK.encode(result) if msgpack else _JSON.encode(result)
+            envelope = self._envelope(record, msgpack)
         except ActorError as exc:
-            return self._failed(exc)
-        except TimeoutError as exc:
-            if deadline is not None and deadline.expired():
-                return self._failed(
-                    DeadlineExceededError(
-                        f"{name}.{method} ran past its {self._handler_timeout}s deadline; its "
-                        "writes were discarded"
-                    )
-                )
-            return self._failed(HandlerError(f"{type(exc).__name__}: {exc}"))
-        except (TypeError, msgspec.EncodeError) as exc:
-            return self._failed(HandlerError(f"{type(exc).__name__}: {exc}"))
-        except Exception as exc:  # user code: the runtime maps every failure to a 500 too
-            return self._failed(
-                HandlerError(
-                    f"{type(exc).__name__}: {exc}"
-                    if str(exc)
-                    else f"{type(exc).__name__} in {name}.{method}"
-                )
-            )
-        writes = await self._commit()
+            return _failed(exc)
+        outcome = await self._runner.run(envelope)
+        if outcome.error is not None:
+            return _failed(outcome.error)
+        assert outcome.changes is not None
+        writes = await self._commit(outcome.changes)
         return StepOutcome(
             executed=True,
             status="ok",
-            reply=_normalize(jsonable_reply(body, msgpack)),
+            reply=_normalize(jsonable_reply(outcome.body, msgpack)),
             writes=writes,
         )
+
+
+def _failed(error: ActorError) -> StepOutcome:
+    return StepOutcome(
+        executed=True,
+        status="error",
+        error=JournalError(code=error.code, type=error.type, message=error.message),
+    )
 
 
 # The command

@@ -1,7 +1,8 @@
 """``ndo status``: the deployment as its lease bucket shows it — members, holders, epochs.
 
 A separate module because it is read-only tooling: it reads the bucket the workers maintain
-(``service._ownership``) with one snapshot watch and never writes. Tests use ``fetch_status`` to
+with one snapshot (``ndo.service.read_bucket``, the same view the workers keep) and never
+writes. Tests use ``fetch_status`` to
 wait for hand-overs the way an operator would watch them.
 """
 
@@ -17,14 +18,12 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import StatusError
-from ndo.service._discovery import SERVICE_NAME
-from ndo.service._ownership import (
-    CONFIG_KEY,
-    DeploymentRecord,
-    LeaseRecord,
-    MemberRecord,
+from ndo.service import (
+    SERVICE_NAME,
+    OwnershipError,
     lease_bucket,
     partitions_text,
+    read_bucket,
 )
 
 __all__ = [
@@ -38,10 +37,6 @@ __all__ = [
     "format_discovered",
     "format_status",
 ]
-
-_CONFIG = msgspec.json.Decoder(DeploymentRecord)
-_MEMBER = msgspec.json.Decoder(MemberRecord)
-_LEASE = msgspec.json.Decoder(LeaseRecord)
 
 
 class MemberStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +79,8 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     leases: list[PartitionStatus]
     """One entry per partition, in order."""
     taken_at: float
+    problems: list[str] = []
+    """Bucket entries that could not be read (foreign or corrupt values), one note each."""
 
     def holders(self) -> dict[int, str]:
         """Partition -> member id of every held partition."""
@@ -156,9 +153,8 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
         StatusError: no JetStream, or no lease bucket (no worker ever ran with leases).
     """
     bucket = lease_bucket(prefix)
-    js = nc.jetstream()
     try:
-        kv = await js.key_value(bucket)
+        config, view, problems = await read_bucket(nc, prefix)
     except nats.js.errors.BucketNotFoundError:
         raise StatusError(
             f"no lease bucket {bucket!r}: no worker with prefix {prefix!r} has run with leases "
@@ -166,38 +162,15 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
         ) from None
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
         raise StatusError("the NATS server has no JetStream: there is no lease bucket") from None
-    config: DeploymentRecord | None = None
-    members: dict[str, MemberRecord] = {}
-    leases: dict[int, tuple[LeaseRecord, int]] = {}
-    watch = await kv.watch(">")
-    try:
-        async for entry in watch:
-            if entry is None:
-                break
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                continue
-            if entry.key == CONFIG_KEY:
-                config = _CONFIG.decode(entry.value)
-            elif entry.key.startswith("members."):
-                record = _MEMBER.decode(entry.value)
-                members[record.id] = record
-            elif entry.key.startswith("leases."):
-                leases[int(entry.key.split(".", 1)[1])] = (
-                    _LEASE.decode(entry.value),
-                    entry.revision or 0,
-                )
-    finally:
-        await watch.stop()  # type: ignore[no-untyped-call]
-    if config is None:
-        raise StatusError(f"lease bucket {bucket!r} has no deployment record yet")
-    held: dict[str, list[int]] = {m: [] for m in members}
+    except OwnershipError as exc:
+        raise StatusError(str(exc)) from None
+    held: dict[str, list[int]] = {m: [] for m in view.members}
     rows: list[PartitionStatus] = []
     for partition in range(config.partitions):
-        found = leases.get(partition)
-        if found is None:
+        lease = view.leases.get(partition)
+        if lease is None:
             rows.append(PartitionStatus(partition=partition))
             continue
-        lease, revision = found
         if lease.owner in held:
             held[lease.owner].append(partition)
         rows.append(
@@ -205,9 +178,9 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
                 partition=partition,
                 owner=lease.owner,
                 name=lease.name,
-                epoch=lease.epoch or config.epoch_base + revision,
-                revision=revision,
-                live_owner=lease.owner in members,
+                epoch=lease.epoch,
+                revision=lease.revision,
+                live_owner=lease.owner in view.members,
             )
         )
     return DeploymentStatus(
@@ -217,18 +190,19 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
         epoch_base=config.epoch_base,
         members=[
             MemberStatus(
-                id=m.id,
+                id=member_id,
                 name=m.name,
                 host=m.host,
                 pid=m.pid,
                 started=m.started,
                 routing=m.routing,
-                partitions=held[m.id],
+                partitions=held[member_id],
             )
-            for m in sorted(members.values(), key=lambda m: m.started)
+            for member_id, m in sorted(view.members.items(), key=lambda item: item[1].started)
         ],
         leases=rows,
         taken_at=time.time(),
+        problems=problems,
     )
 
 
@@ -270,6 +244,8 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
         lines.append(
             "held by workers that left (expiring): " + partitions_text(p.partition for p in dead)
         )
+    for problem in status.problems:
+        lines.append(f"unreadable bucket entry (ignored by the workers): {problem}")
     if partitions:
         lines.append("")
         lines += _table(

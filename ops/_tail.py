@@ -34,7 +34,7 @@ from ndo.ops._replay import (
     shorten,
     sorted_json,
 )
-from ndo.service import JournalRecord, decode_journal_record
+from ndo.service.journal import JournalRecord, decode_journal_record
 from ndo.subjects import (
     DEFAULT_PREFIX,
     InvalidSubjectError,

@@ -1,42 +1,65 @@
-"""The runtime of one ndo worker: NATS ingress, activations, turns, group commit, shutdown."""
+"""The runtime of one ndo worker: NATS ingress, activations, turns, group commit, ownership.
 
+``Worker`` is what ``ndo serve`` runs. The turn engine (``TurnRunner``) is public for the tools
+that run objects outside a worker (``ndo replay --execute``); the lease bucket's records and view
+(``read_bucket``) for the tools that read a deployment (``ndo status``). The journal's record
+format is the module ``ndo.service.journal``.
+"""
+
+from ndo.service._assignment import assign_partitions, partitions_text
 from ndo.service._config import WorkerConfig
+from ndo.service._discovery import SERVICE_NAME
+from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
-from ndo.service._journal import (
-    JOURNAL_VERSION,
-    JournalAlarm,
-    JournalError,
-    JournalRecord,
-    JournalWrites,
-    decode_journal_record,
-    journal_stream_name,
+from ndo.service._lease_bucket import (
+    CONFIG_KEY,
+    BucketView,
+    DeploymentRecord,
+    LeaseRecord,
+    LeaseView,
+    MemberRecord,
+    lease_bucket,
+    lease_key,
+    member_key,
+    read_bucket,
 )
 from ndo.service._metrics import WorkerMetrics
-from ndo.service._ownership import assign_partitions, lease_bucket
-from ndo.service._routing import RoutingMode, mapping_snippet, server_mapping
-from ndo.service._worker import QUEUE_GROUP, Worker, WorkerState, WorkerStats
+from ndo.service._routing import QUEUE_GROUP, RoutingMode, mapping_snippet, server_mapping
+from ndo.service._turn import DeadlineWatchdog, TurnOutcome, TurnRunner, object_write, turn_error
+from ndo.service._worker import Worker, WorkerState, WorkerStats
 
 __all__ = [
-    "JOURNAL_VERSION",
+    "CONFIG_KEY",
     "QUEUE_GROUP",
+    "SERVICE_NAME",
+    "AlarmDelivery",
+    "BucketView",
+    "DeadlineWatchdog",
     "DeploymentMismatchError",
-    "JournalAlarm",
-    "JournalError",
-    "JournalRecord",
-    "JournalWrites",
+    "DeploymentRecord",
+    "Envelope",
+    "LeaseRecord",
+    "LeaseView",
+    "MemberRecord",
     "OwnershipError",
     "RoutingError",
     "RoutingMode",
     "ServiceError",
+    "TurnOutcome",
+    "TurnRunner",
     "Worker",
     "WorkerConfig",
     "WorkerMetrics",
     "WorkerState",
     "WorkerStats",
     "assign_partitions",
-    "decode_journal_record",
-    "journal_stream_name",
     "lease_bucket",
+    "lease_key",
     "mapping_snippet",
+    "member_key",
+    "object_write",
+    "partitions_text",
+    "read_bucket",
     "server_mapping",
+    "turn_error",
 ]

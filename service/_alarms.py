@@ -20,8 +20,8 @@ from typing import Final
 import structlog
 
 from ndo.actors import ActorId
-from ndo.service._activation import AlarmDelivery
 from ndo.service._config import WorkerConfig
+from ndo.service._envelope import AlarmDelivery
 from ndo.service._metrics import WorkerMetrics
 from ndo.storage import Storage, StorageError, StoredAlarm
 from ndo.subjects import partition_of
@@ -41,7 +41,7 @@ class AlarmScheduler:
     _storage: Storage
     _config: WorkerConfig
     _metrics: WorkerMetrics
-    _partitions: Callable[[], Collection[int] | None]
+    _partitions: Callable[[], Collection[int]]
     _deliver: Callable[[StoredAlarm, AlarmDelivery], bool]
     # State
     _inflight: dict[ActorId, AlarmDelivery]
@@ -59,7 +59,7 @@ class AlarmScheduler:
         config: WorkerConfig,
         metrics: WorkerMetrics,
         *,
-        partitions: Callable[[], Collection[int] | None],
+        partitions: Callable[[], Collection[int]],
         deliver: Callable[[StoredAlarm, AlarmDelivery], bool],
     ) -> None:
         """Create a scheduler.
@@ -68,7 +68,7 @@ class AlarmScheduler:
             storage: where alarms are stored.
             config: retry settings.
             metrics: where to count outcomes.
-            partitions: returns the partitions to serve (``None``: all).
+            partitions: returns the partitions served now.
             deliver: enqueues one delivery on its object; False if it could not.
         """
         self._storage = storage
@@ -95,19 +95,15 @@ class AlarmScheduler:
     def partitions_changed(self) -> None:
         """The served partitions changed: forget deliveries parked for partitions no longer
         served (their new owner delivers them) and look at storage again."""
-        served = self._partitions()
-        if served is not None:
-            keep = set(served)
-            count = self._config.partitions
-            for address in list(self._inflight):
-                if partition_of(address.class_name, address.object_id, count) not in keep:
-                    del self._inflight[address]
-            self._retries = [
-                r
-                for r in self._retries
-                if partition_of(r[2].class_name, r[2].object_id, count) in keep
-            ]
-            heapq.heapify(self._retries)
+        keep = set(self._partitions())
+        count = self._config.partitions
+        for address in list(self._inflight):
+            if partition_of(address.class_name, address.object_id, count) not in keep:
+                del self._inflight[address]
+        self._retries = [
+            r for r in self._retries if partition_of(r[2].class_name, r[2].object_id, count) in keep
+        ]
+        heapq.heapify(self._retries)
         self._next_wake = 0.0
         self._wakeup.set()
 
@@ -169,7 +165,7 @@ class AlarmScheduler:
             _, _, alarm, delivery = heapq.heappop(self._retries)
             self._deliver(alarm, delivery)  # if it cannot be delivered it stays parked
         partitions = self._partitions()
-        if partitions is not None and not partitions:
+        if not partitions:
             self._next_wake = now + _MAX_SLEEP
             return _MAX_SLEEP  # nothing served: partitions_changed() wakes us
         self.queries += 1

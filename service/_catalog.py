@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from ndo.actors import ActorClassInfo, ActorId
-from ndo.service._activation import Activation, Host
+from ndo.actors import ActorId
+from ndo.actors.runtime import ActorClassInfo
+from ndo.service._activation import Activation, ActivationServices
 from ndo.subjects import partition_of
 
 __all__ = ["Catalog"]
@@ -18,14 +19,30 @@ _EVICTION_SCAN: int = 64
 class Catalog:
     """Activations by ``ActorId``, in least-recently-used order."""
 
+    # Configuration
+    _partitions: int
+    _max_active: int
+    """Activations kept before the least recently used idle ones are evicted."""
+    _idle_timeout: float
+    """Seconds without messages after which an idle activation is evicted."""
     # Collaborators
-    _host: Host
+    _services: ActivationServices
     # State
     _table: OrderedDict[ActorId, Activation]
 
-    def __init__(self, host: Host) -> None:
-        """Create an empty catalog for ``host``'s activations."""
-        self._host = host
+    def __init__(
+        self,
+        services: ActivationServices,
+        *,
+        partitions: int,
+        max_active: int,
+        idle_timeout: float,
+    ) -> None:
+        """Create an empty catalog whose activations share ``services``."""
+        self._services = services
+        self._partitions = partitions
+        self._max_active = max_active
+        self._idle_timeout = idle_timeout
         self._table = OrderedDict()
 
     def __len__(self) -> int:
@@ -52,14 +69,14 @@ class Catalog:
             self._table.move_to_end(address)
             return activation
         if partition is None:
-            partition = partition_of(info.name, object_id, self._host.config.partitions)
+            partition = partition_of(info.name, object_id, self._partitions)
         # Make room before inserting: the newcomer is idle until its first message is queued,
         # and must never be its own LRU victim (that message would land on an orphan).
-        if len(self._table) >= self._host.config.max_active:
-            self._evict_lru(over=len(self._table) + 1 - self._host.config.max_active)
-        activation = Activation(self._host, info, object_id, partition)
+        if len(self._table) >= self._max_active:
+            self._evict_lru(over=len(self._table) + 1 - self._max_active)
+        activation = Activation(self._services, info, object_id, partition)
         self._table[address] = activation
-        self._host.metrics.active_objects.set(len(self._table))
+        self._services.metrics.active_objects.set(len(self._table))
         return activation
 
     def _evict_lru(self, over: int) -> None:
@@ -75,7 +92,7 @@ class Catalog:
 
     def evict_idle(self, now: float) -> int:
         """Evict objects idle since before ``now - idle_timeout``; return how many."""
-        cutoff = now - self._host.config.idle_timeout
+        cutoff = now - self._idle_timeout
         victims: list[Activation] = []
         for activation in self._table.values():
             if activation.last_used > cutoff:
@@ -112,8 +129,9 @@ class Catalog:
     def _remove(self, activation: Activation, reason: str) -> None:
         del self._table[activation.address]
         activation.deactivate()
-        self._host.metrics.count(self._host.metrics.evictions, reason)
-        self._host.metrics.active_objects.set(len(self._table))
+        metrics = self._services.metrics
+        metrics.count(metrics.evictions, reason)
+        metrics.active_objects.set(len(self._table))
 
     @property
     def busy(self) -> int:

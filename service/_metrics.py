@@ -121,6 +121,15 @@ class WorkerMetrics:
             "Journal records stored (acknowledged by the JetStream journal stream).",
             registry=r,
         )
+        self.partitions_held = Gauge(
+            "ndo_partitions_held", "Partitions this worker serves.", registry=r
+        )
+        self.partition_moves = Counter(
+            "ndo_partition_moves_total",
+            "Partitions this worker acquired, released after draining, or lost.",
+            ["change"],
+            registry=r,
+        )
         self.journal_failures = Counter(
             "ndo_journal_failures_total",
             "Journal records lost, by reason (dropped, no_stream, rejected, timeout, "

@@ -54,6 +54,7 @@ from ndo.subjects import (
 
 __all__ = [
     "PROBE_CLASS",
+    "QUEUE_GROUP",
     "Router",
     "RoutingError",
     "RoutingMode",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("ndo.routing")
+
+QUEUE_GROUP: Final = "ndo-workers"
+"""Queue group of every worker's RPC subscription (each request reaches one worker)."""
 
 PROBE_CLASS: Final = "_ndo_probe"
 """Class name of routing probes (no such class is ever served; probes carry no reply)."""
@@ -202,6 +206,8 @@ class Router:
     # State
     _rpc_sub: Subscription | None
     _all_sub: Subscription | None
+    _serve_all: bool
+    """``start_all`` was called: every partition comes through the shared subscriptions."""
     _subs: dict[int, Subscription]
     forwarded: int
     """Requests this worker forwarded to another partition holder."""
@@ -232,6 +238,7 @@ class Router:
         self._on_routed = on_routed
         self._rpc_sub = None
         self._all_sub = None
+        self._serve_all = False
         self._subs = {}
         self.forwarded = 0
         self._part_head = f"{prefix}.part."
@@ -258,18 +265,21 @@ class Router:
         partition, tail = rest.split(".", 1)
         return self._rpc_head + tail, int(partition)
 
-    async def start_rpc(self, queue: str) -> None:
-        """Subscribe to the RPC subjects in ``queue`` (``forward`` mode only)."""
+    async def start_rpc(self) -> None:
+        """Subscribe to the RPC subjects in the workers' queue group (``forward`` mode only)."""
         if self.mode is RoutingMode.FORWARD and self._rpc_sub is None:
-            self._rpc_sub = await self._subscribe(rpc_wildcard(self._prefix), queue, self._on_rpc)
+            self._rpc_sub = await self._subscribe(
+                rpc_wildcard(self._prefix), QUEUE_GROUP, self._on_rpc
+            )
 
-    async def start_all(self, queue: str) -> None:
+    async def start_all(self) -> None:
         """Serve every partition through one subscription (a worker that owns everything)."""
+        self._serve_all = True
         if self.mode is RoutingMode.FORWARD:
-            await self.start_rpc(queue)
+            await self.start_rpc()
         elif self._all_sub is None:
             wildcard = _partition_wildcard(self._prefix, self.mode, None)
-            self._all_sub = await self._subscribe(wildcard, queue, self._on_routed)
+            self._all_sub = await self._subscribe(wildcard, QUEUE_GROUP, self._on_routed)
 
     async def add(self, partition: int) -> None:
         """Subscribe to ``partition``'s subject in its queue group (idempotent)."""
@@ -300,7 +310,7 @@ class Router:
             headers=msg.headers,
         )
 
-    async def switch(self, mode: RoutingMode, queue: str, *, serve_all: bool) -> None:
+    async def switch(self, mode: RoutingMode) -> None:
         """Move every subscription to ``mode`` (the server's mapping was added or removed):
         subscribe the new way first, then drain the old subscriptions."""
         if mode is self.mode:
@@ -310,10 +320,10 @@ class Router:
         self.mode = mode
         self._rpc_sub = self._all_sub = None
         self._subs = {}
-        if serve_all:
-            await self.start_all(queue)
+        if self._serve_all:
+            await self.start_all()
         else:
-            await self.start_rpc(queue)
+            await self.start_rpc()
         for partition in partitions:
             await self.add(partition)
         for sub in old:

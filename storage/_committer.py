@@ -81,6 +81,7 @@ class GroupCommitter:
     _storage: Storage
     _max_batch: int
     _observer: Callable[[list[ObjectWrite], float], None] | None
+    _on_failure: Callable[[BaseException], None] | None
     # State
     _queue: deque[PendingCommit]
     _wakeup: asyncio.Event
@@ -94,15 +95,18 @@ class GroupCommitter:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         observer: Callable[[list[ObjectWrite], float], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """Create a committer writing to ``storage``; call ``start()`` before submitting.
 
         ``observer(entries, seconds)`` is told about every successful transaction (metrics,
-        alarm wake-ups); it must not keep ``entries``.
+        alarm wake-ups); it must not keep ``entries``. ``on_failure(error)`` is told about every
+        transaction that failed.
         """
         self._storage = storage
         self._max_batch = max_batch
         self._observer = observer
+        self._on_failure = on_failure
         self._queue = deque()
         self._wakeup = asyncio.Event()
         self._task = None
@@ -166,6 +170,8 @@ class GroupCommitter:
             except (StorageError, ValueError) as exc:
                 self.stats.failures += 1
                 _log.error("group commit failed", write_sets=len(entries), error=str(exc))
+                if self._on_failure is not None:
+                    self._on_failure(exc)
                 for pending in batch:
                     await _safe_done(
                         pending, CommitAbandonedError() if id(pending) in abandoned else exc

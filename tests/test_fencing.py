@@ -21,8 +21,15 @@ import pytest
 from ndo.actors import ActorClient, RetryPolicy
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.ops._status import fetch_status
-from ndo.service import Worker, WorkerConfig, lease_bucket
-from ndo.service._ownership import CONFIG_KEY, DeploymentRecord, LeaseRecord, lease_key
+from ndo.service import (
+    CONFIG_KEY,
+    DeploymentRecord,
+    LeaseRecord,
+    Worker,
+    WorkerConfig,
+    lease_bucket,
+    lease_key,
+)
 from ndo.storage import ObjectWrite, SqliteStorage
 from ndo.subjects import partition_of
 from tests.cluster_fixtures import (

@@ -20,7 +20,8 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 
-from ndo.actors import Actor, ActorClient, HandlerError, RetryPolicy, TurnWrites, method
+from ndo.actors import Actor, ActorClient, ActorId, HandlerError, RetryPolicy, method
+from ndo.actors.runtime import ALARM_UNCHANGED, TurnWrites
 from ndo.examples import Counter
 from ndo.ops import cli
 from ndo.ops._replay import (
@@ -38,9 +39,9 @@ from ndo.ops._replay import (
     select_steps,
 )
 from ndo.ops._tail import TailOptions, run_tail
-from ndo.service import JournalRecord, Worker, WorkerMetrics, journal_stream_name
+from ndo.service import Envelope, Worker, WorkerMetrics
 from ndo.service._journal import JournalEntry, JournalPublisher
-from ndo.storage import ALARM_UNCHANGED
+from ndo.service.journal import JournalRecord, journal_stream_name
 from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
 from tests.objects import Faulty, Reminder, Store
 from tests.worker_fixtures import WorkerFactory
@@ -641,9 +642,6 @@ class TestJournalFailures:
 
     @staticmethod
     def _entry(*, writes: bool) -> JournalEntry:
-        from ndo.actors import ActorId
-        from ndo.service._activation import Envelope
-
         changes = TurnWrites({"k": b"\x01"}, False, ALARM_UNCHANGED) if writes else None
         return JournalEntry(
             ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok", changes=changes
@@ -702,9 +700,6 @@ class TestBurstConfirmation:
     async def _burst(
         nc: NatsClient, count: int, *, delete_stream: bool, atomic: bool = True
     ) -> WorkerMetrics:
-        from ndo.actors import ActorId
-        from ndo.service._activation import Envelope
-
         metrics = WorkerMetrics()
         publisher = JournalPublisher(
             nc,

@@ -14,14 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ndo.actors import (
-    ActorStorage,
-    BadRequestError,
-    PayloadTooLargeError,
-    StorageLimits,
-    TurnWrites,
-    prefix_range,
-)
+from ndo.actors import ActorStorage, BadRequestError, PayloadTooLargeError
+from ndo.actors.runtime import StorageLimits, TurnWrites, prefix_range
 from ndo.storage import (
     ALARM_UNCHANGED,
     CommitAbandonedError,

@@ -1,0 +1,38 @@
+"""What hosts of objects need beyond the user API: ndo's worker, ``ndo replay`` and the tools.
+
+Object authors never import this module. It gives a host the description of a class (its
+callable methods and their argument codecs), the context an instance is bound to, the per-turn
+storage view and the write-set a turn leaves behind, and the wire-error factory the client uses.
+"""
+
+from ndo.actors._actor import ActorContext
+from ndo.actors._errors import error_from_wire
+from ndo.actors._methods import (
+    ActorClassInfo,
+    MethodSpec,
+    describe_class,
+    describe_classes,
+    is_method,
+)
+from ndo.actors._storage import (
+    ALARM_UNCHANGED,
+    StateReader,
+    StorageLimits,
+    TurnWrites,
+    prefix_range,
+)
+
+__all__ = [
+    "ALARM_UNCHANGED",
+    "ActorClassInfo",
+    "ActorContext",
+    "MethodSpec",
+    "StateReader",
+    "StorageLimits",
+    "TurnWrites",
+    "describe_class",
+    "describe_classes",
+    "error_from_wire",
+    "is_method",
+    "prefix_range",
+]

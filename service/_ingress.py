@@ -1,0 +1,343 @@
+"""Ingress: how messages get into objects' mailboxes — requests from NATS, and due alarms.
+
+Ingress never runs user code. The NATS callback parses the subject, validates the class, method,
+body size and arguments, finds (or creates) the object's activation and enqueues; bad input is
+answered right there and never reaches an object. Parsed subjects are remembered (bounded), so a
+subject seen before skips the parse and the name checks.
+
+A request for a partition this worker does not serve is forwarded to its holder when the routing
+is ``forward`` and another worker holds it, and answered 503 "moving" otherwise (the client
+retries). The subscriptions themselves are the ``Router``'s (``service._routing``); ingress
+subscribes and unsubscribes partitions when the ownership asks (``subscribe``, ``unsubscribe``)
+and follows the server when an operator adds or removes the partition mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Collection
+from typing import Final, NamedTuple
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from ndo.actors import (
+    ActorError,
+    BadRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+from ndo.actors.runtime import ActorClassInfo, MethodSpec
+from ndo.service._catalog import Catalog
+from ndo.service._codec import encode_error
+from ndo.service._envelope import AlarmDelivery, Envelope
+from ndo.service._errors import RoutingError
+from ndo.service._metrics import WorkerMetrics
+from ndo.service._outbox import Outbox
+from ndo.service._ownership import NOT_SERVING, Ownership
+from ndo.service._routing import Router, RoutingMode, detect_routing, drain_all
+from ndo.storage import StoredAlarm
+from ndo.subjects import (
+    MSGPACK_CONTENT_TYPE,
+    Header,
+    InvalidSubjectError,
+    parse_rpc_subject,
+    partition_of,
+)
+
+__all__ = ["Ingress"]
+
+_log = structlog.get_logger("ndo.worker")
+
+_ROUTING_CHECK: Final = 15.0
+"""Seconds between checks of the server's routing (a mapping added or removed at runtime)."""
+
+_MAX_ROUTES: Final = 8192
+"""Parsed request subjects remembered; the cache is emptied when it is full."""
+
+_MAX_KEY_LENGTH: Final = 256
+"""Longest idempotency key accepted, in characters."""
+
+
+class _Route(NamedTuple):
+    """What a request subject resolves to (everything in it is fixed for the worker's life)."""
+
+    info: ActorClassInfo
+    object_id: str
+    spec: MethodSpec
+    partition: int
+    rpc_subject: str
+    """The ``<prefix>.rpc.<Class>.<id>.<method>`` subject (for forwarding)."""
+
+
+class Ingress:
+    """Takes requests off NATS and due alarms off the scheduler, into objects' mailboxes."""
+
+    # Configuration
+    _prefix: str
+    _partitions: int
+    _max_payload: int
+    _classes: dict[str, ActorClassInfo]
+    # Collaborators
+    _nc: NatsClient
+    _router: Router
+    _catalog: Catalog
+    _outbox: Outbox
+    _metrics: WorkerMetrics
+    _ownership: Ownership
+    # State
+    _accepting: bool
+    """Between ``open`` and ``stop``: requests are taken (afterwards they get 503)."""
+    _routes: dict[str, _Route]
+    """Parsed request subjects (the subject as received: RPC, mapped or forwarded)."""
+    _unsubscribing: set[asyncio.Task[None]]
+    """Background drains of subscriptions that were dropped."""
+    _recheck: asyncio.Event
+    """Set to check the server's routing now (after a reconnect)."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        mode: RoutingMode,
+        *,
+        prefix: str,
+        partitions: int,
+        max_payload: int,
+        classes: dict[str, ActorClassInfo],
+        catalog: Catalog,
+        outbox: Outbox,
+        metrics: WorkerMetrics,
+    ) -> None:
+        """Create the ingress of a worker whose server routes requests as ``mode``.
+
+        Args:
+            nc: the worker's connection.
+            mode: the routing the server offers (``detect_routing``).
+            prefix: the deployment's subject prefix.
+            partitions: the deployment's partition count.
+            max_payload: largest request body accepted.
+            classes: the served classes by name.
+            catalog: the worker's activations.
+            outbox: where error replies go.
+            metrics: where rejected requests are counted.
+        """
+        self._prefix = prefix
+        self._partitions = partitions
+        self._max_payload = max_payload
+        self._classes = classes
+        self._nc = nc
+        self._router = Router(
+            nc, prefix, mode, on_rpc=self._handle_request, on_routed=self._handle_routed
+        )
+        self._catalog = catalog
+        self._outbox = outbox
+        self._metrics = metrics
+        self._ownership = NOT_SERVING
+        self._accepting = False
+        self._routes = {}
+        self._unsubscribing = set()
+        self._recheck = asyncio.Event()
+
+    @property
+    def mode(self) -> RoutingMode:
+        """How requests reach this worker."""
+        return self._router.mode
+
+    @property
+    def forwarded(self) -> int:
+        """Requests handed to another partition holder so far."""
+        return self._router.forwarded
+
+    # Lifecycle
+
+    async def open(self, ownership: Ownership) -> None:
+        """Start taking requests for the partitions ``ownership`` serves (and, with ``forward``
+        routing, every request on the RPC subjects)."""
+        self._ownership = ownership
+        self._accepting = True
+        await self._router.start_rpc()
+
+    async def stop(self) -> None:
+        """Stop taking new requests: what still arrives gets 503 "shutting down"; the shared
+        RPC subscription is drained (partition subscriptions go when the ownership closes)."""
+        self._accepting = False
+        await self._router.stop_rpc()
+
+    async def close(self) -> None:
+        """Drop every subscription and wait (bounded) for those being drained."""
+        self._accepting = False
+        await self._router.close()
+        if self._unsubscribing:
+            await asyncio.wait(set(self._unsubscribing), timeout=10)
+
+    def on_reconnect(self) -> None:
+        """The connection came back: check the server's routing again now."""
+        self._recheck.set()
+
+    async def follow_routing(self) -> None:
+        """Probe the routing every ``_ROUTING_CHECK`` seconds and after a reconnect, and follow
+        the server when an operator adds (or removes) the partition mapping. Runs until
+        cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ROUTING_CHECK):
+                    await self._recheck.wait()
+            self._recheck.clear()
+            if not self._accepting:
+                continue
+            try:
+                mode = await detect_routing(self._nc, self._prefix, self._partitions)
+            except RoutingError as exc:
+                _log.error(
+                    "the server's subject mapping is wrong; keeping the old routing", error=str(exc)
+                )
+                continue
+            except (nats.errors.Error, OSError, TimeoutError):
+                continue
+            if mode is not self._router.mode:
+                _log.warning(
+                    "the server's routing changed", old=self._router.mode.value, new=mode.value
+                )
+                await self._router.switch(mode)
+                self._ownership.set_routing(mode.value)
+
+    # Subscriptions (asked for by the ownership)
+
+    async def subscribe(self, partition: int) -> None:
+        """Receive ``partition``'s requests (answered "moving" until it is served)."""
+        await self._router.add(partition)
+
+    async def subscribe_all(self) -> None:
+        """Receive every partition's requests through one subscription."""
+        await self._router.start_all()
+
+    def unsubscribe(self, partitions: Collection[int]) -> None:
+        """Stop receiving the requests of ``partitions`` (drained in the background)."""
+        subs = self._router.detach(partitions)
+        if subs:
+            # Not a worker task: close() awaits these instead of cancelling them, because
+            # nats-py's read loop dies if a PONG arrives for a flush that was cancelled.
+            task = asyncio.create_task(drain_all(subs), name="ndo-unsubscribe")
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    # Alarms
+
+    def deliver_alarm(self, alarm: StoredAlarm, delivery: AlarmDelivery) -> bool:
+        """Queue an alarm delivery on its object; False when it cannot be delivered here now."""
+        info = self._classes.get(alarm.class_name)
+        if info is None or not info.has_alarm:
+            _log.warning(
+                "alarm for a class this worker does not serve (or without alarm()); parked",
+                class_name=alarm.class_name,
+                object_id=alarm.object_id,
+            )
+            return False
+        if not self._accepting:
+            return False
+        partition = partition_of(alarm.class_name, alarm.object_id, self._partitions)
+        if not self._ownership.accepts(partition):
+            return False  # moved away: its new owner delivers it
+        activation = self._catalog.activate(info, alarm.object_id, partition)
+        return activation.enqueue(Envelope(None, None, "", alarm=delivery))
+
+    # Requests
+
+    async def _handle_request(self, msg: Msg) -> None:
+        """A request on an RPC subject (``forward`` routing, or serving every partition)."""
+        await self._take(msg, routed=False)
+
+    async def _handle_routed(self, msg: Msg) -> None:
+        """A request on a partition subject: mapped there by the server, or forwarded."""
+        await self._take(msg, routed=True)
+
+    async def _take(self, msg: Msg, *, routed: bool) -> None:
+        headers = msg.headers
+        msgpack = bool(headers) and headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE  # type: ignore[union-attr]
+        try:
+            if not self._accepting:
+                raise UnavailableError("worker is shutting down; retry", type="shutting_down")
+            route = self._routes.get(msg.subject)
+            if route is None:
+                route = self._route(msg.subject, routed)
+            info, object_id, spec, partition, _ = route
+            if not self._ownership.accepts(partition):
+                if not routed and await self._forward(msg, route):
+                    return
+                raise UnavailableError(
+                    f"partition {partition} of {info.name}/{object_id} is "
+                    "moving between workers; retry shortly",
+                    type="moving",
+                )
+            envelope = self._envelope(msg, spec, msgpack)
+            activation = self._catalog.activate(info, object_id, partition)
+            if not activation.enqueue(envelope):
+                raise UnavailableError(
+                    f"{info.name}/{object_id} has {activation.queued} messages "
+                    "waiting; retry with backoff",
+                    type="overloaded",
+                )
+        except ActorError as error:
+            self._metrics.requests.inc(("-", "-", error.type))
+            if msg.reply:
+                body, reply_headers = encode_error(error, msgpack)
+                await self._outbox.reply(msg.reply, body, reply_headers)
+
+    async def _forward(self, msg: Msg, route: _Route) -> bool:
+        """Forward a request to the holder of its partition; False when there is none now."""
+        router = self._router
+        if router.mode is not RoutingMode.FORWARD:
+            return False
+        if not self._ownership.held_elsewhere(route.partition):
+            return False
+        rpc_tail = route.rpc_subject[len(self._prefix) + len(".rpc.") :]
+        await router.forward(msg, route.partition, rpc_tail)
+        return True
+
+    def _route(self, received: str, routed: bool) -> _Route:
+        """Parse and check a subject not seen before, and remember it (raises ``ActorError``
+        subclasses, which are not remembered)."""
+        subject = received
+        if routed:
+            with contextlib.suppress(ValueError):  # not a partition subject: reported as invalid
+                subject, _ = self._router.rpc_subject_of(received)
+        try:
+            address = parse_rpc_subject(self._prefix, subject)
+        except InvalidSubjectError as exc:
+            raise BadRequestError(str(exc), type="invalid_subject") from None
+        info = self._classes.get(address.class_name)
+        if info is None:
+            raise NotFoundError(
+                f"unknown class {address.class_name!r}; this worker serves "
+                f"{', '.join(sorted(self._classes))}",
+                type="unknown_class",
+            )
+        spec = info.method_spec(address.method)
+        partition = partition_of(address.class_name, address.object_id, self._partitions)
+        route = _Route(info, address.object_id, spec, partition, subject)
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
+        self._routes[received] = route
+        return route
+
+    def _envelope(self, msg: Msg, spec: MethodSpec, msgpack: bool) -> Envelope:
+        """Check the body and headers of a request and decode its arguments."""
+        if len(msg.data) > self._max_payload:
+            raise PayloadTooLargeError(
+                f"request body of {len(msg.data)} bytes is over the {self._max_payload}-byte limit"
+            )
+        args = spec.decode_args(msg.data, msgpack)
+        headers = msg.headers
+        key = None
+        if headers:
+            key = headers.get(Header.IDEMPOTENCY_KEY.value) or headers.get(Header.NATS_MSG_ID.value)
+            if key is not None and not 0 < len(key) <= _MAX_KEY_LENGTH:
+                raise BadRequestError(
+                    f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters",
+                    type="invalid_idempotency_key",
+                )
+        return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key)

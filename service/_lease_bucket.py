@@ -1,0 +1,427 @@
+"""The lease bucket: its records, its I/O, and the view of it that workers and ``ndo status`` share.
+
+The JetStream KV bucket ``<prefix>-leases`` (``lease_bucket``) holds:
+
+``config``
+    ``DeploymentRecord``: ``{"partitions": N, "epoch_base": B}``, written once by the first
+    worker. A worker configured with another partition count is refused
+    (``DeploymentMismatchError``).
+``members.<member id>``
+    ``MemberRecord``, one per live worker, with a per-key TTL, renewed every ``lease_ttl / 3``.
+``leases.<p>``
+    ``LeaseRecord``, the lease of partition ``p``: ``{"owner": <member id>, "epoch": E}``, with a
+    per-key TTL, renewed by publishing directly to the key's subject with
+    ``Nats-Expected-Last-Subject-Sequence`` (compare-and-set) and ``Nats-TTL``. The bucket has
+    ``limit_marker_ttl`` so an expiry is seen by every watcher at once.
+
+A lease acquired at KV revision ``r`` has epoch ``B + r`` (see ``service._leases``).
+
+``LeaseBucket`` does the I/O (every write is a compare-and-set); ``BucketView`` is what a watch
+of the bucket shows (members, leases, deleted leases); ``read_bucket`` takes one snapshot of it
+for tools. The state machine that acts on it is ``service._leases``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from ndo.service._errors import DeploymentMismatchError, OwnershipError
+
+__all__ = [
+    "CONFIG_KEY",
+    "BucketView",
+    "DeploymentRecord",
+    "LeaseBucket",
+    "LeaseRecord",
+    "LeaseView",
+    "MemberRecord",
+    "encode_record",
+    "entry_value",
+    "is_cas_conflict",
+    "lease_bucket",
+    "lease_key",
+    "member_key",
+    "read_bucket",
+]
+
+CONFIG_KEY: Final = "config"
+"""KV key of the deployment record."""
+_MEMBER_PREFIX: Final = "members."
+_LEASE_PREFIX: Final = "leases."
+_MARKER_TTL: Final = 60.0
+"""Seconds an expiry or purge marker stays in the bucket (watchers see it at once)."""
+_EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
+_CAS_CONFLICT: Final = (10071, 10164)
+"""JetStream error codes of a failed compare-and-set (wrong last sequence)."""
+
+
+class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``config`` key: facts fixed for the life of a deployment."""
+
+    partitions: int
+    epoch_base: int
+    """Added to a lease's KV revision to form its fencing epoch."""
+    created: float = 0.0
+    """Epoch seconds when the bucket was set up."""
+
+
+class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``members.<id>`` value: one live worker."""
+
+    id: str
+    name: str
+    host: str = ""
+    pid: int = 0
+    started: float = 0.0
+    routing: str = ""
+    """Routing mode the worker detected (``mapped`` or ``forward``)."""
+
+
+class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``leases.<p>`` value."""
+
+    owner: str
+    """Member id of the holder."""
+    name: str = ""
+    """Worker name of the holder (for people)."""
+    epoch: int = 0
+    """Fencing epoch; 0 in the acquiring write itself, whose epoch is ``epoch_base + revision``."""
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_CONFIG_DECODER: Final = msgspec.json.Decoder(DeploymentRecord)
+_MEMBER_DECODER: Final = msgspec.json.Decoder(MemberRecord)
+_LEASE_DECODER: Final = msgspec.json.Decoder(LeaseRecord)
+
+
+def encode_record(record: DeploymentRecord | MemberRecord | LeaseRecord) -> bytes:
+    """The JSON value of a bucket record."""
+    return _ENCODER.encode(record)
+
+
+def lease_bucket(prefix: str) -> str:
+    """Name of the KV bucket holding a deployment's leases and members."""
+    return f"{prefix.replace('.', '_')}-leases"
+
+
+def lease_key(partition: int) -> str:
+    """KV key of a partition's lease."""
+    return f"{_LEASE_PREFIX}{partition}"
+
+
+def member_key(member_id: str) -> str:
+    """KV key of a member's record."""
+    return f"{_MEMBER_PREFIX}{member_id}"
+
+
+def is_cas_conflict(exc: nats.js.errors.APIError) -> bool:
+    """Whether a failed write lost a compare-and-set (the key's revision moved on)."""
+    return exc.err_code in _CAS_CONFLICT
+
+
+@dataclass(slots=True, frozen=True)
+class LeaseView:
+    """Someone's lease as last seen in the bucket."""
+
+    owner: str
+    """Member id of the holder."""
+    name: str
+    """Worker name of the holder."""
+    epoch: int
+    """Fencing epoch of the holder's tenure."""
+    revision: int
+    """KV revision of the lease's latest write."""
+
+
+class BucketView:
+    """Members and leases as a watch of the bucket shows them (values decoded, deletes applied).
+
+    ``apply`` takes one watch entry; a malformed value raises ``ValueError`` and changes nothing,
+    so the caller can log it and go on.
+    """
+
+    # Configuration
+    epoch_base: int
+    """The deployment's epoch base (a lease written without an epoch has ``base + revision``)."""
+    # What the bucket holds
+    members: dict[str, MemberRecord]
+    """Live members by member id."""
+    leases: dict[int, LeaseView]
+    """Held leases by partition."""
+    tombstones: dict[int, int]
+    """Deleted or expired leases: partition -> revision of the deletion (the expected last
+    revision of the next acquisition)."""
+
+    def __init__(self, epoch_base: int) -> None:
+        """An empty view of a deployment whose epoch base is ``epoch_base``."""
+        self.epoch_base = epoch_base
+        self.members = {}
+        self.leases = {}
+        self.tombstones = {}
+
+    def clear(self) -> None:
+        """Forget everything (before a new watch replays the bucket)."""
+        self.members.clear()
+        self.leases.clear()
+        self.tombstones.clear()
+
+    def apply(self, key: str, revision: int, value: bytes | None) -> bool:
+        """Apply one entry (``value`` None: deleted, purged or expired).
+
+        Returns:
+            Whether the member set or a lease's holder changed (the assignment may differ).
+
+        Raises:
+            ValueError: the key or value is not one a worker writes.
+        """
+        if key.startswith(_MEMBER_PREFIX):
+            return self._apply_member(key[len(_MEMBER_PREFIX) :], value)
+        if key.startswith(_LEASE_PREFIX):
+            try:
+                partition = int(key[len(_LEASE_PREFIX) :])
+            except ValueError:
+                raise ValueError(f"lease key {key!r} does not name a partition") from None
+            return self.set_lease(partition, revision, value)
+        return False
+
+    def set_lease(self, partition: int, revision: int, value: bytes | None) -> bool:
+        """Record what the bucket holds for ``partition`` at ``revision``; True if its holder
+        changed.
+
+        Raises:
+            ValueError: ``value`` is not a lease record.
+        """
+        if value is None:
+            self.tombstones[partition] = revision
+            return self.leases.pop(partition, None) is not None
+        record = _decode(_LEASE_DECODER, value)
+        previous = self.leases.get(partition)
+        epoch = record.epoch or self.epoch_base + revision
+        self.leases[partition] = LeaseView(record.owner, record.name, epoch, revision)
+        return previous is None or previous.owner != record.owner
+
+    def _apply_member(self, member: str, value: bytes | None) -> bool:
+        if value is None:
+            return self.members.pop(member, None) is not None
+        record = _decode(_MEMBER_DECODER, value)
+        fresh = member not in self.members
+        self.members[member] = record
+        return fresh
+
+
+_T = TypeVar("_T")
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], value: bytes) -> _T:
+    try:
+        return decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+class LeaseBucket:
+    """I/O on a deployment's lease bucket: open or create it, compare-and-set writes with a
+    per-key TTL, reads of one key, and watches."""
+
+    # Configuration
+    name: str
+    """The bucket's name."""
+    _nc: NatsClient
+    _prefix: str
+    _ttl: int
+    _replicas: int
+    # State
+    _kv: KeyValue | None
+
+    def __init__(self, nc: NatsClient, prefix: str, *, ttl: int, replicas: int = 1) -> None:
+        """Describe the bucket of deployment ``prefix``; ``open`` reaches it.
+
+        Args:
+            nc: a connection to a server with JetStream.
+            prefix: the deployment's subject prefix.
+            ttl: seconds a key written with the default TTL lives unrenewed.
+            replicas: replicas of the bucket when ``open`` creates it.
+        """
+        self.name = lease_bucket(prefix)
+        self._nc = nc
+        self._prefix = prefix
+        self._ttl = ttl
+        self._replicas = replicas
+        self._kv = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether ``open`` succeeded."""
+        return self._kv is not None
+
+    async def attach(self) -> None:
+        """Reach the existing bucket (tools: they never create it).
+
+        Raises:
+            nats.js.errors.BucketNotFoundError: no worker of this deployment ran with leases.
+        """
+        self._kv = await self._nc.jetstream().key_value(self.name)
+
+    async def open(self, partitions: int) -> DeploymentRecord:
+        """Reach the bucket (creating it if needed) and its deployment record (writing it if this
+        is the first worker).
+
+        Raises:
+            DeploymentMismatchError: the deployment has another partition count.
+        """
+        js = self._nc.jetstream()
+        try:
+            kv = await js.key_value(self.name)
+        except nats.js.errors.BucketNotFoundError:
+            config = KeyValueConfig(
+                bucket=self.name,
+                description=f"ndo partition leases and members ({self._prefix})",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=self._replicas,
+                limit_marker_ttl=_MARKER_TTL,
+            )
+            try:
+                kv = await js.create_key_value(config)
+            except nats.js.errors.BadRequestError:  # created concurrently by another worker
+                kv = await js.key_value(self.name)
+        self._kv = kv
+        record = await self._deployment(partitions)
+        if record.partitions != partitions:
+            raise DeploymentMismatchError(
+                f"the deployment using lease bucket {self.name!r} has {record.partitions} "
+                f"partitions but this worker was started with {partitions}; the partition "
+                f"count is fixed per deployment: start with --partitions {record.partitions}"
+            )
+        return record
+
+    async def _deployment(self, partitions: int) -> DeploymentRecord:
+        last, raw = await self.read(CONFIG_KEY)
+        if raw is not None:
+            return _config(raw, self.name)
+        record = DeploymentRecord(
+            partitions=partitions,
+            epoch_base=int(time.time() * 1_000_000),
+            created=time.time(),
+        )
+        try:
+            await self.put(CONFIG_KEY, encode_record(record), last, ttl=None)
+        except nats.js.errors.APIError as exc:
+            if not is_cas_conflict(exc):
+                raise
+            _, raw = await self.read(CONFIG_KEY)  # another worker wrote it first
+            if raw is None:
+                raise
+            return _config(raw, self.name)
+        return record
+
+    async def put(
+        self, key: str, value: bytes, last: int, *, ttl: int | None = -1, timeout: float = 5.0
+    ) -> int:
+        """Write ``key`` if its last revision is ``last`` (0: absent); return the new revision.
+
+        ``ttl`` -1 means the bucket's default TTL, None no TTL.
+
+        Raises:
+            nats.js.errors.APIError: the compare-and-set failed (``is_cas_conflict``) or the
+                server refused the write.
+        """
+        headers = {_EXPECTED_LAST: str(last)}
+        seconds = self._ttl if ttl == -1 else ttl
+        if seconds is not None:
+            headers["Nats-TTL"] = f"{seconds}s"
+        ack = await self._nc.jetstream().publish(
+            self._subject(key), value, headers=headers, timeout=timeout
+        )
+        return int(ack.seq)
+
+    async def delete(self, key: str, last: int) -> None:
+        """Delete ``key`` if its last revision is ``last``; a lost compare-and-set means it is gone
+        or someone else's already, and is not an error."""
+        headers = {"KV-Operation": "DEL", _EXPECTED_LAST: str(last)}
+        try:
+            await self._nc.jetstream().publish(
+                self._subject(key), b"", headers=headers, timeout=2.0
+            )
+        except nats.js.errors.APIError as exc:
+            if not is_cas_conflict(exc):
+                raise
+
+    async def read(self, key: str) -> tuple[int, bytes | None]:
+        """The key's last revision (0 if none) and its value (None if absent or deleted)."""
+        try:
+            msg = await self._nc.jetstream().get_msg(f"KV_{self.name}", subject=self._subject(key))
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+            return int(msg.seq or 0), None
+        return int(msg.seq or 0), msg.data or b""
+
+    async def watch(self) -> KeyValue.KeyWatcher:
+        """Watch every key: current values first, then ``None`` (caught up), then changes."""
+        if self._kv is None:
+            raise OwnershipError("the lease bucket is not open")
+        return await self._kv.watch(">")
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.name}.{key}"
+
+
+def _config(raw: bytes, bucket: str) -> DeploymentRecord:
+    try:
+        return _CONFIG_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise OwnershipError(
+            f"the deployment record ({CONFIG_KEY!r}) in lease bucket {bucket!r} is unreadable "
+            f"({exc}); delete that key (nats kv del {bucket} {CONFIG_KEY}) and restart"
+        ) from None
+
+
+def entry_value(entry: KeyValue.Entry) -> bytes | None:
+    """A watch entry's value, or None when it deletes the key (delete, purge or expiry)."""
+    if entry.operation in ("DEL", "PURGE"):
+        return None
+    return entry.value or b""
+
+
+async def read_bucket(
+    nc: NatsClient, prefix: str
+) -> tuple[DeploymentRecord, BucketView, list[str]]:
+    """One snapshot of a deployment's bucket, for tools (``ndo status``).
+
+    Returns:
+        The deployment record, the view, and a note per entry that could not be read.
+
+    Raises:
+        nats.js.errors.BucketNotFoundError: no worker with this prefix ever ran with leases.
+        OwnershipError: the bucket has no deployment record (or an unreadable one).
+    """
+    bucket = LeaseBucket(nc, prefix, ttl=1)  # read-only: the TTL is never used
+    await bucket.attach()
+    _, raw = await bucket.read(CONFIG_KEY)
+    if raw is None:
+        raise OwnershipError(f"lease bucket {bucket.name!r} has no deployment record yet")
+    config = _config(raw, bucket.name)
+    view = BucketView(config.epoch_base)
+    problems: list[str] = []
+    watch = await bucket.watch()
+    try:
+        async for entry in watch:
+            if entry is None:
+                break
+            try:
+                view.apply(entry.key, entry.revision or 0, entry_value(entry))
+            except ValueError as exc:
+                problems.append(f"{entry.key}: {exc}")
+    finally:
+        await watch.stop()  # type: ignore[no-untyped-call]
+    return config, view, problems

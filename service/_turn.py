@@ -1,0 +1,360 @@
+"""The turn engine: run one handler (or the alarm hook) of one object, and say what came of it.
+
+This is the one place that runs user code and turns its outcome into what a caller sees. The
+worker's activations, ``ndo replay --execute`` and the tools that run objects outside a worker
+all go through ``TurnRunner``, so they agree on every rule of a turn:
+
+* a new instance is built (``on_start`` runs) before the first turn, and after a failed one;
+* the handler runs under the handler deadline (``DeadlineWatchdog``);
+* the return value is encoded as the reply (JSON, or MessagePack when the request was), and a
+  reply over ``max_reply_bytes`` is a 413;
+* a handler that raised, ran past its deadline or returned something unencodable discards its
+  writes and events, and its exception becomes exactly one ``ActorError`` (``turn_error``);
+* a turn that succeeded leaves its write-set (``TurnWrites``) and its events in the outcome.
+
+What happens next (commit, reply, events, journal, idempotency) is the caller's business: the
+activation's commit pipeline, or replay's scratch store. The engine never does I/O of its own
+beyond the reads the handler makes through ``self.storage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ndo.actors import (
+    ActorError,
+    ActorId,
+    AlarmInfo,
+    DeadlineExceededError,
+    Event,
+    HandlerError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from ndo.actors.runtime import ALARM_UNCHANGED, ActorClassInfo, ActorContext, TurnWrites
+from ndo.service._codec import encode_result
+from ndo.service._envelope import Envelope
+from ndo.storage import ALARM_UNCHANGED as STORED_ALARM_UNCHANGED
+from ndo.storage import ObjectWrite
+
+if TYPE_CHECKING:
+    from ndo.actors import Actor
+
+__all__ = ["DeadlineWatchdog", "TurnOutcome", "TurnRunner", "object_write", "turn_error"]
+
+
+class TurnOutcome:
+    """What one turn produced: a reply body, or the error the caller gets instead."""
+
+    __slots__ = ("body", "cause", "changes", "duration", "error", "events", "fresh", "started")
+
+    body: bytes
+    """The encoded reply (empty when the turn failed)."""
+    error: ActorError | None
+    """Why the turn failed, as the caller sees it; ``None`` when it succeeded."""
+    cause: BaseException | None
+    """The exception behind ``error`` (for logs)."""
+    changes: TurnWrites | None
+    """The turn's write-set when it succeeded (possibly empty); ``None`` when it failed."""
+    events: list[Event] | None
+    """Events the turn emitted (only when it succeeded)."""
+    fresh: bool
+    """A new instance was built for this turn (``on_start`` ran first)."""
+    started: float
+    """``time.time()`` when the turn started."""
+    duration: float
+    """Seconds the turn took (instance start, handler and reply encoding)."""
+
+    def __init__(
+        self,
+        *,
+        fresh: bool,
+        started: float,
+        duration: float,
+        body: bytes = b"",
+        changes: TurnWrites | None = None,
+        events: list[Event] | None = None,
+        error: ActorError | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        """Describe a finished turn (use ``TurnRunner.run``)."""
+        self.body = body
+        self.error = error
+        self.cause = cause
+        self.changes = changes
+        self.events = events
+        self.fresh = fresh
+        self.started = started
+        self.duration = duration
+
+
+def turn_error(exc: BaseException, *, where: str, deadline: float | None = None) -> ActorError:
+    """The error a caller gets for a turn that raised ``exc``.
+
+    Args:
+        exc: what the handler (or ``on_start``, or encoding its reply) raised.
+        where: ``Class.method`` of the turn, for the message.
+        deadline: the handler deadline in seconds when ``exc`` is the deadline's own timeout.
+    """
+    if isinstance(exc, ActorError):
+        return exc  # raised on purpose: the caller gets exactly that code
+    if deadline is not None and isinstance(exc, TimeoutError):
+        return DeadlineExceededError(
+            f"{where} ran past its {deadline}s deadline; its writes were discarded"
+        )
+    detail = str(exc)
+    name = type(exc).__name__
+    return HandlerError(f"{name}: {detail}" if detail else f"{name} in {where}")
+
+
+class TurnRunner:
+    """Runs the turns of one object, one at a time (its caller serialises them).
+
+    It holds the object's context (identity, storage view with its cache) and its instance.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_deadlines",
+        "_expired",
+        "_max_reply_bytes",
+        "_new_context",
+        "_task",
+        "context",
+        "info",
+        "instance",
+    )
+
+    info: ActorClassInfo
+    """The object's class."""
+    context: ActorContext
+    """The object's context: identity, storage view (and its cache), event outbox."""
+    instance: Actor | None
+    """The live instance; ``None`` until the next turn builds one."""
+    _new_context: Callable[[], ActorContext]
+    _deadlines: DeadlineWatchdog
+    _max_reply_bytes: int
+    # Kept by the DeadlineWatchdog while a handler runs
+    _deadline: float
+    """``time.monotonic()`` by which the running handler must finish; 0.0 when none runs."""
+    _task: asyncio.Task[object] | None
+    """The task running the handler (cancelled when the deadline passes)."""
+    _expired: bool
+    """The watchdog cancelled the handler for its deadline."""
+
+    def __init__(
+        self,
+        info: ActorClassInfo,
+        new_context: Callable[[], ActorContext],
+        deadlines: DeadlineWatchdog,
+        *,
+        max_reply_bytes: int,
+    ) -> None:
+        """Create the runner of one object.
+
+        Args:
+            info: the object's class.
+            new_context: builds a fresh context (empty cache) for the object; called now and by
+                ``reload``.
+            deadlines: the watchdog that enforces the handler deadline.
+            max_reply_bytes: largest encoded reply; a larger one fails the turn with 413.
+        """
+        self.info = info
+        self._new_context = new_context
+        self._deadlines = deadlines
+        self._max_reply_bytes = max_reply_bytes
+        self.context = new_context()
+        self.instance = None
+        self._deadline = 0.0
+        self._task = None
+        self._expired = False
+
+    @property
+    def address(self) -> ActorId:
+        """The object's class name and id."""
+        return self.context.id
+
+    def drop_instance(self) -> None:
+        """Build a new instance before the next turn (the cached state is kept)."""
+        self.instance = None
+
+    def reload(self) -> None:
+        """Forget the instance and everything cached: the next turn reloads from storage."""
+        self.instance = None
+        self.context = self._new_context()
+
+    async def run(self, envelope: Envelope) -> TurnOutcome:
+        """Run one turn: the method call or alarm delivery in ``envelope``.
+
+        Never raises for anything the handler does (see the module doc); only a cancellation of
+        the calling task that is not the deadline's propagates.
+        """
+        context = self.context  # a reload() while the handler runs must not mix two contexts
+        storage = context.storage
+        alarm = envelope.alarm
+        fresh = self.instance is None
+        started, clock = time.time(), time.perf_counter()
+        deadlines = self._deadlines
+        expired = False
+        try:
+            instance = self.instance or await self._start_instance(context)
+            if alarm is not None:
+                storage.alarm_fired(alarm.due)
+            deadlines.start(self)
+            try:
+                if alarm is not None:
+                    hook = getattr(instance, "alarm", None)
+                    if hook is None:
+                        raise NotFoundError(
+                            f"{self.info.name} has no alarm() handler", type="no_alarm"
+                        )
+                    result = await hook(AlarmInfo(alarm.due, alarm.attempt))
+                else:
+                    assert envelope.spec is not None and envelope.args is not None
+                    result = await envelope.spec.call(instance, envelope.args)
+            except asyncio.CancelledError:
+                expired = deadlines.end(self)
+                if not expired:
+                    raise
+                raise TimeoutError from None
+            except BaseException:
+                expired = deadlines.end(self)  # a TimeoutError after the deadline is a 504 too
+                raise
+            else:
+                deadlines.end(self)  # a handler that swallowed the cancellation keeps its result
+            body = encode_result(result, envelope.msgpack)
+            if len(body) > self._max_reply_bytes:
+                raise PayloadTooLargeError(
+                    f"reply of {len(body)} bytes is over the {self._max_reply_bytes}-byte limit",
+                    type="reply_too_large",
+                )
+        except Exception as exc:
+            storage.abort_turn()
+            context.take_events()
+            self.instance = None
+            error = turn_error(
+                exc,
+                where=f"{self.info.name}.{envelope.method}",
+                deadline=deadlines.timeout if expired else None,
+            )
+            return TurnOutcome(
+                fresh=fresh,
+                started=started,
+                duration=time.perf_counter() - clock,
+                error=error,
+                cause=exc,
+            )
+        return TurnOutcome(
+            fresh=fresh,
+            started=started,
+            duration=time.perf_counter() - clock,
+            body=body,
+            changes=storage.end_turn(),
+            events=context.take_events(),
+        )
+
+    def drop_alarm(self) -> TurnWrites:
+        """The write-set that deletes the object's alarm, with no user code run (an alarm the
+        runtime gave up on), ordered after every earlier turn of the object."""
+        storage = self.context.storage
+        storage.alarm_fired(0.0)
+        return storage.end_turn()
+
+    async def _start_instance(self, context: ActorContext) -> Actor:
+        instance = self.info.cls(context)
+        try:
+            await instance.on_start()
+        finally:
+            context.storage.abort_turn()  # on_start may read; its writes are not a turn
+            context.take_events()
+        if context is self.context:
+            self.instance = instance
+        return instance
+
+
+def object_write(address: ActorId, partition: int, epoch: int, changes: TurnWrites) -> ObjectWrite:
+    """The storage record of a turn's write-set, fenced by ``epoch``."""
+    alarm = changes.alarm
+    return ObjectWrite(
+        class_name=address.class_name,
+        object_id=address.object_id,
+        partition=partition,
+        epoch=epoch,
+        writes=changes.writes,
+        cleared=changes.cleared,
+        alarm=STORED_ALARM_UNCHANGED if alarm == ALARM_UNCHANGED else alarm,
+    )
+
+
+class DeadlineWatchdog:
+    """Enforces the handler deadline on every running handler of a process with one timer.
+
+    A handler past its deadline has its task cancelled, which the turn turns into a 504, as
+    ``asyncio.timeout`` would. Every handler gets the same timeout, so a timer armed when the
+    first handler starts fires no later than any later handler's deadline; when it fires it
+    cancels the handlers past their deadline and re-arms for the earliest deadline left. Starting
+    and ending a handler cost a set insert and removal instead of a timer each.
+    """
+
+    # Configuration
+    timeout: float
+    """Seconds a handler may run (``WorkerConfig.handler_timeout``)."""
+    # State
+    _running: set[TurnRunner]
+    """Runners whose handler is running (and not yet cancelled)."""
+    _timer: asyncio.TimerHandle | None
+
+    def __init__(self, timeout: float) -> None:
+        """Create an idle watchdog for handlers that may run ``timeout`` seconds."""
+        self.timeout = timeout
+        self._running = set()
+        self._timer = None
+
+    def start(self, runner: TurnRunner) -> None:
+        """``runner``'s handler starts now, in the current task."""
+        runner._deadline = time.monotonic() + self.timeout
+        runner._task = asyncio.current_task()
+        self._running.add(runner)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._check)
+
+    def end(self, runner: TurnRunner) -> bool:
+        """``runner``'s handler ended; True if it was cancelled for its deadline.
+
+        That cancellation is taken back (``Task.uncancel``), as ``asyncio.timeout`` does, unless
+        someone else also cancelled the task.
+        """
+        self._running.discard(runner)
+        runner._deadline = 0.0
+        runner._task = None
+        if not runner._expired:
+            return False
+        runner._expired = False
+        task = asyncio.current_task()
+        return task is not None and task.uncancel() <= 0
+
+    def close(self) -> None:
+        """Stop the timer (at shutdown); handlers still running are no longer watched."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._running.clear()
+
+    def _check(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        earliest = 0.0
+        for runner in list(self._running):
+            deadline = runner._deadline
+            if deadline > now:
+                earliest = deadline if not earliest else min(earliest, deadline)
+                continue
+            self._running.discard(runner)
+            if runner._task is not None:
+                runner._expired = True
+                runner._task.cancel()
+        if earliest:
+            self._timer = asyncio.get_running_loop().call_later(earliest - now, self._check)
