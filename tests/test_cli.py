@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -540,6 +541,8 @@ SERVE_ONLY = {
 }  # fmt: skip
 """``ndo serve`` options that are not ``WorkerConfig`` fields (``--config`` aside)."""
 
+README = Path(__file__).parents[1] / "README.md"
+
 
 def _serve_actions() -> dict[str, argparse.Action]:
     """``ndo serve``'s options by dest (argparse keeps a parser's options in ``_actions``)."""
@@ -703,3 +706,17 @@ class TestWorkerOptions:
         listed = str(exc_info.value).split("valid options: ")[1].split(", ")
         dests = set(_serve_actions()) - {"help", "config"}
         assert sorted(listed) == sorted(d.replace("_", "-") for d in dests | {"modules"})
+
+
+class TestReadme:
+    """README's Options table lists exactly the options of ``ndo serve``."""
+
+    def test_options_table_matches_the_parser(self, clean_env: object) -> None:
+        """Every flag in the table exists, and every flag (but --help) is in the table."""
+        section = README.read_text().split("\n## Options\n")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        documented = {
+            flag for row in rows for flag in re.findall(r"--[a-z][a-z-]*", row.split("|")[1])
+        }
+        flags = {flag for action in _serve_actions().values() for flag in action.option_strings}
+        assert documented == flags - {"-h", "--help"}
