@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,6 +58,7 @@ from ndo.service import (
     TurnRunner,
     WorkerConfig,
     object_write,
+    parse_duration,
 )
 from ndo.service.journal import (
     JournalError,
@@ -98,9 +98,7 @@ __all__ = [
     "connect",
     "format_time",
     "method_cell",
-    "parse_duration",
     "parse_point",
-    "parse_size",
     "read_journal",
     "reconstruct",
     "result_cell",
@@ -128,38 +126,9 @@ _FETCH_TIMEOUT: Final = 5.0
 _JSON: Final = msgspec.json.Encoder()
 _JSON_ANY: Final = msgspec.json.Decoder()
 _MSGPACK: Final = msgspec.msgpack.Encoder()
-_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
-_SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
-_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_UNIT_BYTES: Final = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 # Parsing command-line values
-
-
-def parse_duration(text: str) -> float:
-    """Read ``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` or ``500ms`` as seconds.
-
-    Raises:
-        ValueError: not a duration.
-    """
-    match = _DURATION_RE.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"cannot read {text!r} as a duration: use e.g. 90, 15m, 12h, 7d")
-    return float(match[1]) * _UNIT_SECONDS[(match[2] or "s").lower()]
-
-
-def parse_size(text: str) -> int:
-    """Read ``1048576``, ``512M``, ``512MiB``, ``1G`` or ``1GB`` as bytes (binary units).
-
-    Raises:
-        ValueError: not a size.
-    """
-    match = _SIZE_RE.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"cannot read {text!r} as a size: use e.g. 1073741824, 512M, 1G")
-    unit = (match[2] or "b").lower()[0]
-    return int(float(match[1]) * _UNIT_BYTES[unit])
 
 
 def parse_point(text: str, *, now: float | None = None) -> Point:
@@ -175,7 +144,7 @@ def parse_point(text: str, *, now: float | None = None) -> Point:
     text = text.strip()
     if text.isdigit():
         return ("seq", int(text))
-    if _DURATION_RE.fullmatch(text):
+    with contextlib.suppress(ValueError):
         return ("time", (time.time() if now is None else now) - parse_duration(text))
     try:
         when = dt.datetime.fromisoformat(text)

@@ -3,7 +3,9 @@
 measures it.
 
 Every option can also come from an ``NDO_<OPTION>`` environment variable (``--nats-url`` ->
-``NDO_NATS_URL``); a flag on the command line wins over the environment.
+``NDO_NATS_URL``); a flag on the command line wins over the environment. ``ndo serve``'s worker
+settings are generated from ``WorkerConfig``'s declaration (``ops/_options.py``); its other
+options are the ``CliOption`` records below.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import nats
@@ -36,14 +38,15 @@ from ndo.ops._logging import configure_logging
 from ndo.ops._loop import LOOP_CHOICES, resolve_loop
 from ndo.ops._loop import run as run_on_loop
 from ndo.ops._nats_server import EmbeddedNatsServer
-from ndo.ops._replay import (
-    EXIT_ERROR,
-    ReplayOptions,
-    parse_duration,
-    parse_point,
-    parse_size,
-    run_replay,
+from ndo.ops._options import (
+    CliOption,
+    add_options,
+    argument_type,
+    build_worker_config,
+    check_file_keys,
+    worker_options,
 )
+from ndo.ops._replay import EXIT_ERROR, ReplayOptions, parse_point, run_replay
 from ndo.ops._status import (
     StatusError,
     discover_workers,
@@ -62,9 +65,35 @@ from ndo.service import (
 from ndo.storage import StorageError
 from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, rpc_subject
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "serve_options"]
 
 _log = structlog.get_logger("ndo")
+
+_SERVE_OPTIONS: Final = (
+    CliOption(dest="port", type=int, default=4222, help="embedded server's client port; 0: any"),
+    CliOption(
+        dest="websocket_port",
+        type=int,
+        help="embedded server also accepts WebSocket clients (browsers: "
+        "examples/drawing_board.html) on this port, without TLS",
+    ),
+    CliOption(dest="metrics_port", type=int, help="serve Prometheus metrics on this port"),
+    CliOption(dest="metrics_host", default="127.0.0.1", help="address of the metrics endpoint"),
+    CliOption(
+        dest="log_format",
+        choices=("auto", "console", "json"),
+        default="auto",
+        help="log output; auto: console on a terminal, else json",
+    ),
+    CliOption(dest="log_level", default="info", help="minimum log level"),
+    CliOption(
+        dest="loop",
+        choices=LOOP_CHOICES,
+        default="auto",
+        help="event loop: uvloop is faster (pip install 'ndo[fast]'); auto: uvloop when installed",
+    ),
+)
+"""``ndo serve``'s options that are not worker settings (those come from ``WorkerConfig``)."""
 
 
 def _env(name: str, default: Any) -> Any:
@@ -80,8 +109,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats-url",
         default=_env("nats_url", None),
-        help="NATS server URL [env NDO_NATS_URL]"
-        + ("" if parser.prog.endswith("serve") else f"; default {DEFAULT_NATS_URL}"),
+        help=f"NATS server URL [env NDO_NATS_URL; default {DEFAULT_NATS_URL}]",
     )
     parser.add_argument(
         "--prefix",
@@ -124,124 +152,12 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         help='TOML file of serve options by flag name (data-dir = "/srv/ndo"), plus '
         "modules = [...]; flags and NDO_* variables win over it [env NDO_CONFIG]",
     )
-    _add_connection_options(serve)
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=_env("port", 4222),
-        help="embedded server's client port [env NDO_PORT; default 4222; 0=any]",
-    )
-    serve.add_argument(
-        "--websocket-port",
-        type=int,
-        default=_env("websocket_port", None) or None,
-        help="embedded server also accepts WebSocket clients (browsers: "
-        "examples/drawing_board.html) on this port, without TLS [env NDO_WEBSOCKET_PORT]",
-    )
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("data_dir", "ndo-data")),
-        help="directory for SQLite and JetStream data [env NDO_DATA_DIR; default ./ndo-data]",
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_env("metrics_port", None) or None,
-        help="serve Prometheus metrics on this port [env NDO_METRICS_PORT]",
-    )
-    serve.add_argument(
-        "--metrics-host",
-        default=_env("metrics_host", "127.0.0.1"),
-        help="address of the metrics endpoint [env NDO_METRICS_HOST; default 127.0.0.1]",
-    )
-    serve.add_argument(
-        "--log-format",
-        choices=["auto", "console", "json"],
-        default=_env("log_format", "auto"),
-        help="log output [env NDO_LOG_FORMAT; default: console on a terminal, else json]",
-    )
-    serve.add_argument(
-        "--log-level",
-        default=_env("log_level", "info"),
-        help="minimum log level [env NDO_LOG_LEVEL; default info]",
-    )
-    serve.add_argument(
-        "--loop",
-        choices=LOOP_CHOICES,
-        default=_env("loop", "auto"),
-        help="event loop: uvloop is faster (pip install 'ndo[fast]'); auto: uvloop when "
-        "installed [env NDO_LOOP; default auto]",
-    )
-    defaults = WorkerConfig()
-    serve.add_argument(
-        "--partitions",
-        type=int,
-        default=_env("partitions", DEFAULT_PARTITIONS),
-        help=f"partition count, fixed per deployment [env NDO_PARTITIONS; "
-        f"default {DEFAULT_PARTITIONS}]",
-    )
-    for flag, kind, help_text in (
-        ("max-active", int, "objects kept in memory before LRU eviction"),
-        ("idle-timeout", float, "seconds before an idle object is evicted"),
-        ("handler-timeout", float, "seconds a handler may run before it fails with 504"),
-        ("max-payload", int, "largest request body in bytes"),
-        ("max-mailbox", int, "messages that may queue for one object before 503"),
-        ("drain-timeout", float, "seconds shutdown waits for queued messages"),
-        ("idempotency-window", float, "seconds a committed Idempotency-Key is remembered"),
-        ("max-value-bytes", int, "largest stored value in bytes"),
-        ("max-key-bytes", int, "longest storage key in bytes"),
-    ):
-        dest = flag.replace("-", "_")
-        default = getattr(defaults, dest)
-        serve.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=_env(dest, default),
-            help=f"{help_text} [env NDO_{dest.upper()}; default {default}]",
-        )
-
-    serve.add_argument(
-        "--no-journal",
-        dest="journal",
-        action="store_false",
-        default=_env("journal", "1").lower() not in ("0", "false", "no", "off"),
-        help="do not record turns to the JetStream journal [env NDO_JOURNAL=0]",
-    )
-    serve.add_argument(
-        "--journal-max-age",
-        type=_argument(parse_duration),
-        default=_env("journal_max_age", "7d"),  # argparse applies type to str defaults
-        help="how long the journal keeps records, e.g. 12h, 7d [env NDO_JOURNAL_MAX_AGE; "
-        "default 7d]",
-    )
-    serve.add_argument(
-        "--journal-max-bytes",
-        type=_argument(parse_size),
-        default=_env("journal_max_bytes", "1G"),
-        help="size the journal stream may reach before the oldest records go, e.g. 512M, 10G "
-        "[env NDO_JOURNAL_MAX_BYTES; default 1G]",
-    )
-
-    serve.add_argument(
-        "--worker-name",
-        default=_env("worker_name", ""),
-        help="name in logs and `ndo status` [env NDO_WORKER_NAME; default host-pid]",
-    )
-    serve.add_argument(
-        "--lease-ttl",
-        type=int,
-        default=_env("lease_ttl", defaults.lease_ttl),
-        help="whole seconds a partition lease lives without renewal: the takeover bound when a "
-        f"worker dies [env NDO_LEASE_TTL; default {defaults.lease_ttl}]",
-    )
-    serve.add_argument(
-        "--ownership",
-        choices=["auto", "leases", "standalone"],
-        default=_env("ownership", defaults.ownership),
-        help="share partitions with other workers through JetStream leases, or serve them all "
-        "alone; auto: leases when the server has JetStream [env NDO_OWNERSHIP; default auto]",
-    )
+    options = serve_options()
+    file_values = dict(serve_defaults or {})
+    check_file_keys(file_values, options, extra={"modules"})
+    if "modules" in file_values:
+        serve.set_defaults(modules=file_values.pop("modules"))
+    add_options(serve, options, file_values)
 
     replay = commands.add_parser(
         "replay",
@@ -257,14 +173,14 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     _add_connection_options(replay)
     replay.add_argument(
         "--at",
-        type=_argument(parse_point),
+        type=argument_type(parse_point),
         metavar="SEQ|TIME",
         help="stop at this step: a sequence number, a time (2024-05-01T14:02:00Z, 14:02) or an "
         "age (10m)",
     )
     replay.add_argument(
         "--since",
-        type=_argument(parse_point),
+        type=argument_type(parse_point),
         metavar="TIME|SEQ",
         help="start showing (and executing) at this time or sequence number",
     )
@@ -300,7 +216,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     _add_connection_options(tail)
     tail.add_argument(
         "--since",
-        type=_argument(parse_point),
+        type=argument_type(parse_point),
         metavar="TIME|SEQ",
         help="start with older records: from this time, age (10m) or sequence number",
     )
@@ -366,41 +282,15 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         help="seconds to wait for each try [env NDO_TIMEOUT; default 5]",
     )
     add_bench_parser(commands)
-    if serve_defaults:
-        _apply_file_defaults(serve, serve_defaults)
     return parser
 
 
-def _apply_file_defaults(serve: argparse.ArgumentParser, values: Mapping[str, Any]) -> None:
-    """Make a config file's values the defaults of ``serve``, below NDO_* variables."""
-    known = set(vars(serve.parse_args([]))) - {"config"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        valid = ", ".join(sorted(name.replace("_", "-") for name in known))
-        raise ConfigFileError(f"unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    serve.set_defaults(
-        **{
-            dest: str(value)
-            if isinstance(value, int | float) and not isinstance(value, bool)
-            # numbers go through the option's type like a flag would; strings already do
-            else value
-            for dest, value in values.items()
-            if f"NDO_{dest.upper()}" not in os.environ
-        }
-    )
+def serve_options() -> tuple[CliOption, ...]:
+    """Every option of ``ndo serve`` but ``--config``: its own, then the worker's settings.
 
-
-def _argument(parse: Any) -> Any:
-    """Wrap a parser so argparse shows its ValueError message."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
+    ``--nats-url`` has no default here: without it, ``ndo serve`` starts an embedded server.
+    """
+    return (*_SERVE_OPTIONS, *worker_options(unset={"nats_url"}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -443,27 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
         configure_logging(args.log_format, args.log_level)
         classes = load_actor_classes(args.modules or list(DEFAULT_MODULES))
-        config = WorkerConfig(
-            nats_url=args.nats_url or DEFAULT_NATS_URL,
-            prefix=args.prefix,
-            data_dir=args.data_dir,
-            partitions=args.partitions,
-            max_active=args.max_active,
-            idle_timeout=args.idle_timeout,
-            handler_timeout=args.handler_timeout,
-            max_payload=args.max_payload,
-            max_mailbox=args.max_mailbox,
-            drain_timeout=args.drain_timeout,
-            idempotency_window=args.idempotency_window,
-            max_value_bytes=args.max_value_bytes,
-            max_key_bytes=args.max_key_bytes,
-            journal=args.journal,
-            journal_max_age=args.journal_max_age,
-            journal_max_bytes=args.journal_max_bytes,
-            worker_name=args.worker_name,
-            lease_ttl=args.lease_ttl,
-            ownership=args.ownership,
-        )
+        config = build_worker_config(args)
         loop = resolve_loop(args.loop)
     except ValueError as exc:
         print(f"ndo serve: {exc}", file=sys.stderr)

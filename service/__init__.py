@@ -7,7 +7,7 @@ format is the module ``ndo.service.journal``.
 """
 
 from ndo.service._assignment import assign_partitions, partitions_text
-from ndo.service._config import WorkerConfig
+from ndo.service._config import HIDDEN_WORKER_FIELDS, WORKER_OPTIONS, WorkerConfig, WorkerOption
 from ndo.service._discovery import SERVICE_NAME
 from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
@@ -26,12 +26,15 @@ from ndo.service._lease_bucket import (
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._routing import QUEUE_GROUP, RoutingMode, mapping_snippet, server_mapping
 from ndo.service._turn import DeadlineWatchdog, TurnOutcome, TurnRunner, object_write, turn_error
+from ndo.service._units import parse_duration, parse_size
 from ndo.service._worker import Worker, WorkerState, WorkerStats
 
 __all__ = [
     "CONFIG_KEY",
+    "HIDDEN_WORKER_FIELDS",
     "QUEUE_GROUP",
     "SERVICE_NAME",
+    "WORKER_OPTIONS",
     "AlarmDelivery",
     "BucketView",
     "DeadlineWatchdog",
@@ -50,6 +53,7 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "WorkerMetrics",
+    "WorkerOption",
     "WorkerState",
     "WorkerStats",
     "assign_partitions",
@@ -58,6 +62,8 @@ __all__ = [
     "mapping_snippet",
     "member_key",
     "object_write",
+    "parse_duration",
+    "parse_size",
     "partitions_text",
     "read_bucket",
     "server_mapping",

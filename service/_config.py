@@ -1,15 +1,28 @@
-"""``WorkerConfig``: every knob of one worker, validated in one place."""
+"""``WorkerConfig``: every knob of one worker, validated in one place, and how each knob reaches
+an operator (``ndo serve`` flag, ``NDO_*`` variable, ``--config`` key).
+
+The operator's side is one table of plain ``WorkerOption`` records right under the class, not
+``Annotated`` metadata on each field: the fields stay as readable as before (type, default,
+docstring; the runtime reads them by name), the table reads top to bottom in the order
+``ndo serve --help`` lists the options, and each record holds only what the field's type and
+default cannot say (the help sentence, a text parser such as ``parse_duration``, a flag name).
+Every field is either in ``WORKER_OPTIONS`` or in ``HIDDEN_WORKER_FIELDS``; a test keeps it so,
+so a new field cannot be forgotten silently. ``ndo.ops`` turns the table into argparse options;
+nothing here knows argparse.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
+from ndo.service._units import parse_duration, parse_size
 from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
 
-__all__ = ["WorkerConfig"]
+__all__ = ["HIDDEN_WORKER_FIELDS", "WORKER_OPTIONS", "WorkerConfig", "WorkerOption"]
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,3 +119,91 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(
                 f"ownership must be 'auto', 'leases' or 'standalone', got {self.ownership!r}"
             )
+
+
+class WorkerOption(msgspec.Struct, frozen=True, kw_only=True):
+    """How one ``WorkerConfig`` field is set from outside: ``ndo serve --<field>``,
+    ``NDO_<FIELD>`` and the ``<field>`` key of a ``--config`` file.
+
+    The value's type, default and choices come from the field itself (``int``, ``float``,
+    ``str``, ``Path``; a ``Literal`` gives the choices; a ``bool`` is an on/off switch).
+    """
+
+    field: str
+    """The ``WorkerConfig`` field the option sets."""
+    help: str
+    """The sentence ``ndo serve --help`` shows (the env variable and default are appended)."""
+    parse: Callable[[str], Any] | None = None
+    """Reads the value from text (a flag, a variable, a file); ``None``: the field's type."""
+    flag: str = ""
+    """The flag when it is not ``--<field-with-dashes>``, e.g. ``--no-journal``."""
+    default_text: str = ""
+    """The default as an operator would write it, where ``str(default)`` is not that."""
+
+
+WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
+    WorkerOption(field="nats_url", help="NATS server URL"),
+    WorkerOption(field="prefix", help="subject prefix"),
+    WorkerOption(
+        field="data_dir",
+        help="directory for SQLite and JetStream data",
+        default_text="./ndo-data",
+    ),
+    WorkerOption(field="partitions", help="partition count, fixed per deployment"),
+    WorkerOption(field="max_active", help="objects kept in memory before LRU eviction"),
+    WorkerOption(field="idle_timeout", help="seconds before an idle object is evicted"),
+    WorkerOption(
+        field="handler_timeout", help="seconds a handler may run before it fails with 504"
+    ),
+    WorkerOption(field="max_payload", help="largest request body in bytes"),
+    WorkerOption(field="max_mailbox", help="messages that may queue for one object before 503"),
+    WorkerOption(field="drain_timeout", help="seconds shutdown waits for queued messages"),
+    WorkerOption(
+        field="idempotency_window", help="seconds a committed Idempotency-Key is remembered"
+    ),
+    WorkerOption(field="max_value_bytes", help="largest stored value in bytes"),
+    WorkerOption(field="max_key_bytes", help="longest storage key in bytes"),
+    WorkerOption(
+        field="journal",
+        help="do not record turns to the JetStream journal",
+        flag="--no-journal",
+    ),
+    WorkerOption(
+        field="journal_max_age",
+        help="how long the journal keeps records, e.g. 12h, 7d",
+        parse=parse_duration,
+        default_text="7d",
+    ),
+    WorkerOption(
+        field="journal_max_bytes",
+        help="size the journal stream may reach before the oldest records go, e.g. 512M, 10G",
+        parse=parse_size,
+        default_text="1G",
+    ),
+    WorkerOption(
+        field="worker_name", help="name in logs and `ndo status`", default_text="host-pid"
+    ),
+    WorkerOption(
+        field="lease_ttl",
+        help="whole seconds a partition lease lives without renewal: the takeover bound when "
+        "a worker dies",
+    ),
+    WorkerOption(
+        field="ownership",
+        help="share partitions with other workers through JetStream leases, or serve them all "
+        "alone; auto: leases when the server has JetStream",
+    ),
+)
+"""The worker settings an operator can set, in the order ``ndo serve --help`` lists them."""
+
+HIDDEN_WORKER_FIELDS: Final = frozenset(
+    {
+        "alarm_initial_backoff",
+        "alarm_max_attempts",
+        "journal_max_pending",
+        "lease_replicas",
+        "max_keys_per_call",
+        "scan_interval",
+    }
+)
+"""Internal tuning knobs with no flag, variable or file key: set by code (``WorkerConfig(...)``)."""

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from ndo.ops import ConfigFileError
 from ndo.ops._config_file import load_config_file
+from ndo.ops._options import build_worker_config
 from ndo.ops.cli import build_parser, main
+from ndo.service import HIDDEN_WORKER_FIELDS, WORKER_OPTIONS, WorkerConfig
 from tests.helpers import ServeProcess, free_port, ndo_env, process_gone, run_ndo
 
 pytestmark = pytest.mark.slow
@@ -525,3 +531,191 @@ class TestConfigFile:
             )
             assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
         assert (tmp_path / "data" / "ndo.sqlite3").exists()
+
+
+# Options generated from WorkerConfig
+
+SERVE_ONLY = {
+    "port", "websocket_port", "metrics_port", "metrics_host", "log_format", "log_level", "loop",
+}  # fmt: skip
+"""``ndo serve`` options that are not ``WorkerConfig`` fields (``--config`` aside)."""
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _serve_actions() -> dict[str, argparse.Action]:
+    """``ndo serve``'s options by dest (argparse keeps a parser's options in ``_actions``)."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    serve = commands.choices["serve"]
+    return {action.dest: action for action in serve._actions if action.option_strings}
+
+
+@pytest.fixture(name="clean_env")
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No ``NDO_*`` variable of the test process leaks into a parser built in-process."""
+    for name in list(os.environ):
+        if name.startswith("NDO_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+class TestWorkerOptions:
+    """``ndo serve``'s worker options are generated from ``WorkerConfig``'s declaration."""
+
+    def test_every_field_is_exposed_or_hidden(self) -> None:
+        """Each field is in WORKER_OPTIONS (once) or in HIDDEN_WORKER_FIELDS, never both."""
+        fields = {field.name for field in msgspec.structs.fields(WorkerConfig)}
+        exposed = [option.field for option in WORKER_OPTIONS]
+        assert len(set(exposed)) == len(exposed)
+        assert set(exposed).isdisjoint(HIDDEN_WORKER_FIELDS)
+        assert set(exposed) | HIDDEN_WORKER_FIELDS == fields
+
+    def test_serve_options_are_exposed_fields_or_serve_only(self, clean_env: object) -> None:
+        """Every worker option of the parser is a declared field and every declared field has
+        its option; the others are the known serve-only options."""
+        dests = set(_serve_actions()) - {"help", "config"}
+        fields = {field.name for field in msgspec.structs.fields(WorkerConfig)}
+        assert dests & fields == {option.field for option in WORKER_OPTIONS}
+        assert dests - fields == SERVE_ONLY
+
+    def test_flags(self, clean_env: object) -> None:
+        """The flags of ``ndo serve`` (a new one is a deliberate change to this list)."""
+        flags = {flag for action in _serve_actions().values() for flag in action.option_strings}
+        assert flags == {
+            "-h", "--help", "--config", "--nats-url", "--prefix", "--port", "--websocket-port",
+            "--data-dir", "--metrics-port", "--metrics-host", "--log-format", "--log-level",
+            "--loop", "--partitions", "--max-active", "--idle-timeout", "--handler-timeout",
+            "--max-payload", "--max-mailbox", "--drain-timeout", "--idempotency-window",
+            "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-max-age",
+            "--journal-max-bytes", "--worker-name", "--lease-ttl", "--ownership",
+        }  # fmt: skip
+
+    @pytest.mark.parametrize("option", WORKER_OPTIONS, ids=lambda option: option.field)
+    def test_help_comes_from_the_declaration(self, clean_env: object, option: Any) -> None:
+        """Each option's flag and help sentence are the declared ones, then its variable."""
+        action = _serve_actions()[option.field]
+        assert action.option_strings == [option.flag or "--" + option.field.replace("_", "-")]
+        assert action.help is not None
+        assert action.help.startswith(f"{option.help} [env NDO_{option.field.upper()}")
+
+    @pytest.mark.parametrize(
+        "option",
+        [option for option in WORKER_OPTIONS if option.parse and option.default_text],
+        ids=lambda option: option.field,
+    )
+    def test_default_text_reads_as_the_default(self, option: Any) -> None:
+        """A default shown as text (``7d``) reads back as the field's default."""
+        assert option.parse(option.default_text) == getattr(WorkerConfig(), option.field)
+
+    def test_defaults_are_the_config_defaults(self, clean_env: object) -> None:
+        """With nothing set, serve builds the default WorkerConfig."""
+        assert build_worker_config(build_parser().parse_args(["serve"])) == WorkerConfig()
+
+    @pytest.mark.parametrize(
+        ("field", "text", "value"),
+        [
+            ("max_active", "123", 123),
+            ("lease_ttl", "7", 7),
+            ("idle_timeout", "2.5", 2.5),
+            ("drain_timeout", "4", 4.0),
+            ("journal_max_age", "12h", 12 * 3600.0),
+            ("journal_max_bytes", "512M", 512 * 1024**2),
+            ("journal", "0", False),
+            ("journal", "off", False),
+            ("journal", "1", True),
+            ("ownership", "standalone", "standalone"),
+            ("data_dir", "/srv/ndo", Path("/srv/ndo")),
+            ("worker_name", "w1", "w1"),
+            ("nats_url", "nats://10.0.0.1:4222", "nats://10.0.0.1:4222"),
+        ],
+    )
+    def test_environment_reaches_the_config(
+        self, clean_env: pytest.MonkeyPatch, field: str, text: str, value: object
+    ) -> None:
+        """``NDO_<FIELD>`` is read like the flag and ends up in the built WorkerConfig."""
+        clean_env.setenv(f"NDO_{field.upper()}", text)
+        config = build_worker_config(build_parser().parse_args(["serve"]))
+        assert getattr(config, field) == value
+
+    @pytest.mark.parametrize(
+        ("key", "toml", "value"),
+        [
+            ("max-active", "123", 123),
+            ("lease_ttl", "7", 7),
+            ("idle-timeout", "2.5", 2.5),
+            ("idle-timeout", "3", 3.0),
+            ("journal-max-age", '"12h"', 12 * 3600.0),
+            ("journal-max-age", "60", 60.0),
+            ("journal-max-bytes", '"512M"', 512 * 1024**2),
+            ("journal-max-bytes", "4096", 4096),
+            ("journal", "false", False),
+            ("journal", '"off"', False),
+            ("ownership", '"leases"', "leases"),
+            ("data-dir", '"/srv/ndo"', Path("/srv/ndo")),
+        ],
+    )
+    def test_config_file_reaches_the_config(
+        self, clean_env: object, tmp_path: Path, key: str, toml: str, value: object
+    ) -> None:
+        """A config file value is read like the flag and ends up in the built WorkerConfig."""
+        path = tmp_path / "ndo.toml"
+        path.write_text(f"{key} = {toml}\n")
+        args = build_parser(load_config_file(path)).parse_args(["serve", "--config", str(path)])
+        assert getattr(build_worker_config(args), key.replace("-", "_")) == value
+
+    def test_environment_beats_the_file_for_a_switch(
+        self, clean_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """``NDO_JOURNAL=1`` wins over ``journal = false``; ``--no-journal`` wins over both."""
+        clean_env.setenv("NDO_JOURNAL", "1")
+        parser = build_parser({"journal": False})
+        assert parser.parse_args(["serve"]).journal is True
+        assert parser.parse_args(["serve", "--no-journal"]).journal is False
+
+    @pytest.mark.parametrize(
+        ("variable", "text", "message"),
+        [
+            ("NDO_JOURNAL_MAX_AGE", "soon", "cannot read 'soon' as a duration"),
+            ("NDO_JOURNAL_MAX_BYTES", "lots", "cannot read 'lots' as a size"),
+            ("NDO_IDLE_TIMEOUT", "long", "invalid float value: 'long'"),
+        ],
+    )
+    def test_malformed_environment_is_a_usage_error(
+        self,
+        clean_env: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        variable: str,
+        text: str,
+        message: str,
+    ) -> None:
+        """A malformed variable exits 2 naming the option, like the flag would."""
+        clean_env.setenv(variable, text)
+        with pytest.raises(SystemExit) as exc_info:
+            build_parser().parse_args(["serve"])
+        assert exc_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert "--" + variable.removeprefix("NDO_").lower().replace("_", "-") in err
+
+    def test_file_accepts_exactly_the_parser_options(self, clean_env: object) -> None:
+        """An unknown key's error lists every serve option (but --config) and modules."""
+        with pytest.raises(ConfigFileError) as exc_info:
+            build_parser({"bogus": 1})
+        listed = str(exc_info.value).split("valid options: ")[1].split(", ")
+        dests = set(_serve_actions()) - {"help", "config"}
+        assert sorted(listed) == sorted(d.replace("_", "-") for d in dests | {"modules"})
+
+
+class TestReadme:
+    """README's Options table lists exactly the options of ``ndo serve``."""
+
+    def test_options_table_matches_the_parser(self, clean_env: object) -> None:
+        """Every flag in the table exists, and every flag (but --help) is in the table."""
+        section = README.read_text().split("\n## Options\n")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        documented = {
+            flag for row in rows for flag in re.findall(r"--[a-z][a-z-]*", row.split("|")[1])
+        }
+        flags = {flag for action in _serve_actions().values() for flag in action.option_strings}
+        assert documented == flags - {"-h", "--help"}

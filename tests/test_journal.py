@@ -30,16 +30,14 @@ from ndo.ops._replay import (
     EXIT_OK,
     JournalStep,
     ReplayOptions,
-    parse_duration,
     parse_point,
-    parse_size,
     read_journal,
     reconstruct,
     run_replay,
     select_steps,
 )
 from ndo.ops._tail import TailOptions, run_tail
-from ndo.service import Envelope, Worker, WorkerMetrics
+from ndo.service import Envelope, Worker, WorkerMetrics, parse_duration, parse_size
 from ndo.service._journal import JournalEntry, JournalPublisher
 from ndo.service.journal import JournalRecord, journal_stream_name
 from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
