@@ -78,8 +78,8 @@ SCENARIOS: Final = ("read", "spread", "hot", "cold", "idle-memory")
 _ROOT: Final = Path(__file__).resolve().parents[1]
 """The source tree the worker and generator processes run from (the harness's own code)."""
 
-_DEFAULT_NODE_MODULES: Final = _ROOT / "tests" / "node" / "node_modules"
-"""Where ``npm install --prefix tests/node`` puts the ``nats`` npm package."""
+_DEFAULT_NODE_MODULES: Final = _ROOT / "node_modules"
+"""Where ``npm install`` at the repository root puts the ``nats`` npm package."""
 
 _PREFIX: Final = "ndo"
 _BASELINE_PREFIX: Final = "ndobench"
@@ -690,7 +690,7 @@ def _pick_load_kind(plan: BenchPlan) -> Literal["node", "python"]:
     if plan.load == "node" and not has_node:
         raise BenchError(
             f"--load node needs `node` on PATH and the nats npm package in {plan.node_modules} "
-            "(npm install --prefix tests/node); or use --load python"
+            "(npm install at the repository root); or use --load python"
         )
     if plan.load == "python" or not has_node:
         return "python"

@@ -20,8 +20,8 @@ did not increase per object when ``increasing`` is set (an object's replies leav
 order, so one connection must see them strictly increasing). The harness turns those into the
 correctness check. Latencies go into a log histogram with 1% wide buckets.
 
-The Node.js generator needs ``node`` and the ``nats`` npm package (``tests/node/node_modules``
-after ``npm install --prefix tests/node``); one Node process costs the machine several times
+The Node.js generator needs ``node`` and the ``nats`` npm package (``node_modules`` after
+``npm install`` at the repository root); one Node process costs the machine several times
 less CPU per request than a nats-py requester, which matters on two cores.
 
 Run ``python -m ndo.ops._bench_load generate`` (the Python generator) or
