@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ndo.ops._bench import SCENARIOS, check_increments, check_reads
+from ndo.ops.bench import SCENARIOS, check_increments, check_reads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ class TestCorrectnessChecks:
 
 
 class TestSmoke:
-    """`python -m ndo.ops._bench --quick --json` with tiny counts runs every scenario."""
+    """`python -m ndo.ops.bench --quick --json` with tiny counts runs every scenario."""
 
     @pytest.mark.slow
     @pytest.mark.timeout(60)
@@ -49,7 +49,7 @@ class TestSmoke:
         argv = [
             sys.executable,
             "-m",
-            "ndo.ops._bench",
+            "ndo.ops.bench",
             "--quick",
             "--json",
             "--levels=4",
