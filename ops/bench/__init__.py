@@ -15,6 +15,11 @@ The process tree (all on 127.0.0.1):
 * **load generators** (Node.js, or nats-py processes as a fallback), the same ones for the
   baseline and for ndo, keeping a fixed total number of requests in flight.
 
+Every child is a module of the installed package (``python -m ndo.ops.cli serve``, ...) or
+``node`` with a script the harness writes, started in the run's temporary directory: the harness
+needs no source tree, only the ``nats`` npm package for the Node.js generator (``--node-modules``,
+``$NDO_NODE_MODULES`` or ``./node_modules``; see ``find_node_modules``).
+
 For every run the harness samples the CPU time of the worker (``/proc/<pid>/stat``: its own
 and its SQLite threads'), of the nats-server and of the generators, and scrapes the worker's
 Prometheus endpoint for commit counts. CPU per request is the stable figure to optimise; requests
@@ -37,11 +42,13 @@ generator), ``_objects`` and ``_prepopulate`` (the objects and their stored valu
 
 from ndo.ops.bench._checks import check_increments, check_reads
 from ndo.ops.bench._cli import add_bench_parser, main, run_bench
+from ndo.ops.bench._load_kind import NODE_MODULES_ENV, find_node_modules
 from ndo.ops.bench._plan import FULL_PLAN, QUICK_PLAN, SCENARIOS, BenchPlan, LoadKind
 from ndo.ops.bench._report import render_table
 
 __all__ = [
     "FULL_PLAN",
+    "NODE_MODULES_ENV",
     "QUICK_PLAN",
     "SCENARIOS",
     "BenchPlan",
@@ -49,6 +56,7 @@ __all__ = [
     "add_bench_parser",
     "check_increments",
     "check_reads",
+    "find_node_modules",
     "main",
     "render_table",
     "run_bench",

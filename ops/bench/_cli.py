@@ -64,7 +64,11 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partitions", type=int, help=f"partitions ({DEFAULT_PARTITIONS})")
     parser.add_argument("--clients", type=int, help="load generator processes (2)")
     parser.add_argument("--load", choices=["auto", "node", "python"], help="load generator")
-    parser.add_argument("--node-modules", type=Path, help="node_modules with the nats package")
+    parser.add_argument(
+        "--node-modules",
+        type=Path,
+        help="node_modules with the nats npm package (else $NDO_NODE_MODULES, ./node_modules)",
+    )
     parser.add_argument(
         "--loop",
         choices=LOOP_CHOICES,

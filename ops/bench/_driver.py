@@ -15,7 +15,7 @@ from typing import Final, Literal
 import msgspec
 
 from ndo.ops._errors import BenchError
-from ndo.ops.bench._load_kind import pick_load_kind
+from ndo.ops.bench._load_kind import choose_load
 from ndo.ops.bench._node_generator import NODE_GENERATOR_JS
 from ndo.ops.bench._plan import BenchPlan
 from ndo.ops.bench._proc import busy_cpu_seconds, cpu_seconds
@@ -78,7 +78,8 @@ class LoadDriver:
         self.url = url
         self.run_dir = run_dir
         self.server_pid = server_pid
-        self.kind = pick_load_kind(plan)
+        self.choice = choose_load(plan)
+        self.kind = self.choice.kind
         self._runs = 0
         if self.kind == "node":
             self._script = run_dir / "bench_load.cjs"
@@ -132,7 +133,7 @@ class LoadDriver:
                     seed=self._runs * 7919 + 1,
                 )
             )
-        env = {"NODE_PATH": str(self.plan.node_modules)} if self.kind == "node" else {}
+        env = {"NODE_PATH": str(self.choice.node_modules)} if self.kind == "node" else {}
         children: list[Child] = []
         try:
             for i, job in enumerate(jobs):

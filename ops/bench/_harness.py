@@ -82,6 +82,8 @@ class Bench:
             progress(f"storage pre-populated in {time.perf_counter() - started:.1f}s")
             self.nc = await nats.connect(self.server.url, connect_timeout=5)
             self.driver = LoadDriver(plan, self.server.url, self.run_dir, self.server.pid)
+            if self.driver.choice.fallback is not None:
+                progress(self.driver.choice.fallback)
             progress(f"load generator: {self.driver.kind}, up to {plan.clients} processes")
             self.baseline = await start_baseline(self.server.url, self.run_dir, plan.loop)
             progress(f"baseline responder pid {self.baseline.pid}")
@@ -394,6 +396,15 @@ class Bench:
             await worker.child.stop()
 
 
+def _make_run_dir(work_dir: Path | None) -> Path:
+    """A fresh run directory in ``work_dir`` (default: the system's temporary directory).
+
+    Absolute, because the children run in it and get paths inside it: their working directory
+    is the run directory, not the harness's.
+    """
+    return Path(tempfile.mkdtemp(prefix="ndo-bench-", dir=work_dir)).absolute()
+
+
 async def run_harness(plan: BenchPlan) -> dict[str, Any]:
     """Run ``plan`` in a fresh run directory and return the report (removes the directory
     unless ``plan.keep``).
@@ -401,7 +412,7 @@ async def run_harness(plan: BenchPlan) -> dict[str, Any]:
     Raises:
         BenchError: the harness could not run (a process did not start, a generator failed).
     """
-    run_dir = Path(tempfile.mkdtemp(prefix="ndo-bench-", dir=plan.work_dir))
+    run_dir = _make_run_dir(plan.work_dir)
     load_before = os.getloadavg()
     try:
         bench = Bench(plan, run_dir)

@@ -19,9 +19,6 @@ __all__ = ["FULL_PLAN", "QUICK_PLAN", "SCENARIOS", "BenchPlan", "LoadKind"]
 SCENARIOS: Final = ("read", "spread", "hot", "cold", "idle-memory")
 """Scenario names, in the order they run."""
 
-_DEFAULT_NODE_MODULES: Final = Path(__file__).resolve().parents[2] / "node_modules"
-"""Where ``npm install`` at the repository root puts the ``nats`` npm package."""
-
 LoadKind = Literal["auto", "node", "python"]
 """``--load``: which load generator drives the requests."""
 
@@ -51,8 +48,9 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
     """Load generator processes (at most one per request in flight)."""
     load: LoadKind = "auto"
     """Generator: ``node`` (needs node and the nats npm package), ``python``, or ``auto``."""
-    node_modules: Path = _DEFAULT_NODE_MODULES
-    """A ``node_modules`` folder holding the ``nats`` npm package."""
+    node_modules: Path | None = None
+    """A ``node_modules`` folder holding the ``nats`` npm package, tried first; then
+    ``$NDO_NODE_MODULES``, then ``./node_modules`` of the working directory."""
     baseline_twice: bool = True
     """Measure the baseline before and after the scenarios and average (noise)."""
     jetstream: bool = True

@@ -29,9 +29,6 @@ from ndo.ops.bench._protocol import ERROR_CODE_HEADER
 
 __all__ = ["Child", "Worker", "spawn", "start_baseline", "start_worker"]
 
-_ROOT: Final = Path(__file__).resolve().parents[2]
-"""The source tree the worker and generator processes run from (the harness's own code)."""
-
 _WORKER_START_TIMEOUT: Final = 30.0
 _PROCESS_STOP_TIMEOUT: Final = 15.0
 
@@ -106,9 +103,12 @@ async def spawn(
     stdout: int | IO[Any] | None = None,
     env: dict[str, str] | None = None,
 ) -> Child:
-    """Start ``argv`` with its stderr (and stdout, unless piped) in ``<run_dir>/<name>.log``.
+    """Start ``argv`` in ``run_dir``, its stderr (and stdout, unless piped) in ``<name>.log``.
 
-    With ``stdout`` set (a pipe), stdin is a pipe too: the harness talks to the child.
+    Children are ``python -m ndo...`` modules of the installed package (or ``node`` with the
+    script the driver wrote), so they run from the run directory: nothing depends on where the
+    harness was started or on a source tree. With ``stdout`` set (a pipe), stdin is a pipe too:
+    the harness talks to the child.
     """
     log_path = run_dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -117,8 +117,8 @@ async def spawn(
             stdin=asyncio.subprocess.PIPE if stdout is not None else asyncio.subprocess.DEVNULL,
             stdout=stdout if stdout is not None else log,
             stderr=log,
-            cwd=_ROOT,
-            env={**os.environ, "PYTHONPATH": str(_ROOT), **(env or {})},
+            cwd=run_dir,
+            env={**os.environ, **(env or {})},
             preexec_fn=_pdeathsig_preexec(),
             limit=256 * 1024 * 1024,
         )
