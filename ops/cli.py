@@ -29,7 +29,6 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ndo.actors import ActorClient, ActorError, RetryPolicy
-from ndo.ops._bench import add_bench_parser, run_bench
 from ndo.ops._config_file import ConfigFileError, load_config_file
 from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ndo.ops._errors import OpsError
@@ -55,6 +54,7 @@ from ndo.ops._status import (
     format_status,
 )
 from ndo.ops._tail import TailOptions, run_tail
+from ndo.ops.bench import add_bench_parser, run_bench
 from ndo.service import (
     ServiceError,
     Worker,

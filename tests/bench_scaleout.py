@@ -5,8 +5,9 @@
     python -m tests.bench_scaleout all
 
 Workers are real ``ndo serve`` processes sharing one data directory (journal off); the load comes
-from Node.js processes (``tests/node/node_modules``), far cheaper per request than a nats-py
-requester on two cores. CPU is read from ``/proc/<pid>/stat`` for workers, server and load.
+from Node.js processes (the ``nats`` npm package in the repository root's ``node_modules``), far
+cheaper per request than a nats-py requester on two cores. CPU is read from ``/proc/<pid>/stat``
+for workers, server and load.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ async def throughput(workers: int, mapped: bool, *, seconds: float = 8.0) -> dic
             await cluster.settled(names, timeout=60)
             script = tmp / "load.js"
             script.write_text(_NODE_LOAD)
-            env = dict(os.environ, NODE_PATH=str(REPO_ROOT / "tests" / "node" / "node_modules"))
+            env = dict(os.environ, NODE_PATH=str(REPO_ROOT / "node_modules"))
             # Warm-up: activate the objects once. The runs block, so they go to a thread.
             await asyncio.to_thread(_run_load, script, env, server.url, 2, 3.0)
             pids = {"workers": [w.pid for w in cluster.workers], "server": [server.pid or 0]}

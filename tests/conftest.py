@@ -18,10 +18,12 @@ import pytest
 
 from ndo.ops._nats_server import EmbeddedNatsServer, NatsServerError, find_nats_server_binary
 
-NODE_DIR = Path(__file__).parent / "node"
-"""The Node.js client package (``npm install --prefix tests/node`` fills its node_modules)."""
+NODE_MODULES = Path(__file__).resolve().parents[1] / "node_modules"
+"""Where ``npm install`` at the repository root puts the ``nats`` npm package (``package.json``).
 
-NODE_REQUEST_SCRIPT = NODE_DIR / "request.mjs"
+Node resolves ``request.mjs``'s ``import ... from "nats"`` by walking up to this folder."""
+
+NODE_REQUEST_SCRIPT = Path(__file__).parent / "node" / "request.mjs"
 """Script doing one request; prints one JSON line (see its header comment)."""
 
 NODE_EXIT_NO_REPLY = 2
@@ -89,14 +91,14 @@ def _node_request() -> NodeRequest:
 
     Returns the script's JSON line as a dict: ``{"data": ..., "headers": ...}`` on a reply,
     ``{"error": ...}`` on no responders or timeout. Any other failure fails the test. Skips
-    when ``node`` or ``tests/node/node_modules`` is missing.
+    when ``node`` or the root ``node_modules`` is missing.
     """
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the Node.js client check needs Node.js >= 18")
-    if not (NODE_DIR / "node_modules" / "nats").is_dir():
+    if not (NODE_MODULES / "nats").is_dir():
         pytest.skip(
-            "tests/node/node_modules is missing: run `npm install --prefix tests/node` "
+            "node_modules/nats is missing at the repository root: run `npm install` there "
             "(.ci/run does this when npm exists)"
         )
 

@@ -16,6 +16,7 @@ PACKAGES = [
     "ndo.actors",
     "ndo.examples",
     "ndo.ops",
+    "ndo.ops.bench",
     "ndo.service",
     "ndo.storage",
     "ndo.subjects",
