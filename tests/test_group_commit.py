@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NatsClient
 
-from ndo.actors import ActorClient
+from ndo.actors import ActorClient, RetryPolicy, UnavailableError
 from ndo.examples import Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.service import Worker, WorkerConfig
-from ndo.storage import ObjectWrite, SqliteStorage
+from ndo.storage import ObjectWrite, SqliteStorage, StorageError
 from tests.worker_fixtures import WorkerFactory
 
 
@@ -31,6 +32,20 @@ class HeldCommits(SqliteStorage):
         if not self.release.is_set():
             self.held.set()
             await self.release.wait()
+        return await super().commit(entries)
+
+
+class FailingCommits(SqliteStorage):
+    """Real SQLite whose next ``fail`` commits raise, as a full disk would."""
+
+    def __init__(self, path: Path, *, partitions: int) -> None:
+        super().__init__(path, partitions=partitions)
+        self.fail = 0
+
+    async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        if self.fail:
+            self.fail -= 1
+            raise StorageError("disk full (simulated)")
         return await super().commit(entries)
 
 
@@ -123,3 +138,27 @@ class TestOutputGate:
             finally:
                 held.release.set()
             assert await blocked == 1
+
+
+class TestCommitFailure:
+    """A commit that fails answers 503 to every turn in it, resets the object to what is durable,
+    and is counted in ``ndo_commit_failures_total``; the next call commits normally."""
+
+    async def test_failed_commit_resets_and_counts(
+        self, nats_server: EmbeddedNatsServer, data_dir: Path, nc: NatsClient
+    ) -> None:
+        """The failed increment is not applied, the caller gets a retryable storage_failure, and
+        the metric and stats count the failed transaction."""
+        storage = FailingCommits(data_dir / "ndo.sqlite3", partitions=8)
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        async with Worker(config, [Counter], storage=storage) as worker:
+            counter = ActorClient(nc, retry=RetryPolicy(attempts=1)).get(Counter, "disk")
+            assert await counter.call(Counter.increment) == 1
+            storage.fail = 1
+            with pytest.raises(UnavailableError) as failed:
+                await counter.call(Counter.increment)
+            assert failed.value.type == "storage_failure"
+            assert worker.stats().commit_failures == 1
+            assert worker.metrics.registry.get_sample_value("ndo_commit_failures_total") == 1
+            assert await counter.call(Counter.get) == 1  # reloaded: the failed write is gone
+            assert await counter.call(Counter.increment) == 2
