@@ -289,7 +289,8 @@ class Activation:
         try:
             while mailbox:
                 envelope = mailbox.popleft()
-                name = envelope.method
+                spec = envelope.spec
+                name = "alarm" if spec is None else spec.name
                 if name != method:
                     method = name
                     _METHOD_VAR.set(name)
@@ -318,7 +319,7 @@ class Activation:
             services.alarms.done(self.address, envelope.alarm, None)
             return
         generation = self.generation
-        outcome = await self._runner.run(envelope)
+        outcome = await self._runner.run(envelope, self._pump)
         if outcome.fresh:
             services.metrics.count(services.metrics.activations, self.address.class_name)
         if outcome.error is not None:
@@ -329,23 +330,37 @@ class Activation:
         assert changes is not None
         events = outcome.events
         if generation != self.generation:  # reset while the handler ran
-            self._journal(self._entry(envelope, outcome, status="aborted", error=_reset_error()))
+            self._journal(self._failure_entry(envelope, outcome, "aborted", _reset_error()))
             await self._send_error(envelope, _reset_error())
             return
         body = outcome.body
         headers = MSGPACK_HEADERS if envelope.msgpack else None
-        if self._followed is None and not events and envelope.alarm is None and changes.is_empty():
+        unchanged = changes.is_empty()
+        journal = None
+        if services.journal.enabled:
+            journal = JournalEntry(
+                self.address,
+                self.partition,
+                envelope,
+                status="ok",
+                body=body,
+                changes=None if unchanged else changes,
+                started=outcome.started,
+                duration=outcome.duration,
+                fresh=outcome.fresh,
+            )
+        if self._followed is None and not events and envelope.alarm is None and unchanged:
             # Fast path: a read-only turn with no earlier write of this object in flight (output
             # gate open) answers right here, as _release would, without a commit waiter (its
             # idempotency key, if any, was never remembered: nothing to update).
             await self._send_reply(envelope, body, headers)
-            if services.journal.enabled:
-                self._record(self._entry(envelope, outcome, status="ok"))
+            if journal is not None:
+                self._record(journal)
             return
         turn = _Turn(self, envelope, body, headers, events)
-        turn.journal = self._entry(envelope, outcome, status="ok")
-        remember = key is not None and (not changes.is_empty() or events)
-        if changes.is_empty() and not remember:
+        turn.journal = journal
+        remember = key is not None and (not unchanged or events)
+        if unchanged and not remember:
             if self._followed is None:
                 await self._release(turn)
             else:
@@ -364,32 +379,23 @@ class Activation:
             self._idempotency.remember(key, turn)
         self._submit(write, turn)
 
-    def _entry(
-        self,
-        envelope: Envelope,
-        outcome: TurnOutcome,
-        *,
-        status: TurnStatus,
-        error: ActorError | None = None,
+    def _failure_entry(
+        self, envelope: Envelope, outcome: TurnOutcome, status: TurnStatus, error: ActorError
     ) -> JournalEntry:
-        """The journal entry of a turn the engine ran (``error`` overrides the outcome's; only
-        an ``ok`` entry carries the reply and the write-set)."""
-        ok = status == "ok"
-        changes = outcome.changes if ok else None
+        """The journal entry of a turn that ended in ``error`` (no reply, no write-set)."""
         return JournalEntry(
             self.address,
             self.partition,
             envelope,
             status=status,
-            body=outcome.body if ok else None,
-            error=error or outcome.error,
-            changes=None if changes is None or changes.is_empty() else changes,
+            error=error,
             started=outcome.started,
             duration=outcome.duration,
             fresh=outcome.fresh,
         )
 
     def _submit(self, write: ObjectWrite, turn: _Turn) -> None:
+        """Hand a write-set to the committer; ``turn`` answers when it is durable."""
         self._pending += 1
         self._followed = turn
         self._services.committer.submit(PendingCommit(write, turn))
@@ -397,7 +403,7 @@ class Activation:
     def _turn_failed(self, envelope: Envelope, outcome: TurnOutcome, error: ActorError) -> None:
         """Record and log a failed turn (the engine already discarded its writes and events
         and dropped the instance); give up on an alarm that failed too often."""
-        self._journal(self._entry(envelope, outcome, status="error"))
+        self._journal(self._failure_entry(envelope, outcome, "error", error))
         log = (
             _log.warning if isinstance(error, (HandlerError, DeadlineExceededError)) else _log.info
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ndo.actors import (
     ActorError,
@@ -70,7 +70,6 @@ class TurnOutcome:
 
     def __init__(
         self,
-        *,
         fresh: bool,
         started: float,
         duration: float,
@@ -80,7 +79,8 @@ class TurnOutcome:
         error: ActorError | None = None,
         cause: BaseException | None = None,
     ) -> None:
-        """Describe a finished turn (use ``TurnRunner.run``)."""
+        """Describe a finished turn (use ``TurnRunner.run``; positional for speed: one is built
+        per turn)."""
         self.body = body
         self.error = error
         self.cause = cause
@@ -140,7 +140,7 @@ class TurnRunner:
     # Kept by the DeadlineWatchdog while a handler runs
     _deadline: float
     """``time.monotonic()`` by which the running handler must finish; 0.0 when none runs."""
-    _task: asyncio.Task[object] | None
+    _task: asyncio.Task[Any] | None
     """The task running the handler (cancelled when the deadline passes)."""
     _expired: bool
     """The watchdog cancelled the handler for its deadline."""
@@ -186,11 +186,16 @@ class TurnRunner:
         self.instance = None
         self.context = self._new_context()
 
-    async def run(self, envelope: Envelope) -> TurnOutcome:
+    async def run(self, envelope: Envelope, task: asyncio.Task[Any] | None = None) -> TurnOutcome:
         """Run one turn: the method call or alarm delivery in ``envelope``.
 
         Never raises for anything the handler does (see the module doc); only a cancellation of
         the calling task that is not the deadline's propagates.
+
+        Args:
+            envelope: the message.
+            task: the task this runs in (the one the deadline cancels), when the caller has it
+                at hand; else it is looked up.
         """
         context = self.context  # a reload() while the handler runs must not mix two contexts
         storage = context.storage
@@ -203,7 +208,7 @@ class TurnRunner:
             instance = self.instance or await self._start_instance(context)
             if alarm is not None:
                 storage.alarm_fired(alarm.due)
-            deadlines.start(self)
+            deadlines.start(self, task or asyncio.current_task())
             try:
                 if alarm is not None:
                     hook = getattr(instance, "alarm", None)
@@ -240,20 +245,11 @@ class TurnRunner:
                 where=f"{self.info.name}.{envelope.method}",
                 deadline=deadlines.timeout if expired else None,
             )
-            return TurnOutcome(
-                fresh=fresh,
-                started=started,
-                duration=time.perf_counter() - clock,
-                error=error,
-                cause=exc,
-            )
+            duration = time.perf_counter() - clock
+            return TurnOutcome(fresh, started, duration, b"", None, None, error, exc)
+        duration = time.perf_counter() - clock
         return TurnOutcome(
-            fresh=fresh,
-            started=started,
-            duration=time.perf_counter() - clock,
-            body=body,
-            changes=storage.end_turn(),
-            events=context.take_events(),
+            fresh, started, duration, body, storage.end_turn(), context.take_events()
         )
 
     def drop_alarm(self) -> TurnWrites:
@@ -313,10 +309,10 @@ class DeadlineWatchdog:
         self._running = set()
         self._timer = None
 
-    def start(self, runner: TurnRunner) -> None:
-        """``runner``'s handler starts now, in the current task."""
+    def start(self, runner: TurnRunner, task: asyncio.Task[Any] | None) -> None:
+        """``runner``'s handler starts now, in ``task`` (cancelled if it runs too long)."""
         runner._deadline = time.monotonic() + self.timeout
-        runner._task = asyncio.current_task()
+        runner._task = task
         self._running.add(runner)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.timeout, self._check)
