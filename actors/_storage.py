@@ -103,6 +103,11 @@ class ActorStorage:
 
     Every change a handler makes is part of its turn: committed atomically after the handler
     returns, discarded if it raises. Reads always see the turn's own writes.
+
+    Which calls are awaited: those that only change the turn's write-set are plain calls
+    (``put``, ``put_many``, ``delete``, ``delete_many``, ``delete_all``); those that may read
+    storage (``get``, ``get_many``, ``list``, ``get_alarm``) and every alarm call
+    (``set_alarm``, ``delete_alarm``) are coroutines.
     """
 
     __slots__ = (

@@ -434,6 +434,40 @@ def compare(record: JournalRecord, outcome: StepOutcome) -> list[Difference]:
     return differences
 
 
+class _ScratchObject(TurnRunner):
+    """One object on scratch in-memory storage, run by the worker's turn engine."""
+
+    __slots__ = ("_address", "_limits", "_partition", "_prefix", "storage")
+
+    storage: InMemoryStorage
+    """The scratch store (replaced by ``Reexecutor.load``)."""
+
+    def __init__(
+        self,
+        info: ActorClassInfo,
+        address: ActorId,
+        *,
+        prefix: str,
+        partition: int,
+        limits: StorageLimits,
+        handler_timeout: float,
+        max_reply_bytes: int,
+    ) -> None:
+        self._address = address
+        self._prefix = prefix
+        self._partition = partition
+        self._limits = limits
+        self.storage = InMemoryStorage()
+        super().__init__(info, DeadlineWatchdog(handler_timeout), max_reply_bytes=max_reply_bytes)
+
+    def new_context(self) -> ActorContext:
+        """A fresh context reading through the scratch store."""
+        view = ActorStorage(
+            self.storage, self._address.class_name, self._address.object_id, self._limits
+        )
+        return ActorContext(self._address, self._partition, self._prefix, view)
+
+
 class Reexecutor:
     """Runs recorded steps of one object against today's class, on scratch in-memory storage.
 
@@ -446,13 +480,9 @@ class Reexecutor:
     # Configuration
     _info: ActorClassInfo
     _address: ActorId
-    _prefix: str
     _partition: int
-    _limits: StorageLimits
     # State
-    storage: InMemoryStorage
-    """The scratch store (inspectable by tests)."""
-    _runner: TurnRunner
+    _runner: _ScratchObject
 
     def __init__(
         self,
@@ -477,32 +507,32 @@ class Reexecutor:
         defaults = WorkerConfig()
         self._info = describe_class(cls)
         self._address = ActorId(self._info.name, object_id)
-        self._prefix = prefix
         self._partition = partition
-        self._limits = limits or StorageLimits(
-            max_key_bytes=defaults.max_key_bytes,
-            max_value_bytes=defaults.max_value_bytes,
-            max_keys_per_call=defaults.max_keys_per_call,
-        )
-        self.storage = InMemoryStorage()
-        self._runner = TurnRunner(
+        self._runner = _ScratchObject(
             self._info,
-            self._new_context,
-            DeadlineWatchdog(handler_timeout or defaults.handler_timeout),
+            self._address,
+            prefix=prefix,
+            partition=partition,
+            limits=limits
+            or StorageLimits(
+                max_key_bytes=defaults.max_key_bytes,
+                max_value_bytes=defaults.max_value_bytes,
+                max_keys_per_call=defaults.max_keys_per_call,
+            ),
+            handler_timeout=handler_timeout or defaults.handler_timeout,
             max_reply_bytes=defaults.max_payload,
         )
 
-    def _new_context(self) -> ActorContext:
-        view = ActorStorage(
-            self.storage, self._address.class_name, self._address.object_id, self._limits
-        )
-        return ActorContext(self._address, self._partition, self._prefix, view)
+    @property
+    def storage(self) -> InMemoryStorage:
+        """The scratch store (inspectable by tests)."""
+        return self._runner.storage
 
     async def load(self, state: dict[str, Any], alarm: float | None) -> None:
         """Replace the scratch object's state and alarm; the next step builds a new instance."""
-        self.storage = InMemoryStorage()
-        await self.storage.open()
-        await self.storage.commit(
+        storage = self._runner.storage = InMemoryStorage()
+        await storage.open()
+        await storage.commit(
             [
                 ObjectWrite(
                     class_name=self._address.class_name,

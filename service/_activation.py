@@ -169,8 +169,9 @@ class _Turn:
         await self.activation._turn_durable(self, error)
 
 
-class Activation:
-    """The in-memory life of one object on this worker."""
+class Activation(TurnRunner):
+    """The in-memory life of one object on this worker: a ``TurnRunner`` (its context, instance
+    and the turn engine) with a mailbox, a pump and a place in the commit pipeline."""
 
     __slots__ = (
         "_followed",
@@ -180,7 +181,6 @@ class Activation:
         "_mailbox",
         "_pending",
         "_pump",
-        "_runner",
         "_services",
         "address",
         "generation",
@@ -197,8 +197,6 @@ class Activation:
     last_used: float
     """``time.monotonic()`` of the last message, for idle eviction."""
     _services: ActivationServices
-    _runner: TurnRunner
-    """The object's context and instance, and the turn engine that runs its handlers."""
     _mailbox: deque[Envelope] | None
     _pump: asyncio.Task[None] | None
     """The pump task while the mailbox has work, else None."""
@@ -219,12 +217,7 @@ class Activation:
         self._services = services
         self.address = ActorId(info.name, object_id)
         self.partition = partition
-        self._runner = TurnRunner(
-            info,
-            self._new_context,
-            services.deadlines,
-            max_reply_bytes=services.max_reply_bytes,
-        )
+        super().__init__(info, services.deadlines, max_reply_bytes=services.max_reply_bytes)
         self.generation = 0
         self.state = ActivationState.VALID
         self.last_used = time.monotonic()
@@ -236,17 +229,13 @@ class Activation:
         self._journal_token = ""
         self._journal_writes = 0
 
-    def _new_context(self) -> ActorContext:
+    def new_context(self) -> ActorContext:
+        """A fresh context reading through the worker's storage (its cache starts empty)."""
         services = self._services
         storage = ActorStorage(
             services.storage, self.address.class_name, self.address.object_id, services.limits
         )
         return ActorContext(self.address, self.partition, services.prefix, storage)
-
-    @property
-    def info(self) -> ActorClassInfo:
-        """The object's class."""
-        return self._runner.info
 
     # Mailbox
 
@@ -298,7 +287,7 @@ class Activation:
                     await self._run_turn(envelope)
                 except Exception:  # a runtime bug: answer, log, keep the object serving
                     _log.exception("turn crashed in the runtime", method=envelope.method)
-                    self._runner.drop_instance()
+                    self.drop_instance()
                     await self._send_error(
                         envelope, HandlerError("internal error in the ndo runtime; see its logs")
                     )
@@ -319,7 +308,7 @@ class Activation:
             services.alarms.done(self.address, envelope.alarm, None)
             return
         generation = self.generation
-        outcome = await self._runner.run(envelope, self._pump)
+        outcome = await self.run(envelope, self._pump)
         if outcome.fresh:
             services.metrics.count(services.metrics.activations, self.address.class_name)
         if outcome.error is not None:
@@ -420,12 +409,12 @@ class Activation:
 
     async def _alarm_is_stale(self, delivery: AlarmDelivery) -> bool:
         """True when the object no longer has the alarm being delivered (deleted or moved)."""
-        current = await self._runner.context.storage.get_alarm()
+        current = await self.context.storage.get_alarm()
         return current is None or abs(current - delivery.due) > 1e-6
 
     def _delete_alarm(self, envelope: Envelope) -> None:
         """Delete an alarm that was given up on, in order with the object's other writes."""
-        changes = self._runner.drop_alarm()
+        changes = self.drop_alarm()
         epoch = self._services.ownership.epoch_of(self.partition)
         turn = _Turn(self, Envelope(None, None, ""), b"", None, None)
         turn.journal = JournalEntry(
@@ -514,7 +503,7 @@ class Activation:
             error=str(error),
         )
         self.generation += 1
-        self._runner.reload()
+        self.reload()
         self._followed = None
         self._idempotency = None
 

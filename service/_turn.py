@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ndo.actors import (
@@ -113,7 +112,12 @@ def turn_error(exc: BaseException, *, where: str, deadline: float | None = None)
 class TurnRunner:
     """Runs the turns of one object, one at a time (its caller serialises them).
 
-    It holds the object's context (identity, storage view with its cache) and its instance.
+    It holds the object's context (identity, storage view with its cache) and its instance. A
+    host of objects subclasses it and says how a context is built (``new_context``): the
+    worker's ``Activation`` is one (it adds the mailbox and the commit pipeline), replay's
+    scratch object another. A subclass rather than a runner object per activation: nothing more
+    to allocate per object in memory, and no reference cycle between an activation and its runner
+    (so an evicted object is freed at once, not by the cyclic garbage collector).
     """
 
     __slots__ = (
@@ -121,7 +125,6 @@ class TurnRunner:
         "_deadlines",
         "_expired",
         "_max_reply_bytes",
-        "_new_context",
         "_task",
         "context",
         "info",
@@ -134,7 +137,6 @@ class TurnRunner:
     """The object's context: identity, storage view (and its cache), event outbox."""
     instance: Actor | None
     """The live instance; ``None`` until the next turn builds one."""
-    _new_context: Callable[[], ActorContext]
     _deadlines: DeadlineWatchdog
     _max_reply_bytes: int
     # Kept by the DeadlineWatchdog while a handler runs
@@ -146,36 +148,28 @@ class TurnRunner:
     """The watchdog cancelled the handler for its deadline."""
 
     def __init__(
-        self,
-        info: ActorClassInfo,
-        new_context: Callable[[], ActorContext],
-        deadlines: DeadlineWatchdog,
-        *,
-        max_reply_bytes: int,
+        self, info: ActorClassInfo, deadlines: DeadlineWatchdog, *, max_reply_bytes: int
     ) -> None:
-        """Create the runner of one object.
+        """Set up the runner part of one object (``new_context`` is called here already).
 
         Args:
             info: the object's class.
-            new_context: builds a fresh context (empty cache) for the object; called now and by
-                ``reload``.
             deadlines: the watchdog that enforces the handler deadline.
             max_reply_bytes: largest encoded reply; a larger one fails the turn with 413.
         """
         self.info = info
-        self._new_context = new_context
         self._deadlines = deadlines
         self._max_reply_bytes = max_reply_bytes
-        self.context = new_context()
+        self.context = self.new_context()
         self.instance = None
         self._deadline = 0.0
         self._task = None
         self._expired = False
 
-    @property
-    def address(self) -> ActorId:
-        """The object's class name and id."""
-        return self.context.id
+    def new_context(self) -> ActorContext:
+        """A fresh context (empty cache) for the object: defined by the subclass; called at
+        creation and by ``reload``."""
+        raise NotImplementedError
 
     def drop_instance(self) -> None:
         """Build a new instance before the next turn (the cached state is kept)."""
@@ -184,7 +178,7 @@ class TurnRunner:
     def reload(self) -> None:
         """Forget the instance and everything cached: the next turn reloads from storage."""
         self.instance = None
-        self.context = self._new_context()
+        self.context = self.new_context()
 
     async def run(self, envelope: Envelope, task: asyncio.Task[Any] | None = None) -> TurnOutcome:
         """Run one turn: the method call or alarm delivery in ``envelope``.

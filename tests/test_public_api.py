@@ -5,6 +5,7 @@ import __future__
 
 import importlib
 import importlib.metadata
+import inspect
 import pkgutil
 import re
 import types
@@ -100,3 +101,22 @@ class TestDistribution:
         """top_level.txt names only ``ndo`` (a user's own ``storage`` or ``ops`` never collides)."""
         top_level = importlib.metadata.distribution("ndo").read_text("top_level.txt") or ""
         assert top_level.split() == ["ndo"]
+
+
+class TestStorageCallShapes:
+    """``self.storage`` follows one rule: buffered writes are plain calls, reads and alarm calls
+    are awaited (README, "Storage")."""
+
+    def test_awaited_calls_are_exactly_reads_and_alarms(self) -> None:
+        """The coroutine methods of ActorStorage are the reads and the alarm calls, no more."""
+        from ndo import ActorStorage
+
+        public = {
+            name: member
+            for name, member in vars(ActorStorage).items()
+            if not name.startswith("_") and callable(member)
+        }
+        awaited = {name for name, fn in public.items() if inspect.iscoroutinefunction(fn)}
+        assert awaited == {"get", "get_many", "list", "get_alarm", "set_alarm", "delete_alarm"}
+        plain = set(public) - awaited
+        assert {"put", "put_many", "delete", "delete_many", "delete_all"} <= plain
