@@ -8,6 +8,8 @@ pipeline but no fsync.
 
     python -m tests.bench_turns get              # CPU per read turn, best of 15 rounds
     python -m tests.bench_turns increment        # CPU per write turn
+    python -m tests.bench_turns cold             # a read on an object never seen before (an
+                                                 # activation, and an LRU eviction, per turn)
 
 Deterministic counts (this machine's CPU time is noisy): run it under callgrind at two sizes
 and divide the difference by the turns between them, with a fixed hash seed::
@@ -73,9 +75,11 @@ class _FencesOnly:
         """Nothing to subscribe to."""
 
 
-async def _measure(method: str, turns: int, rounds: int) -> float:
+async def _measure(scenario: str, turns: int, rounds: int) -> float:
     """Best CPU microseconds per turn over ``rounds`` rounds of ``turns`` turns."""
-    config = WorkerConfig(partitions=8)
+    cold = scenario == "cold"
+    method = "get" if cold else scenario
+    config = WorkerConfig(partitions=8, max_active=200 if cold else 10_000)
     worker = Worker(config, [Counter], storage=InMemoryStorage())
     await worker.storage.open()
     journal = _CountingJournal()
@@ -90,13 +94,19 @@ async def _measure(method: str, turns: int, rounds: int) -> float:
     args = spec.decode_args(b"")
     activations = [worker.catalog.activate(info, f"t{i}") for i in range(_OBJECTS)]
 
+    fresh_ids = iter(range(1 << 62))
+
     async def run(first: int, count: int) -> int:
         """Run ``count`` turns, rounded up to whole batches; return how many ran."""
         batches = range(first, first + count, _BATCH)
         for start in batches:
             target = journal.entries + _BATCH
             for k in range(start, start + _BATCH):
-                activations[k % _OBJECTS].enqueue(Envelope(spec, args, ""))
+                if cold:
+                    activation = worker.catalog.activate(info, f"c{next(fresh_ids)}")
+                else:
+                    activation = activations[k % _OBJECTS]
+                activation.enqueue(Envelope(spec, args, ""))
             await journal.reached(target)
         return len(batches) * _BATCH
 
@@ -111,14 +121,14 @@ async def _measure(method: str, turns: int, rounds: int) -> float:
 
 
 def main() -> None:
-    """``python -m tests.bench_turns METHOD [--turns N] [--rounds R]``."""
+    """``python -m tests.bench_turns SCENARIO [--turns N] [--rounds R]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("method", choices=["get", "increment"])
+    parser.add_argument("scenario", choices=["get", "increment", "cold"])
     parser.add_argument("--turns", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    per_turn = asyncio.run(_measure(args.method, args.turns, args.rounds))
-    print(f"{args.method}: {per_turn:.2f} us CPU per turn (best of {args.rounds} rounds)")
+    per_turn = asyncio.run(_measure(args.scenario, args.turns, args.rounds))
+    print(f"{args.scenario}: {per_turn:.2f} us CPU per turn (best of {args.rounds} rounds)")
 
 
 if __name__ == "__main__":
