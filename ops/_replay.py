@@ -513,12 +513,7 @@ class Reexecutor:
             self._address,
             prefix=prefix,
             partition=partition,
-            limits=limits
-            or StorageLimits(
-                max_key_bytes=defaults.max_key_bytes,
-                max_value_bytes=defaults.max_value_bytes,
-                max_keys_per_call=defaults.max_keys_per_call,
-            ),
+            limits=limits or defaults.storage_limits(),
             handler_timeout=handler_timeout or defaults.handler_timeout,
             max_reply_bytes=defaults.max_payload,
         )

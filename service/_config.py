@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from ndo.actors.runtime import StorageLimits
 from ndo.service._units import parse_duration, parse_size
 from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
 
@@ -82,6 +83,14 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes the journal stream may hold before the oldest records go (stream ``max_bytes``)."""
     journal_max_pending: int = 10_000
     """Journal records buffered or awaiting acknowledgement before new ones are dropped."""
+
+    def storage_limits(self) -> StorageLimits:
+        """The limits every ``self.storage`` call of an object checks."""
+        return StorageLimits(
+            max_key_bytes=self.max_key_bytes,
+            max_value_bytes=self.max_value_bytes,
+            max_keys_per_call=self.max_keys_per_call,
+        )
 
     def __post_init__(self) -> None:
         """Validate values and say how to fix a bad one."""

@@ -43,7 +43,7 @@ from nats.micro.service import Service
 from prometheus_client import CollectorRegistry
 
 from ndo.actors import Actor
-from ndo.actors.runtime import ActorClassInfo, StorageLimits, describe_classes
+from ndo.actors.runtime import ActorClassInfo, describe_classes
 from ndo.service._activation import ActivationServices
 from ndo.service._alarms import AlarmScheduler
 from ndo.service._catalog import Catalog
@@ -176,11 +176,7 @@ class Worker:
             max_mailbox=config.max_mailbox,
             max_reply_bytes=config.max_payload,
             idempotency_window=config.idempotency_window,
-            limits=StorageLimits(
-                max_key_bytes=config.max_key_bytes,
-                max_value_bytes=config.max_value_bytes,
-                max_keys_per_call=config.max_keys_per_call,
-            ),
+            limits=config.storage_limits(),
             metrics=self.metrics,
             storage=self.storage,
             committer=self.committer,
