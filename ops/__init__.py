@@ -11,12 +11,13 @@ from ndo.ops._errors import (
 )
 from ndo.ops._loader import DEFAULT_MODULES, load_actor_classes
 from ndo.ops._logging import LogFormat, configure_logging
-from ndo.ops._nats_server import EmbeddedNatsServer, find_nats_server_binary
+from ndo.ops._nats_server import ClusterSpec, EmbeddedNatsServer, find_nats_server_binary
 
 __all__ = [
     "DEFAULT_MODULES",
     "BenchError",
     "CannotConnectError",
+    "ClusterSpec",
     "ConfigFileError",
     "EmbeddedNatsServer",
     "LogFormat",

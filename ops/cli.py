@@ -109,7 +109,8 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats-url",
         default=_env("nats_url", None),
-        help=f"NATS server URL [env NDO_NATS_URL; default {DEFAULT_NATS_URL}]",
+        help="NATS server URL; several servers of one cluster separated by commas "
+        f"[env NDO_NATS_URL; default {DEFAULT_NATS_URL}]",
     )
     parser.add_argument(
         "--prefix",

@@ -7,7 +7,13 @@ format is the module ``ndo.service.journal``.
 """
 
 from ndo.service._assignment import assign_partitions, partitions_text
-from ndo.service._config import HIDDEN_WORKER_FIELDS, WORKER_OPTIONS, WorkerConfig, WorkerOption
+from ndo.service._config import (
+    HIDDEN_WORKER_FIELDS,
+    WORKER_OPTIONS,
+    WorkerConfig,
+    WorkerOption,
+    split_servers,
+)
 from ndo.service._discovery import SERVICE_NAME
 from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
@@ -67,5 +73,6 @@ __all__ = [
     "partitions_text",
     "read_bucket",
     "server_mapping",
+    "split_servers",
     "turn_error",
 ]

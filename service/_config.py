@@ -23,14 +23,26 @@ from ndo.actors.runtime import StorageLimits
 from ndo.service._units import parse_duration, parse_size
 from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
 
-__all__ = ["HIDDEN_WORKER_FIELDS", "WORKER_OPTIONS", "WorkerConfig", "WorkerOption"]
+__all__ = [
+    "HIDDEN_WORKER_FIELDS",
+    "WORKER_OPTIONS",
+    "WorkerConfig",
+    "WorkerOption",
+    "split_servers",
+]
+
+
+def split_servers(url: str) -> list[str]:
+    """The servers of a comma-separated NATS URL list: ``"nats://a:4222, nats://b:4222"`` ->
+    ``["nats://a:4222", "nats://b:4222"]`` (nats-py refuses the joined string)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Configuration of one ndo worker (``ndo serve`` builds it from flags and ``NDO_*``)."""
 
     nats_url: str = "nats://127.0.0.1:4222"
-    """NATS server to connect to."""
+    """NATS server(s) to connect to; several servers of one cluster are separated by commas."""
     prefix: str = DEFAULT_PREFIX
     """Subject prefix: requests arrive on ``<prefix>.rpc.<Class>.<id>.<method>``."""
     data_dir: Path = Path("ndo-data")
@@ -72,8 +84,19 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     lease_ttl: int = 3
     """Whole seconds a partition lease lives without renewal (renewed every third of it): the
     bound on taking over from a worker that died. Clients should retry for longer than this."""
-    lease_replicas: int = 1
-    """Replicas of the lease bucket when this worker creates it (3 in a JetStream cluster)."""
+    storage: Literal["local", "replicated"] = "local"
+    """Where partitions are durable: ``local`` (SQLite files in ``data_dir``, fsynced; workers
+    share that directory, so one machine) or ``replicated`` (a JetStream log per partition,
+    replicated by the NATS cluster; each worker keeps its own copy in its own ``data_dir``)."""
+    replicas: int = 0
+    """Replicas of every JetStream asset this worker creates (lease bucket, journal, partition
+    logs, snapshots); 0: the cluster's size, up to 3."""
+    snapshot_every: int = 1_000
+    """Log records of a partition between two snapshots (``storage="replicated"``); the log is
+    purged below each snapshot."""
+    append_timeout: float = 30.0
+    """Seconds a partition log append keeps retrying without an acknowledgement (a stream
+    leader election takes several) before its turns fail and the partition is re-read."""
     journal: bool = True
     """Record every turn to the JetStream journal stream (skipped, with a warning, when the
     server has no JetStream)."""
@@ -114,7 +137,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             "alarm_max_attempts": self.alarm_max_attempts,
             "alarm_initial_backoff": self.alarm_initial_backoff,
             "lease_ttl": self.lease_ttl,
-            "lease_replicas": self.lease_replicas,
+            "snapshot_every": self.snapshot_every,
+            "append_timeout": self.append_timeout,
             "journal_max_age": self.journal_max_age,
             "journal_max_bytes": self.journal_max_bytes,
             "journal_max_pending": self.journal_max_pending,
@@ -128,6 +152,24 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(
                 f"ownership must be 'auto', 'leases' or 'standalone', got {self.ownership!r}"
             )
+        if self.storage not in ("local", "replicated"):
+            raise ValueError(f"storage must be 'local' or 'replicated', got {self.storage!r}")
+        if not 0 <= self.replicas <= 5:
+            raise ValueError(
+                f"replicas must be 0 (the cluster's size, up to 3) or 1-5, got {self.replicas}"
+            )
+        if self.storage == "replicated" and self.ownership == "standalone":
+            raise ValueError(
+                "storage='replicated' shares partitions through JetStream leases: drop "
+                "ownership='standalone' (--ownership standalone)"
+            )
+        if not self.nats_servers():
+            raise ValueError("nats_url must name at least one server, e.g. nats://127.0.0.1:4222")
+
+    def nats_servers(self) -> list[str]:
+        """The servers of ``nats_url`` (comma-separated), as ``nats.connect(servers=...)``
+        takes them."""
+        return split_servers(self.nats_url)
 
 
 class WorkerOption(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,7 +193,9 @@ class WorkerOption(msgspec.Struct, frozen=True, kw_only=True):
 
 
 WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
-    WorkerOption(field="nats_url", help="NATS server URL"),
+    WorkerOption(
+        field="nats_url", help="NATS server URL; several servers of one cluster separated by commas"
+    ),
     WorkerOption(field="prefix", help="subject prefix"),
     WorkerOption(
         field="data_dir",
@@ -198,6 +242,20 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
         "a worker dies",
     ),
     WorkerOption(
+        field="storage",
+        help="local: SQLite in --data-dir, shared by the workers of one machine; replicated: "
+        "a JetStream log per partition, each worker with its own --data-dir (many machines)",
+    ),
+    WorkerOption(
+        field="replicas",
+        help="replicas of the JetStream assets ndo creates (leases, journal, logs, snapshots)",
+        default_text="cluster size, up to 3",
+    ),
+    WorkerOption(
+        field="snapshot_every",
+        help="with --storage replicated: log records of a partition between snapshots",
+    ),
+    WorkerOption(
         field="ownership",
         help="share partitions with other workers through JetStream leases, or serve them all "
         "alone; auto: leases when the server has JetStream",
@@ -210,7 +268,7 @@ HIDDEN_WORKER_FIELDS: Final = frozenset(
         "alarm_initial_backoff",
         "alarm_max_attempts",
         "journal_max_pending",
-        "lease_replicas",
+        "append_timeout",
         "max_keys_per_call",
         "scan_interval",
     }

@@ -284,7 +284,7 @@ JOURNAL_OFF: Final[Journal] = _JournalOff()
 
 
 async def ensure_journal_stream(
-    nc: NatsClient, prefix: str, *, max_age: float, max_bytes: int
+    nc: NatsClient, prefix: str, *, max_age: float, max_bytes: int, replicas: int = 1
 ) -> js_api.StreamInfo:
     """Create the journal stream, or bring an existing one to this retention.
 
@@ -313,6 +313,7 @@ async def ensure_journal_stream(
             storage=js_api.StorageType.FILE,
             max_age=max_age,
             max_bytes=max_bytes,
+            num_replicas=replicas,
             allow_direct=True,
             allow_atomic=atomic,  # bursts go in as atomic batches (nats-server 2.12+)
         )
@@ -369,6 +370,7 @@ class JournalPublisher:
     _max_age: float
     _max_bytes: int
     _max_pending: int
+    _replicas: int
     _ack_timeout: float
     # State
     _queue: deque[JournalEntry]
@@ -400,6 +402,7 @@ class JournalPublisher:
         max_age: float,
         max_bytes: int,
         max_pending: int = 10_000,
+        replicas: int = 1,
         ack_timeout: float = 5.0,
         atomic_batches: bool = True,
     ) -> None:
@@ -414,6 +417,7 @@ class JournalPublisher:
             max_bytes: stream retention, bytes.
             max_pending: records buffered or waiting for their acknowledgement before new ones
                 are dropped.
+            replicas: replicas of the stream when this worker creates it.
             ack_timeout: seconds after which an unacknowledged record counts as lost.
             atomic_batches: publish bursts as atomic batches when the stream allows them
                 (False: plain publishes, as on servers before 2.12).
@@ -426,6 +430,7 @@ class JournalPublisher:
         self._max_age = max_age
         self._max_bytes = max_bytes
         self._max_pending = max_pending
+        self._replicas = replicas
         self._ack_timeout = ack_timeout
         self._queue = deque()
         self._inflight = {}
@@ -464,7 +469,11 @@ class JournalPublisher:
         """
         try:
             info = await ensure_journal_stream(
-                self._nc, self._prefix, max_age=self._max_age, max_bytes=self._max_bytes
+                self._nc,
+                self._prefix,
+                max_age=self._max_age,
+                max_bytes=self._max_bytes,
+                replicas=self._replicas,
             )
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
             _log.warning(

@@ -71,6 +71,9 @@ class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
     """Added to a lease's KV revision to form its fencing epoch."""
     created: float = 0.0
     """Epoch seconds when the bucket was set up."""
+    storage: str = "local"
+    """Where the deployment's partitions are durable (``WorkerConfig.storage``); a worker
+    configured otherwise is refused."""
 
 
 class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +97,9 @@ class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
     """Worker name of the holder (for people)."""
     epoch: int = 0
     """Fencing epoch; 0 in the acquiring write itself, whose epoch is ``epoch_base + revision``."""
+    applied: int = -1
+    """With replicated storage: the last log record the holder had applied at its latest
+    renewal (-1: not reported)."""
 
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -270,12 +276,12 @@ class LeaseBucket:
         """
         self._kv = await self._nc.jetstream().key_value(self.name)
 
-    async def open(self, partitions: int) -> DeploymentRecord:
+    async def open(self, partitions: int, storage: str = "local") -> DeploymentRecord:
         """Reach the bucket (creating it if needed) and its deployment record (writing it if this
         is the first worker).
 
         Raises:
-            DeploymentMismatchError: the deployment has another partition count.
+            DeploymentMismatchError: the deployment has another partition count or storage mode.
         """
         js = self._nc.jetstream()
         try:
@@ -294,7 +300,14 @@ class LeaseBucket:
             except nats.js.errors.BadRequestError:  # created concurrently by another worker
                 kv = await js.key_value(self.name)
         self._kv = kv
-        record = await self._deployment(partitions)
+        record = await self._deployment(partitions, storage)
+        if record.storage != storage:
+            raise DeploymentMismatchError(
+                f"the deployment using lease bucket {self.name!r} keeps its partitions with "
+                f"--storage {record.storage}, but this worker was started with --storage "
+                f"{storage}; one deployment cannot mix the two: start with --storage "
+                f"{record.storage} (or use another --prefix for a new deployment)"
+            )
         if record.partitions != partitions:
             raise DeploymentMismatchError(
                 f"the deployment using lease bucket {self.name!r} has {record.partitions} "
@@ -303,7 +316,7 @@ class LeaseBucket:
             )
         return record
 
-    async def _deployment(self, partitions: int) -> DeploymentRecord:
+    async def _deployment(self, partitions: int, storage: str) -> DeploymentRecord:
         last, raw = await self.read(CONFIG_KEY)
         if raw is not None:
             return _config(raw, self.name)
@@ -311,6 +324,7 @@ class LeaseBucket:
             partitions=partitions,
             epoch_base=int(time.time() * 1_000_000),
             created=time.time(),
+            storage=storage,
         )
         try:
             await self.put(CONFIG_KEY, encode_record(record), last, ttl=None)

@@ -98,6 +98,8 @@ class _Lease:
     record: bytes
     state: LeaseState = LeaseState.ACQUIRING
     drain_deadline: float = 0.0
+    applied: int = -1
+    """Log position last published in ``record`` (replicated storage)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -108,6 +110,7 @@ class LeaseOwnership:
     _host: PartitionHost
     _bucket: LeaseBucket
     _partitions: int
+    _storage: str
     _ttl: int
     _drain_timeout: float
     _settle_timeout: float
@@ -148,6 +151,7 @@ class LeaseOwnership:
         lease_ttl: int,
         metrics: WorkerMetrics,
         replicas: int = 1,
+        storage: str = "local",
         drain_timeout: float = 30.0,
         routing: str = "",
     ) -> None:
@@ -161,12 +165,14 @@ class LeaseOwnership:
             lease_ttl: whole seconds a lease lives unrenewed.
             metrics: where partitions held and moves are counted.
             replicas: replicas of the lease bucket when this worker creates it.
+            storage: the storage mode, checked against the deployment's.
             drain_timeout: longest wait for a released partition's turns to finish.
             routing: the routing mode, published in the member record.
         """
         self._host = host
         self._bucket = LeaseBucket(nc, prefix, ttl=lease_ttl, replicas=replicas)
         self._partitions = partitions
+        self._storage = storage
         self._ttl = lease_ttl
         self._drain_timeout = drain_timeout
         self._settle_timeout = 2.0 * lease_ttl + 1.0
@@ -247,6 +253,20 @@ class LeaseOwnership:
         """Publish another routing mode in this worker's member record (next renewal)."""
         record = _MEMBER_DECODER.decode(self._member_record)
         self._member_record = encode_record(msgspec.structs.replace(record, routing=routing))
+
+    def lost(self, partition: int, reason: str) -> None:
+        """Storage says ``partition`` cannot be served any more (another tenure wrote to it, or
+        its copy must be re-read): stop serving it now and free the lease, so the assignment
+        takes it up again (here or elsewhere) with a fresh claim."""
+        lease = self._held.get(partition)
+        if lease is None or lease.state is LeaseState.RELEASING:
+            return
+        revision = lease.revision
+        self._drop(partition, lease, reason)
+        self._acquiring.setdefault(
+            partition,
+            asyncio.create_task(self._free(partition, revision), name=f"ndo-free-{partition}"),
+        )
 
     def on_reconnect(self) -> None:
         """The NATS connection came back: rebuild the view from the bucket."""
@@ -516,6 +536,17 @@ class LeaseOwnership:
             if self._held.get(partition) is not lease or lease.state is LeaseState.RELEASING:
                 return
             started = time.monotonic()
+            applied = self._host.log_position(partition)
+            if applied is not None and applied != lease.applied:
+                lease.applied = applied
+                lease.record = encode_record(
+                    LeaseRecord(
+                        owner=self._member_id,
+                        name=self._host.name,
+                        epoch=lease.epoch,
+                        applied=applied,
+                    )
+                )
             try:
                 revision = await self._bucket.put(
                     lease_key(partition), lease.record, lease.revision, timeout=self._renew_interval
@@ -661,7 +692,7 @@ class LeaseOwnership:
     # Watch
 
     async def _open_bucket(self) -> None:
-        record = await self._bucket.open(self._partitions)
+        record = await self._bucket.open(self._partitions, self._storage)
         self._view.epoch_base = record.epoch_base
 
     async def _start_watch(self) -> None:
@@ -723,6 +754,7 @@ async def open_ownership(
     *,
     routing: str,
     metrics: WorkerMetrics,
+    replicas: int = 1,
 ) -> Ownership:
     """The ownership ``config.ownership`` asks for on this server (see ``WorkerConfig``).
 
@@ -737,6 +769,11 @@ async def open_ownership(
     try:
         await nc.jetstream().account_info()
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+        if config.storage == "replicated":
+            raise OwnershipError(
+                f"--storage replicated keeps partitions in JetStream, which {config.nats_url} "
+                "does not offer; enable JetStream on the servers (or use --storage local)"
+            ) from exc
         if config.ownership == "leases":
             raise OwnershipError(
                 f"ownership='leases' needs JetStream, which {config.nats_url} does not "
@@ -753,7 +790,8 @@ async def open_ownership(
         prefix=config.prefix,
         partitions=config.partitions,
         lease_ttl=config.lease_ttl,
-        replicas=config.lease_replicas,
+        replicas=replicas,
+        storage=config.storage,
         drain_timeout=config.drain_timeout,
         routing=routing,
         metrics=metrics,

@@ -71,6 +71,10 @@ class PartitionHost(Protocol):
         """The served set is now ``serving`` (alarms look again; a summary is logged)."""
         ...
 
+    def log_position(self, partition: int) -> int | None:
+        """The last partition log record applied here (None: storage keeps no log)."""
+        ...
+
 
 class Ownership(Protocol):
     """Which partitions this worker serves, and with which fencing epoch."""
@@ -113,6 +117,11 @@ class Ownership(Protocol):
         """The NATS connection came back."""
         ...
 
+    def lost(self, partition: int, reason: str) -> None:
+        """Storage found ``partition`` cannot be served from here any more (its log moved on,
+        or its copy must be re-read): stop serving it at once."""
+        ...
+
     def set_routing(self, routing: str) -> None:
         """The routing mode changed (published to the other members)."""
         ...
@@ -147,6 +156,9 @@ class _NotServing:
 
     def on_reconnect(self) -> None:
         """Nothing to do."""
+
+    def lost(self, partition: int, reason: str) -> None:
+        """Nothing is served."""
 
     def set_routing(self, routing: str) -> None:
         """Nothing to publish."""
@@ -214,6 +226,9 @@ class ServeAll:
 
     def on_reconnect(self) -> None:
         """Nothing depends on the connection."""
+
+    def lost(self, partition: int, reason: str) -> None:
+        """Only replicated storage loses partitions, and it never runs standalone."""
 
     def set_routing(self, routing: str) -> None:
         """Nobody to tell."""

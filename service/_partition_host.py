@@ -24,6 +24,7 @@ from ndo.service._alarms import AlarmScheduler
 from ndo.service._assignment import partitions_text
 from ndo.service._catalog import Catalog
 from ndo.service._ingress import Ingress
+from ndo.service._replicated import ReplicatedStorage
 from ndo.storage import Storage, StorageError
 
 __all__ = ["LocalPartitions"]
@@ -124,6 +125,12 @@ class LocalPartitions:
                 await asyncio.sleep(0.01)
             self._leftovers.pop(partition, None)
         return await self._storage.claim_partitions(partitions, self.name, epoch)
+
+    def log_position(self, partition: int) -> int | None:
+        """The last log record applied for ``partition`` (None: local storage keeps no log)."""
+        if isinstance(self._storage, ReplicatedStorage):
+            return self._storage.position(partition)
+        return None
 
     def busy_partitions(self) -> set[int]:
         """Partitions with queued, running or uncommitted turns."""

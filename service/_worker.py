@@ -47,6 +47,7 @@ from ndo.actors.runtime import ActorClassInfo, describe_classes
 from ndo.service._activation import ActivationServices
 from ndo.service._alarms import AlarmScheduler
 from ndo.service._catalog import Catalog
+from ndo.service._cluster import resolve_replicas
 from ndo.service._config import WorkerConfig
 from ndo.service._discovery import start_discovery
 from ndo.service._ingress import Ingress
@@ -56,6 +57,7 @@ from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
 from ndo.service._ownership import NOT_SERVING, Ownership
 from ndo.service._partition_host import LocalPartitions
+from ndo.service._replicated import ReplicatedStorage
 from ndo.service._routing import RoutingMode, detect_routing
 from ndo.service._tasks import TaskSet
 from ndo.service._turn import DeadlineWatchdog
@@ -111,6 +113,8 @@ class Worker:
     """The objects in memory."""
     alarms: AlarmScheduler
     """Delivers due alarms."""
+    replicas: int
+    """Replicas of the JetStream assets this worker creates (known after ``start``)."""
     _classes: dict[str, ActorClassInfo]
     _services: ActivationServices
     _deadlines: DeadlineWatchdog
@@ -152,9 +156,7 @@ class Worker:
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(registry)
         self._classes = describe_classes(classes)
-        self.storage = storage or SqliteStorage(
-            Path(config.data_dir) / "ndo.sqlite3", partitions=config.partitions
-        )
+        self.storage = storage or _default_storage(config, self.name)
         self.committer = GroupCommitter(
             self.storage, observer=self._observe_commit, on_failure=self._commit_failed
         )
@@ -191,6 +193,7 @@ class Worker:
             max_active=config.max_active,
             idle_timeout=config.idle_timeout,
         )
+        self.replicas = 1
         self._nc = None
         self._journal = None
         self._ingress = None
@@ -265,7 +268,7 @@ class Worker:
             await self.storage.open()
             self.committer.start()
             nc = self._nc = await nats.connect(
-                config.nats_url,
+                servers=config.nats_servers(),
                 name=f"ndo-worker {self.name}",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -276,6 +279,10 @@ class Worker:
                 connect_timeout=5,
             )
             self._outbox.attach(nc)
+            self.replicas = resolve_replicas(config.replicas, nc)
+            if isinstance(self.storage, ReplicatedStorage):
+                self.storage.on_lost = self._partition_lost
+                await self.storage.connect(nc, prefix=config.prefix, replicas=self.replicas)
             if config.journal:
                 await self._start_journal(nc)
             mode = await detect_routing(nc, config.prefix, config.partitions)
@@ -299,7 +306,12 @@ class Worker:
                 handler_timeout=config.handler_timeout,
             )
             ownership = await open_ownership(
-                config, nc, self._partitions, routing=mode.value, metrics=self.metrics
+                config,
+                nc,
+                self._partitions,
+                routing=mode.value,
+                metrics=self.metrics,
+                replicas=self.replicas,
             )
             self._ownership = self._services.ownership = ownership
             await ingress.open(ownership)
@@ -313,6 +325,8 @@ class Worker:
             self._tasks.spawn(self._collect_idle(), "ndo-idle-collector")
             self._tasks.spawn(self.alarms.run(), "ndo-alarms")
             self._tasks.spawn(self._purge_idempotency(), "ndo-idempotency-purge")
+            if isinstance(self.storage, ReplicatedStorage):
+                self._tasks.spawn(self.storage.run_snapshots(), "ndo-snapshots")
         except BaseException:
             await self.stop()
             raise
@@ -321,6 +335,8 @@ class Worker:
             worker=self.name,
             nats_url=config.nats_url,
             prefix=config.prefix,
+            storage=config.storage,
+            replicas=self.replicas,
             classes=sorted(self._classes),
             data_dir=str(config.data_dir),
         )
@@ -336,6 +352,7 @@ class Worker:
             max_age=self.config.journal_max_age,
             max_bytes=self.config.journal_max_bytes,
             max_pending=self.config.journal_max_pending,
+            replicas=self.replicas,
         )
         if await journal.start():
             self._journal = self._services.journal = journal
@@ -416,6 +433,10 @@ class Worker:
     def _commit_failed(self, error: BaseException) -> None:
         self.metrics.commit_failures.inc()
 
+    def _partition_lost(self, partition: int, reason: str) -> None:
+        """Replicated storage cannot serve ``partition`` from here any more."""
+        self._ownership.lost(partition, reason)
+
     async def _collect_idle(self) -> None:
         while True:
             await asyncio.sleep(self.config.scan_interval)
@@ -439,6 +460,20 @@ class Worker:
         self._ownership.on_reconnect()
         if self._ingress is not None:
             self._ingress.on_reconnect()
+
+
+def _default_storage(config: WorkerConfig, name: str) -> Storage:
+    """The storage ``config.storage`` asks for, in ``config.data_dir``."""
+    data_dir = Path(config.data_dir)
+    if config.storage == "replicated":
+        return ReplicatedStorage(
+            data_dir / "replica.sqlite3",
+            partitions=config.partitions,
+            writer=name,
+            snapshot_every=config.snapshot_every,
+            append_timeout=config.append_timeout,
+        )
+    return SqliteStorage(data_dir / "ndo.sqlite3", partitions=config.partitions)
 
 
 async def _step(what: str, step: Coroutine[Any, Any, None]) -> None:

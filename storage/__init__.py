@@ -11,13 +11,28 @@ from ndo.storage._committer import (
     GroupCommitter,
     PendingCommit,
 )
-from ndo.storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
+from ndo.storage._errors import (
+    FencedError,
+    PartialCommitError,
+    PartitionCountError,
+    StorageClosedError,
+    StorageError,
+)
+from ndo.storage._log_record import LogRecord, decode_log_record, encode_log_record
 from ndo.storage._memory import InMemoryStorage
-from ndo.storage._records import ALARM_UNCHANGED, IdempotentReply, ObjectWrite, StoredAlarm
-from ndo.storage._sqlite import SqliteStorage
+from ndo.storage._records import (
+    ALARM_UNCHANGED,
+    AppliedRecord,
+    IdempotentReply,
+    ObjectWrite,
+    StoredAlarm,
+)
+from ndo.storage._snapshot import PartitionSnapshot, decode_snapshot, encode_snapshot
+from ndo.storage._sqlite import SqliteStorage, Synchronous
 
 __all__ = [
     "ALARM_UNCHANGED",
+    "AppliedRecord",
     "CommitAbandonedError",
     "CommitStats",
     "CommitWaiter",
@@ -25,12 +40,20 @@ __all__ = [
     "GroupCommitter",
     "IdempotentReply",
     "InMemoryStorage",
+    "LogRecord",
     "ObjectWrite",
+    "PartialCommitError",
     "PartitionCountError",
+    "PartitionSnapshot",
     "PendingCommit",
     "SqliteStorage",
     "Storage",
     "StorageClosedError",
     "StorageError",
     "StoredAlarm",
+    "Synchronous",
+    "decode_log_record",
+    "decode_snapshot",
+    "encode_log_record",
+    "encode_snapshot",
 ]

@@ -19,7 +19,12 @@ from typing import Final, Protocol
 import structlog
 
 from ndo.storage._base import Storage
-from ndo.storage._errors import FencedError, StorageClosedError, StorageError
+from ndo.storage._errors import (
+    FencedError,
+    PartialCommitError,
+    StorageClosedError,
+    StorageError,
+)
 from ndo.storage._records import ObjectWrite
 
 __all__ = ["CommitAbandonedError", "CommitStats", "CommitWaiter", "GroupCommitter", "PendingCommit"]
@@ -163,10 +168,17 @@ class GroupCommitter:
             elif pending.write is not None and not pending.write.is_empty():
                 entries.append(pending.write)
         fenced: frozenset[int] = frozenset()
+        failed: dict[int, StorageError] = {}
         if entries:
             started = time.perf_counter()
             try:
                 fenced = await self._storage.commit(entries)
+            except PartialCommitError as exc:  # some partitions durable, others not
+                self.stats.failures += 1
+                _log.error("group commit failed in part", write_sets=len(entries), error=str(exc))
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+                fenced, failed = exc.fenced, exc.failed
             except (StorageError, ValueError) as exc:
                 self.stats.failures += 1
                 _log.error("group commit failed", write_sets=len(entries), error=str(exc))
@@ -178,14 +190,19 @@ class GroupCommitter:
                     )
                 return
             self.stats.transactions += 1
-            self.stats.write_sets += len(entries) - sum(1 for e in entries if e.partition in fenced)
+            self.stats.write_sets += sum(
+                1 for e in entries if e.partition not in fenced and e.partition not in failed
+            )
             if self._observer is not None:
                 self._observer(entries, time.perf_counter() - started)
         for pending in batch:  # outcomes in submission order, abandoned ones included
+            write = pending.write
             if id(pending) in abandoned:
                 await _safe_done(pending, CommitAbandonedError())
-            elif pending.write is not None and pending.write.partition in fenced:
-                await _safe_done(pending, FencedError({pending.write.partition}))
+            elif write is not None and write.partition in failed:
+                await _safe_done(pending, failed[write.partition])
+            elif write is not None and write.partition in fenced:
+                await _safe_done(pending, FencedError({write.partition}))
             else:
                 await _safe_done(pending, None)
 

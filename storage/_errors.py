@@ -5,12 +5,19 @@
     StorageError                 any failure of the storage layer
     ├── StorageClosedError       used after close (a bug in the caller; not retryable)
     ├── FencedError              a newer owner holds the partition; this worker must drop it
+    ├── PartialCommitError       some partitions of a batch were made durable, others not
     └── PartitionCountError      the data directory was created with another partition count
 """
 
 from __future__ import annotations
 
-__all__ = ["FencedError", "PartitionCountError", "StorageClosedError", "StorageError"]
+__all__ = [
+    "FencedError",
+    "PartialCommitError",
+    "PartitionCountError",
+    "StorageClosedError",
+    "StorageError",
+]
 
 
 class StorageError(Exception):
@@ -52,4 +59,28 @@ class PartitionCountError(StorageError):
             f"this data directory was created with {stored} partitions but {configured} were "
             f"configured; the partition count is fixed per deployment: start with "
             f"--partitions {stored} or use a new data directory"
+        )
+
+
+class PartialCommitError(StorageError):
+    """A batch spanning several partitions was made durable for some of them only.
+
+    Replicated storage appends each partition's share of a batch to that partition's log on its
+    own; the partitions in ``failed`` were not written (or their outcome is unknown), and those
+    in ``fenced`` belong to a newer owner. Every other partition of the batch is durable.
+    Retrying the failed turns can help.
+    """
+
+    failed: dict[int, StorageError]
+    """Partition -> why its entries were not made durable."""
+    fenced: frozenset[int]
+    """Partitions whose appends were refused because a newer owner holds them."""
+
+    def __init__(self, failed: dict[int, StorageError], fenced: frozenset[int]) -> None:
+        self.failed = dict(failed)
+        self.fenced = frozenset(fenced)
+        first = next(iter(self.failed.values()), None)
+        super().__init__(
+            f"partition(s) {sorted(self.failed)} were not made durable"
+            + (f" ({first})" if first is not None else "")
         )

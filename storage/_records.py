@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["ALARM_UNCHANGED", "IdempotentReply", "ObjectWrite", "StoredAlarm"]
+__all__ = ["ALARM_UNCHANGED", "AppliedRecord", "IdempotentReply", "ObjectWrite", "StoredAlarm"]
 
 ALARM_UNCHANGED: Final = -1.0
 """Marker for ``ObjectWrite.alarm``: the write-set does not touch the object's alarm."""
@@ -61,3 +61,18 @@ class StoredAlarm:
     partition: int
     due: float
     """Epoch seconds at which the alarm is due."""
+
+
+@dataclass(slots=True, frozen=True)
+class AppliedRecord:
+    """A partition log record to apply to a local copy, at its place in the log."""
+
+    partition: int
+    prev: int
+    """Log position the record follows (the copy must be exactly there)."""
+    seq: int
+    """The record's own log position (the copy's position once applied)."""
+    epoch: int
+    """Epoch of the tenure that appended it."""
+    writes: list[ObjectWrite]
+    """Its write-sets, in turn order (empty for a claim record)."""

@@ -23,17 +23,19 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiosqlite
 
 from ndo.storage._base import Storage
 from ndo.storage._errors import FencedError, PartitionCountError, StorageClosedError, StorageError
-from ndo.storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
+from ndo.storage._records import ALARM_UNCHANGED, AppliedRecord, ObjectWrite, StoredAlarm
+from ndo.storage._snapshot import PartitionSnapshot
 
-__all__ = ["SqliteStorage"]
+__all__ = ["SqliteStorage", "Synchronous"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     cls TEXT NOT NULL, oid TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+    part INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (cls, oid, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alarms (
@@ -52,22 +55,46 @@ CREATE TABLE IF NOT EXISTS alarms (
 CREATE INDEX IF NOT EXISTS alarms_by_due ON alarms (due, part);
 CREATE TABLE IF NOT EXISTS idempotency (
     cls TEXT NOT NULL, oid TEXT NOT NULL, key TEXT NOT NULL, reply BLOB NOT NULL,
-    expires REAL NOT NULL,
+    expires REAL NOT NULL, part INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (cls, oid, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires);
 CREATE TABLE IF NOT EXISTS fences (
     part INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, owner TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log_positions (
+    part INTEGER PRIMARY KEY, seq INTEGER NOT NULL, epoch INTEGER NOT NULL
+);
 """
+
+_PART_COLUMNS: Final = """
+CREATE INDEX IF NOT EXISTS kv_by_part ON kv (part);
+CREATE INDEX IF NOT EXISTS idempotency_by_part ON idempotency (part);
+"""
+"""Run after ``_SCHEMA`` (and after adding ``part`` to the tables of a file made before it)."""
 
 _BUSY_TIMEOUT_MS: Final = 10_000
 
 
-def _configure(conn: sqlite3.Connection) -> None:
+Synchronous = Literal["FULL", "NORMAL"]
+"""``FULL``: every commit is fsynced (the file is the durable copy). ``NORMAL``: commits are
+not fsynced (WAL mode stays consistent; a power loss may lose the latest commits), for a copy
+whose durable record lives elsewhere (replicated storage's partition log)."""
+
+
+def _configure(conn: sqlite3.Connection, synchronous: Synchronous = "FULL") -> None:
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
+def _add_part_columns(conn: sqlite3.Connection) -> None:
+    """Give a file made before partitions were stored per row its ``part`` columns (-1: not
+    known for the rows already there)."""
+    for table in ("kv", "idempotency"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "part" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN part INTEGER NOT NULL DEFAULT -1")
 
 
 def _placeholders(count: int) -> str:
@@ -84,6 +111,7 @@ class SqliteStorage(Storage):
     # Configuration
     _path: Path
     _partitions: int
+    _synchronous: Synchronous
     # Connections (None until open)
     _writer: aiosqlite.Connection | None
     _reader: aiosqlite.Connection | None
@@ -91,10 +119,17 @@ class SqliteStorage(Storage):
     """Open file descriptor of ``<db>.writelock`` (None until open)."""
     _closed: bool
 
-    def __init__(self, path: Path | str, *, partitions: int) -> None:
-        """Create a store for the database file at ``path`` with ``partitions`` partitions."""
+    def __init__(
+        self, path: Path | str, *, partitions: int, synchronous: Synchronous = "FULL"
+    ) -> None:
+        """Create a store for the database file at ``path`` with ``partitions`` partitions.
+
+        ``synchronous="NORMAL"`` skips the fsync of each commit: only for a copy whose durable
+        record is elsewhere (see ``Synchronous``).
+        """
         self._path = Path(path)
         self._partitions = partitions
+        self._synchronous = synchronous
         self._writer = None
         self._reader = None
         self._lock_fd = None
@@ -117,7 +152,7 @@ class SqliteStorage(Storage):
             self._writer = await aiosqlite.connect(self._path, isolation_level=None)
             await self._run_write(self._init_schema)
             self._reader = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._run(self._reader, _configure)
+            await self._run(self._reader, lambda conn: _configure(conn, self._synchronous))
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open SQLite database {self._path}: {exc}") from exc
@@ -126,9 +161,13 @@ class SqliteStorage(Storage):
             raise
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        _configure(conn)
+        _configure(conn, self._synchronous)
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        _add_part_columns(conn)
+        for statement in _PART_COLUMNS.split(";"):
             if statement.strip():
                 conn.execute(statement)
         row = conn.execute("SELECT value FROM meta WHERE key='partitions'").fetchone()
@@ -355,9 +394,51 @@ class SqliteStorage(Storage):
         except sqlite3.Error as exc:
             raise StorageError(f"purging idempotency records failed: {exc}") from exc
 
+    # The partition log (replicated storage keeps its local copy here)
+
+    async def log_positions(self) -> dict[int, tuple[int, int]]:
+        """Every partition's applied log position: ``{partition: (seq, epoch)}``."""
+        rows = await self._fetchall("SELECT part, seq, epoch FROM log_positions", ())
+        return {int(p): (int(s), int(e)) for p, s, e in rows}
+
+    async def apply_records(self, records: Sequence[AppliedRecord]) -> dict[int, str]:
+        """Apply log records in one transaction, moving each partition's position.
+
+        A record at or below a partition's position was applied before and is skipped; one
+        that does not follow the position (``record.prev``) is not applied, nor any later
+        record of its partition.
+
+        Returns:
+            The partitions whose records did not follow their position, with why.
+
+        Raises:
+            StorageError: the transaction failed; nothing was applied.
+        """
+        if not records:
+            return {}
+        try:
+            return await self._run_write(lambda conn: _apply_records(conn, records))
+        except sqlite3.Error as exc:
+            raise StorageError(f"applying {len(records)} log record(s) failed: {exc}") from exc
+
+    async def export_partition(self, partition: int) -> PartitionSnapshot:
+        """A consistent copy of one partition's rows at its current log position."""
+        try:
+            return await self._run(self._read_conn(), lambda c: _export_partition(c, partition))
+        except sqlite3.Error as exc:
+            raise StorageError(f"reading partition {partition} failed: {exc}") from exc
+
+    async def import_partition(self, snapshot: PartitionSnapshot) -> None:
+        """Replace one partition's rows and log position with ``snapshot``'s."""
+        try:
+            await self._run_write(lambda conn: _import_partition(conn, snapshot))
+        except sqlite3.Error as exc:
+            raise StorageError(f"restoring partition {snapshot.partition} failed: {exc}") from exc
+
 
 def _commit_batch(conn: sqlite3.Connection, entries: Sequence[ObjectWrite]) -> frozenset[int]:
-    """Apply a batch of write-sets in one transaction (runs in the writer thread)."""
+    """Apply a batch of write-sets in one transaction, skipping fenced partitions (runs in the
+    writer thread)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         partitions = {e.partition for e in entries}
@@ -368,59 +449,172 @@ def _commit_batch(conn: sqlite3.Connection, entries: Sequence[ObjectWrite]) -> f
             ).fetchall()
         )
         fenced = {e.partition for e in entries if fences.get(e.partition) != e.epoch}
-        # Collapse the batch to the final state of each key, in turn order, so deletes and
-        # upserts of the same key in different turns cannot be reordered.
-        cleared: list[tuple[str, str]] = []
-        final: dict[tuple[str, str, str], bytes | None] = {}
-        alarms: dict[tuple[str, str], tuple[int, float | None]] = {}
-        replies: list[tuple[str, str, str, bytes, float]] = []
-        for entry in entries:
-            if entry.partition in fenced:
-                continue
-            obj = (entry.class_name, entry.object_id)
-            if entry.cleared:
-                cleared.append(obj)
-                for k in [k for k in final if k[0] == obj[0] and k[1] == obj[1]]:
-                    del final[k]
-            for key, value in entry.writes.items():
-                final[(obj[0], obj[1], key)] = value
-            if entry.alarm != ALARM_UNCHANGED:
-                alarms[obj] = (entry.partition, entry.alarm)
-            if entry.idempotent_reply is not None:
-                r = entry.idempotent_reply
-                replies.append((obj[0], obj[1], r.key, r.reply, r.expires_at))
-        if cleared:
-            conn.executemany("DELETE FROM kv WHERE cls=? AND oid=?", cleared)
-        upserts = [(c, o, k, v) for (c, o, k), v in final.items() if v is not None]
-        if upserts:
-            conn.executemany(
-                "INSERT INTO kv (cls, oid, key, value) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (cls, oid, key) DO UPDATE SET value=excluded.value",
-                upserts,
-            )
-        deletes = [(c, o, k) for (c, o, k), v in final.items() if v is None]
-        if deletes:
-            conn.executemany("DELETE FROM kv WHERE cls=? AND oid=? AND key=?", deletes)
-        if alarms:
-            conn.executemany(
-                "INSERT INTO alarms (cls, oid, part, due) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (cls, oid) DO UPDATE SET part=excluded.part, due=excluded.due",
-                [(c, o, p, d) for (c, o), (p, d) in alarms.items() if d is not None],
-            )
-            conn.executemany(
-                "DELETE FROM alarms WHERE cls=? AND oid=?",
-                [(c, o) for (c, o), (_, d) in alarms.items() if d is None],
-            )
-        if replies:
-            conn.executemany(
-                "INSERT INTO idempotency (cls, oid, key, reply, expires) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (cls, oid, key) DO UPDATE SET reply=excluded.reply, "
-                "expires=excluded.expires",
-                replies,
-            )
+        _apply_entries(conn, [e for e in entries if e.partition not in fenced])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return frozenset(fenced)
+
+
+def _apply_records(conn: sqlite3.Connection, records: Sequence[AppliedRecord]) -> dict[int, str]:
+    """Apply log records in one transaction, each only if it follows the partition's position
+    (runs in the writer thread). Returns the partitions whose record did not follow, and why."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        partitions = {r.partition for r in records}
+        positions: dict[int, int] = dict(
+            conn.execute(
+                "SELECT part, seq FROM log_positions WHERE part IN "
+                f"({_placeholders(len(partitions))})",
+                list(partitions),
+            ).fetchall()
+        )
+        broken: dict[int, str] = {}
+        entries: list[ObjectWrite] = []
+        moved: dict[int, tuple[int, int]] = {}
+        for record in records:
+            p = record.partition
+            if p in broken:
+                continue
+            at = positions.get(p, 0)
+            if record.seq <= at:
+                continue  # applied already (a catch-up got there first)
+            if record.prev != at:
+                broken[p] = f"record {record.seq} follows {record.prev} but the copy is at {at}"
+                continue
+            entries.extend(record.writes)
+            positions[p] = record.seq
+            moved[p] = (record.seq, record.epoch)
+        _apply_entries(conn, [e for e in entries if e.partition not in broken])
+        conn.executemany(
+            "INSERT INTO log_positions (part, seq, epoch) VALUES (?, ?, ?) "
+            "ON CONFLICT (part) DO UPDATE SET seq=excluded.seq, epoch=excluded.epoch",
+            [(p, seq, epoch) for p, (seq, epoch) in moved.items() if p not in broken],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return broken
+
+
+def _apply_entries(conn: sqlite3.Connection, entries: Sequence[ObjectWrite]) -> None:
+    """Apply write-sets inside the caller's transaction."""
+    # Collapse the batch to the final state of each key, in turn order, so deletes and
+    # upserts of the same key in different turns cannot be reordered.
+    cleared: list[tuple[str, str]] = []
+    final: dict[tuple[str, str, str], tuple[int, bytes | None]] = {}
+    alarms: dict[tuple[str, str], tuple[int, float | None]] = {}
+    replies: list[tuple[str, str, str, bytes, float, int]] = []
+    for entry in entries:
+        obj = (entry.class_name, entry.object_id)
+        part = entry.partition
+        if entry.cleared:
+            cleared.append(obj)
+            for k in [k for k in final if k[0] == obj[0] and k[1] == obj[1]]:
+                del final[k]
+        for key, value in entry.writes.items():
+            final[(obj[0], obj[1], key)] = (part, value)
+        if entry.alarm != ALARM_UNCHANGED:
+            alarms[obj] = (part, entry.alarm)
+        if entry.idempotent_reply is not None:
+            r = entry.idempotent_reply
+            replies.append((obj[0], obj[1], r.key, r.reply, r.expires_at, part))
+    if cleared:
+        conn.executemany("DELETE FROM kv WHERE cls=? AND oid=?", cleared)
+    upserts = [(c, o, k, v, p) for (c, o, k), (p, v) in final.items() if v is not None]
+    if upserts:
+        conn.executemany(
+            "INSERT INTO kv (cls, oid, key, value, part) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (cls, oid, key) DO UPDATE SET value=excluded.value",
+            upserts,
+        )
+    deletes = [(c, o, k) for (c, o, k), (_, v) in final.items() if v is None]
+    if deletes:
+        conn.executemany("DELETE FROM kv WHERE cls=? AND oid=? AND key=?", deletes)
+    if alarms:
+        conn.executemany(
+            "INSERT INTO alarms (cls, oid, part, due) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (cls, oid) DO UPDATE SET part=excluded.part, due=excluded.due",
+            [(c, o, p, d) for (c, o), (p, d) in alarms.items() if d is not None],
+        )
+        conn.executemany(
+            "DELETE FROM alarms WHERE cls=? AND oid=?",
+            [(c, o) for (c, o), (_, d) in alarms.items() if d is None],
+        )
+    if replies:
+        conn.executemany(
+            "INSERT INTO idempotency (cls, oid, key, reply, expires, part) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (cls, oid, key) DO UPDATE SET reply=excluded.reply, "
+            "expires=excluded.expires",
+            replies,
+        )
+
+
+def _export_partition(conn: sqlite3.Connection, partition: int) -> PartitionSnapshot:
+    """Read one partition's rows and log position in one read transaction."""
+    conn.execute("BEGIN")
+    try:
+        position = conn.execute(
+            "SELECT seq, epoch FROM log_positions WHERE part=?", (partition,)
+        ).fetchone()
+        kv = conn.execute(
+            "SELECT cls, oid, key, value FROM kv WHERE part=? ORDER BY cls, oid, key", (partition,)
+        ).fetchall()
+        alarms = conn.execute(
+            "SELECT cls, oid, due FROM alarms WHERE part=? ORDER BY cls, oid", (partition,)
+        ).fetchall()
+        replies = conn.execute(
+            "SELECT cls, oid, key, reply, expires FROM idempotency WHERE part=?", (partition,)
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    seq, epoch = position if position is not None else (0, 0)
+    return PartitionSnapshot(
+        partition=partition,
+        seq=int(seq),
+        epoch=int(epoch),
+        taken=time.time(),
+        kv=[(c, o, k, bytes(v)) for c, o, k, v in kv],
+        alarms=[(c, o, float(d)) for c, o, d in alarms],
+        idempotency=[(c, o, k, bytes(r), float(e)) for c, o, k, r, e in replies],
+    )
+
+
+def _import_partition(conn: sqlite3.Connection, snapshot: PartitionSnapshot) -> None:
+    """Replace one partition's rows and position with a snapshot's (one write transaction)."""
+    p = snapshot.partition
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("kv", "alarms", "idempotency"):
+            conn.execute(f"DELETE FROM {table} WHERE part=?", (p,))
+        conn.executemany(
+            "INSERT INTO kv (cls, oid, key, value, part) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (cls, oid, key) DO UPDATE SET value=excluded.value, part=excluded.part",
+            [(c, o, k, v, p) for c, o, k, v in snapshot.kv],
+        )
+        conn.executemany(
+            "INSERT INTO alarms (cls, oid, part, due) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (cls, oid) DO UPDATE SET part=excluded.part, due=excluded.due",
+            [(c, o, p, d) for c, o, d in snapshot.alarms],
+        )
+        conn.executemany(
+            "INSERT INTO idempotency (cls, oid, key, reply, expires, part) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (cls, oid, key) DO UPDATE SET "
+            "reply=excluded.reply, expires=excluded.expires, part=excluded.part",
+            [(c, o, k, r, e, p) for c, o, k, r, e in snapshot.idempotency],
+        )
+        conn.execute(
+            "INSERT INTO log_positions (part, seq, epoch) VALUES (?, ?, ?) "
+            "ON CONFLICT (part) DO UPDATE SET seq=excluded.seq, epoch=excluded.epoch",
+            (p, snapshot.seq, snapshot.epoch),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -243,6 +243,11 @@ def forward_wildcard(prefix: str, partition: int | None = None) -> str:
     return sys_subject(prefix, "fwd", "*" if partition is None else str(partition), "*", "*", "*")
 
 
+def log_subject(prefix: str, partition: int | None = None) -> str:
+    """Subject of partition ``partition``'s log (``*`` for every partition when None)."""
+    return sys_subject(prefix, "log", "*" if partition is None else str(partition))
+
+
 def journal_subject(prefix: str, class_name: str, object_id: str) -> str:
     """Subject of one object's journal records."""
     return sys_subject(prefix, "journal", class_name, object_id)

@@ -1,0 +1,289 @@
+"""The partition logs of replicated storage: one JetStream stream, one subject per partition.
+
+Stream ``<PREFIX>_LOG`` captures ``<prefix>.sys.log.*``; partition ``p``'s log is the subject
+``<prefix>.sys.log.<p>``. Every append carries ``Nats-Expected-Last-Subject-Sequence`` (the
+record's ``prev``): JetStream refuses it when anyone appended to that partition meanwhile, so
+the append *is* the fence (``LogConflictError``). It also carries a ``Nats-Msg-Id`` made of the
+tenure's epoch, the partition and ``prev``, so an append retried after a lost acknowledgement
+(a stream leader died mid-way) is answered with the first one's sequence instead of landing
+twice or being refused.
+
+A holder reads its partition's log to the end before it serves (``last``, ``read``) and purges
+it below a snapshot (``purge_below``). Records are decoded defensively: a foreign message on a
+log subject raises ``StorageError`` naming it, and is never applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+import nats.errors
+import nats.js.api as js_api
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from ndo.storage import LogRecord, StorageError, decode_log_record, encode_log_record
+from ndo.subjects import log_subject
+
+__all__ = ["AppendOutcomeUnknownError", "LogConflictError", "PartitionLog", "log_stream_name"]
+
+_log = structlog.get_logger("ndo.storage")
+
+_EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST_SEQUENCE: Final = 10071
+_NOT_FOUND: Final = 10037
+_FETCH_BATCH: Final = 512
+_RETRY_WAIT: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Seconds between attempts of an append whose outcome is unknown (then every second)."""
+_TRANSIENT: Final = (nats.errors.Error, OSError, TimeoutError)
+"""Failures of a publish or read that a retry may not see (no stream response during a
+leader election, a reconnect, a timeout). JetStream API errors are handled before these."""
+
+
+class LogConflictError(StorageError):
+    """An append was refused: the partition's log moved on since ``prev`` (someone else appended,
+    or the partition was claimed by a newer tenure). Deterministic for this record."""
+
+    def __init__(self, partition: int, detail: str) -> None:
+        self.partition = partition
+        super().__init__(f"partition {partition}'s log moved on ({detail})")
+
+
+class AppendOutcomeUnknownError(StorageError):
+    """No acknowledgement came for an append within the append timeout: the record may or may
+    not be in the log. The writer must re-read the log before it appends again."""
+
+
+def log_stream_name(prefix: str) -> str:
+    """Name of the partition log stream of a deployment: ``ndo`` -> ``NDO_LOG``."""
+    return prefix.upper().replace(".", "_").replace("-", "_") + "_LOG"
+
+
+class PartitionLog:
+    """Appends to and reads the partition logs of one deployment."""
+
+    # Configuration
+    stream: str
+    """The stream's name."""
+    _nc: NatsClient
+    _prefix: str
+    _replicas: int
+    _append_timeout: float
+
+    def __init__(
+        self, nc: NatsClient, prefix: str, *, replicas: int, append_timeout: float
+    ) -> None:
+        """Describe the logs of deployment ``prefix``; ``open`` creates the stream if needed.
+
+        Args:
+            nc: a connection to a server with JetStream.
+            prefix: the deployment's subject prefix.
+            replicas: replicas of the stream when ``open`` creates it.
+            append_timeout: seconds an append keeps retrying while its outcome is unknown.
+        """
+        self.stream = log_stream_name(prefix)
+        self._nc = nc
+        self._prefix = prefix
+        self._replicas = replicas
+        self._append_timeout = append_timeout
+
+    async def open(self) -> js_api.StreamInfo:
+        """Create the stream, or check the one that is there.
+
+        Raises:
+            StorageError: the stream cannot be created (for example: more replicas than the
+                cluster has servers).
+        """
+        js = self._nc.jetstream()
+        try:
+            return await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            pass
+        config = js_api.StreamConfig(
+            name=self.stream,
+            description=f"ndo partition logs ({self._prefix}): the durable record of every "
+            "partition with --storage replicated",
+            subjects=[log_subject(self._prefix)],
+            retention=js_api.RetentionPolicy.LIMITS,
+            discard=js_api.DiscardPolicy.NEW,
+            storage=js_api.StorageType.FILE,
+            num_replicas=self._replicas,
+            duplicate_window=120.0,
+            allow_direct=True,
+        )
+        try:
+            return await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == 10058:  # already in use: another worker created it first
+                return await js.stream_info(self.stream)
+            raise StorageError(
+                f"cannot create the partition log stream {self.stream} with "
+                f"{self._replicas} replica(s): {exc.description}"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise StorageError(
+                f"cannot create the partition log stream {self.stream} with "
+                f"{self._replicas} replica(s): {exc.description}"
+            ) from None
+
+    async def append(self, partition: int, record: LogRecord) -> int:
+        """Append ``record`` to ``partition``'s log if its last record is ``record.prev``.
+
+        Retries while the outcome is unknown (no acknowledgement), up to the append timeout;
+        a retry that finds the first attempt landed gets its sequence (deduplicated by id).
+
+        Returns:
+            The record's stream sequence.
+
+        Raises:
+            LogConflictError: the log moved on (the fence: this tenure is over).
+            AppendOutcomeUnknownError: no acknowledgement within the append timeout (the
+                record may or may not be in the log).
+            StorageError: the server refused the record (it is not in the log).
+        """
+        data = encode_log_record(record)
+        headers = {
+            _EXPECTED_LAST: str(record.prev),
+            "Nats-Msg-Id": f"{record.epoch}.{partition}.{record.prev}",
+        }
+        subject = log_subject(self._prefix, partition)
+        js = self._nc.jetstream()
+        deadline = time.monotonic() + self._append_timeout
+        attempt = 0
+        while True:
+            try:
+                ack = await js.publish(subject, data, headers=headers, timeout=2.0)
+                return int(ack.seq)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    raise LogConflictError(
+                        partition, exc.description or "wrong last sequence"
+                    ) from None
+                if not _retryable(exc):
+                    raise StorageError(
+                        f"the partition log refused a record of partition {partition}: "
+                        f"{exc.description or exc}"
+                    ) from None
+                error: Exception = exc
+            except _TRANSIENT as exc:
+                error = exc
+            if time.monotonic() >= deadline:
+                raise AppendOutcomeUnknownError(
+                    f"no acknowledgement from the partition log for partition {partition} in "
+                    f"{self._append_timeout:g}s ({error!r}); the record may or may not be there"
+                )
+            await asyncio.sleep(_RETRY_WAIT[min(attempt, len(_RETRY_WAIT) - 1)])
+            attempt += 1
+
+    async def last(self, partition: int) -> int:
+        """Sequence of the last record of ``partition``'s log (0: the log is empty).
+
+        Raises:
+            StorageError: the stream did not answer.
+        """
+        try:
+            msg = await self._nc.jetstream().get_msg(
+                self.stream, subject=log_subject(self._prefix, partition)
+            )
+        except nats.js.errors.NotFoundError:
+            return 0
+        except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+            raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
+        return int(msg.seq or 0)
+
+    async def first_after(self, partition: int, seq: int) -> tuple[int, LogRecord] | None:
+        """The first record of ``partition``'s log after sequence ``seq``, or None.
+
+        Raises:
+            StorageError: the stream did not answer, or the message is not a log record.
+        """
+        try:
+            msg = await self._nc.jetstream().get_msg(
+                self.stream, seq=seq + 1, subject=log_subject(self._prefix, partition), next=True
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+            raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
+        found = int(msg.seq or 0)
+        return found, self._decode(partition, found, msg.data or b"")
+
+    async def read(
+        self, partition: int, after: int, until: int
+    ) -> AsyncIterator[list[tuple[int, LogRecord]]]:
+        """Yield ``partition``'s records after ``after`` up to ``until``, oldest first, in
+        batches.
+
+        Raises:
+            StorageError: the stream did not answer, or a message is not a log record.
+        """
+        js = self._nc.jetstream()
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=js_api.AckPolicy.NONE,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=30.0,
+            description=f"ndo restore of partition {partition}",
+        )
+        subject = log_subject(self._prefix, partition)
+        try:
+            psub = await js.pull_subscribe(subject, stream=self.stream, config=config)
+        except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+            raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
+        try:
+            at = after
+            while at < until:
+                try:
+                    msgs = await psub.fetch(_FETCH_BATCH, timeout=5.0)
+                except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+                    raise StorageError(
+                        f"reading partition {partition}'s log stopped at {at} of {until}: {exc!r}"
+                    ) from None
+                batch: list[tuple[int, LogRecord]] = []
+                for msg in msgs:
+                    seq = msg.metadata.sequence.stream
+                    if seq > until:
+                        break
+                    batch.append((seq, self._decode(partition, seq, msg.data)))
+                    at = seq
+                if batch:
+                    yield batch
+                if msgs and msgs[-1].metadata.sequence.stream >= until:
+                    return
+        finally:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await psub.unsubscribe()
+
+    async def purge_below(self, partition: int, seq: int) -> None:
+        """Drop ``partition``'s records below ``seq`` (a snapshot covers them)."""
+        try:
+            await self._nc.jetstream().purge_stream(
+                self.stream, subject=log_subject(self._prefix, partition), seq=seq
+            )
+        except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+            _log.warning("purging a partition log failed", partition=partition, error=repr(exc))
+
+    async def info(self) -> js_api.StreamInfo:
+        """The stream's info (for status)."""
+        return await self._nc.jetstream().stream_info(self.stream)
+
+    def _decode(self, partition: int, seq: int, data: bytes) -> LogRecord:
+        try:
+            return decode_log_record(data)
+        except ValueError as exc:
+            raise StorageError(
+                f"message {seq} of {self.stream} on partition {partition}'s log is not a log "
+                f"record ({exc}); something other than ndo published there"
+            ) from None
+
+
+def _retryable(exc: nats.js.errors.APIError) -> bool:
+    """Whether a JetStream API error may pass (leader election, cluster catching up)."""
+    return isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.code in (503, 408)

@@ -1,0 +1,540 @@
+"""``ReplicatedStorage``: partitions whose durable record is a replicated JetStream log.
+
+``ndo serve --storage replicated``. Every partition has a log (``service._partition_log``) in a
+stream replicated by the NATS cluster; the worker's SQLite file is only its *materialised copy*
+of the partitions it holds (``synchronous=NORMAL``: no fsync on the reply path).
+
+Commit (one group commit of the worker)
+    The batch's write-sets are grouped per partition; each partition's share becomes one log
+    record, appended with the partition's last sequence as the expected one. The appends of a
+    batch go out together. A reply waits for its partition's append to be acknowledged by
+    JetStream (with R3, by a quorum of servers); then the records are applied to the local copy,
+    each moving the partition's stored position in the same transaction.
+
+Fencing
+    The append is the fence. A refused append (the log moved on) means another tenure wrote to
+    the partition: its turns fail with ``FencedError`` and the ownership is told to drop it. An
+    append whose outcome stays unknown past ``append_timeout`` fails its turns (retryable) and
+    the partition is given up and claimed again, so the copy is re-read from the log.
+
+Claim (taking up a partition)
+    Bring the local copy to the end of the log (restoring the snapshot first when the copy is
+    missing or older than what the log still holds), then append a *claim record* at the new
+    epoch. After it, any append of an earlier holder is refused; before it, such an append lands
+    and is read by the next catch-up — either way nothing acknowledged is lost.
+
+Snapshots
+    Every ``snapshot_every`` records, the holder stores a copy of the partition (its rows and
+    log position) in the object store and purges the log below it, so streams stay bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from ndo.service._partition_log import (
+    AppendOutcomeUnknownError,
+    LogConflictError,
+    PartitionLog,
+)
+from ndo.service._snapshots import SnapshotStore
+from ndo.storage import (
+    AppliedRecord,
+    FencedError,
+    LogRecord,
+    ObjectWrite,
+    PartialCommitError,
+    SqliteStorage,
+    Storage,
+    StorageError,
+    StoredAlarm,
+    encode_log_record,
+)
+
+__all__ = ["ReplicaStats", "ReplicatedStorage"]
+
+_log = structlog.get_logger("ndo.storage")
+
+_CLAIM_ATTEMPTS: Final = 5
+"""Catch-up-then-claim rounds before claiming gives up (another writer kept appending)."""
+_APPLY_BATCH: Final = 512
+"""Log records applied to the local copy per transaction while catching up."""
+_RECORD_HEADROOM: Final = 4096
+"""Bytes kept free under the server's max_payload for headers and framing."""
+
+
+@dataclass(slots=True)
+class _Tenure:
+    """A partition this worker holds in the log."""
+
+    epoch: int
+    last_seq: int
+    """The partition's last log record (the next append's ``prev``)."""
+    since_snapshot: int = 0
+    """Records appended since the last snapshot (or since the claim)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    """What replicated storage has done since it opened."""
+
+    appends: int
+    """Log records appended (claims included)."""
+    restored_records: int
+    """Log records applied while catching up."""
+    snapshots: int
+    """Snapshots stored."""
+
+
+LostCallback = Callable[[int, str], None]
+"""``lost(partition, reason)``: this worker must stop serving ``partition`` now."""
+
+
+class ReplicatedStorage(Storage):
+    """Storage whose durable record is a replicated log per partition (see the module doc)."""
+
+    # Configuration
+    local: SqliteStorage
+    """The local materialised copy (reads go straight to it)."""
+    writer: str
+    """This worker's name (in log records)."""
+    _snapshot_every: int
+    _append_timeout: float
+    # Parts reached through NATS (None until ``connect``)
+    _log_stream: PartitionLog | None
+    _snapshots: SnapshotStore | None
+    _max_record: int
+    # State
+    _tenures: dict[int, _Tenure]
+    _snapshotting: set[int]
+    on_lost: LostCallback
+    """Told when a partition must be dropped (set by the worker)."""
+    _appends: int
+    _restored: int
+    _snapshots_taken: int
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        partitions: int,
+        writer: str,
+        snapshot_every: int,
+        append_timeout: float,
+    ) -> None:
+        """Describe replicated storage with its local copy at ``path``; ``open`` opens the copy
+        and ``connect`` reaches the logs.
+
+        Args:
+            path: the local copy's SQLite file.
+            partitions: the deployment's partition count.
+            writer: this worker's name.
+            snapshot_every: log records of a partition between two snapshots.
+            append_timeout: seconds an append retries while its outcome is unknown.
+        """
+        self.local = SqliteStorage(path, partitions=partitions, synchronous="NORMAL")
+        self.writer = writer
+        self._snapshot_every = snapshot_every
+        self._append_timeout = append_timeout
+        self._log_stream = None
+        self._snapshots = None
+        self._max_record = 1024 * 1024 - _RECORD_HEADROOM
+        self._tenures = {}
+        self._snapshotting = set()
+        self.on_lost = _ignore_lost
+        self._appends = 0
+        self._restored = 0
+        self._snapshots_taken = 0
+
+    @property
+    def stats(self) -> ReplicaStats:
+        """Counters since open."""
+        return ReplicaStats(
+            appends=self._appends,
+            restored_records=self._restored,
+            snapshots=self._snapshots_taken,
+        )
+
+    def position(self, partition: int) -> int | None:
+        """The last log record applied for a held partition (None: not held)."""
+        tenure = self._tenures.get(partition)
+        return None if tenure is None else tenure.last_seq
+
+    # Lifecycle
+
+    async def open(self) -> None:
+        """Open the local copy."""
+        await self.local.open()
+
+    async def connect(self, nc: NatsClient, *, prefix: str, replicas: int) -> None:
+        """Reach (creating if needed) the partition log stream and the snapshot store.
+
+        Raises:
+            StorageError: either cannot be created (for example: more replicas than servers).
+        """
+        log_stream = PartitionLog(
+            nc, prefix, replicas=replicas, append_timeout=self._append_timeout
+        )
+        await log_stream.open()
+        snapshots = SnapshotStore(nc, prefix, replicas=replicas)
+        await snapshots.open()
+        self._log_stream, self._snapshots = log_stream, snapshots
+        self._max_record = max(64 * 1024, nc.max_payload - _RECORD_HEADROOM)
+
+    async def close(self) -> None:
+        """Close the local copy; the logs need no closing."""
+        self._tenures.clear()
+        await self.local.close()
+
+    def _parts(self) -> tuple[PartitionLog, SnapshotStore]:
+        if self._log_stream is None or self._snapshots is None:
+            raise StorageError("replicated storage is not connected to NATS")
+        return self._log_stream, self._snapshots
+
+    # Reads: the local copy
+
+    async def read(self, class_name: str, object_id: str, key: str) -> bytes | None:
+        return await self.local.read(class_name, object_id, key)
+
+    async def read_many(
+        self, class_name: str, object_id: str, keys: Sequence[str]
+    ) -> dict[str, bytes]:
+        return await self.local.read_many(class_name, object_id, keys)
+
+    async def read_range(
+        self,
+        class_name: str,
+        object_id: str,
+        *,
+        start: str | None,
+        end: str | None,
+        limit: int | None,
+        reverse: bool,
+    ) -> list[tuple[str, bytes]]:
+        return await self.local.read_range(
+            class_name, object_id, start=start, end=end, limit=limit, reverse=reverse
+        )
+
+    async def read_alarm(self, class_name: str, object_id: str) -> float | None:
+        return await self.local.read_alarm(class_name, object_id)
+
+    async def read_idempotent(
+        self, class_name: str, object_id: str, key: str, now: float
+    ) -> bytes | None:
+        return await self.local.read_idempotent(class_name, object_id, key, now)
+
+    async def idempotency_horizon(
+        self, class_name: str, object_id: str, now: float
+    ) -> float | None:
+        return await self.local.idempotency_horizon(class_name, object_id, now)
+
+    async def due_alarms(
+        self, partitions: Collection[int] | None, now: float, limit: int
+    ) -> list[StoredAlarm]:
+        return await self.local.due_alarms(partitions, now, limit)
+
+    async def next_alarm_time(
+        self, partitions: Collection[int] | None, after: float | None = None
+    ) -> float | None:
+        return await self.local.next_alarm_time(partitions, after)
+
+    async def purge_idempotency(self, now: float, limit: int) -> int:
+        """Expired idempotency records go from the local copy (every copy expires its own; a
+        restored snapshot's expired records go at the next purge)."""
+        return await self.local.purge_idempotency(now, limit)
+
+    # Commit
+
+    async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        """Append each partition's share of the batch to its log, then apply what was
+        acknowledged to the local copy.
+
+        Raises:
+            PartialCommitError: some partitions were not made durable (their turns fail).
+            StorageError: none of the batch was made durable.
+        """
+        if not entries:
+            return frozenset()
+        shares: dict[int, list[ObjectWrite]] = {}
+        for entry in entries:
+            shares.setdefault(entry.partition, []).append(entry)
+        fenced: set[int] = set()
+        appending: list[tuple[int, _Tenure, list[ObjectWrite]]] = []
+        for partition, share in shares.items():
+            tenure = self._tenures.get(partition)
+            if tenure is None or any(w.epoch != tenure.epoch for w in share):
+                fenced.add(partition)  # not held, or written by an earlier tenure
+            else:
+                appending.append((partition, tenure, share))
+        outcomes = await asyncio.gather(
+            *(self._append_share(p, tenure, share) for p, tenure, share in appending),
+            return_exceptions=True,
+        )
+        records: list[AppliedRecord] = []
+        failed: dict[int, StorageError] = {}
+        for (partition, _, _), outcome in zip(appending, outcomes, strict=True):
+            if isinstance(outcome, LogConflictError):
+                fenced.add(partition)
+                self._lose(partition, "another tenure appended to the partition's log")
+            elif isinstance(outcome, StorageError):
+                failed[partition] = outcome
+                if isinstance(outcome, AppendOutcomeUnknownError):
+                    self._lose(partition, "an append's outcome is unknown; re-reading the log")
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                records.extend(outcome)
+        await self._apply_acknowledged(records)
+        if failed:
+            raise PartialCommitError(failed, frozenset(fenced))
+        return frozenset(fenced)
+
+    async def _append_share(
+        self, partition: int, tenure: _Tenure, share: list[ObjectWrite]
+    ) -> list[AppliedRecord]:
+        """Append one partition's share as one record (several when it exceeds the server's
+        payload limit), in order."""
+        log_stream, _ = self._parts()
+        chunks = self._chunks(share)
+        applied: list[AppliedRecord] = []
+        for i, chunk in enumerate(chunks):
+            record = LogRecord(
+                prev=tenure.last_seq, epoch=tenure.epoch, writer=self.writer, writes=chunk
+            )
+            try:
+                seq = await log_stream.append(partition, record)
+            except (LogConflictError, AppendOutcomeUnknownError):
+                raise
+            except StorageError as exc:
+                if i == 0:
+                    raise  # refused, and nothing of this share is in the log
+                # Earlier records of the share are in the log, this one is not: the copy
+                # must be re-read, as after an unknown outcome.
+                raise AppendOutcomeUnknownError(str(exc)) from None
+            self._appends += 1
+            tenure.last_seq = seq
+            tenure.since_snapshot += 1
+            applied.append(AppliedRecord(partition, record.prev, seq, tenure.epoch, chunk))
+        return applied
+
+    def _chunks(self, share: list[ObjectWrite]) -> list[list[ObjectWrite]]:
+        """Split a share into records under the payload limit; one write-set stays whole.
+
+        Raises:
+            StorageError: one write-set alone is larger than the limit (nothing is appended).
+        """
+        whole = LogRecord(prev=0, epoch=0, writer=self.writer, writes=share)
+        if len(encode_log_record(whole)) <= self._max_record:
+            return [share]
+        chunks: list[list[ObjectWrite]] = [[]]
+        size = 0
+        for write in share:
+            one = len(encode_log_record(LogRecord(prev=0, epoch=0, writer="", writes=[write])))
+            if one > self._max_record:
+                raise StorageError(
+                    f"a write-set of {one} bytes does not fit in one partition log record "
+                    f"(at most {self._max_record} bytes: the NATS server's max_payload); "
+                    "write less in one call, or raise max_payload on the server"
+                )
+            if chunks[-1] and size + one > self._max_record:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(write)
+            size += one
+        return chunks
+
+    async def _apply_acknowledged(self, records: list[AppliedRecord]) -> None:
+        """Apply acknowledged records to the local copy. They are durable whatever happens
+        here; a partition whose copy could not follow is dropped and claimed again (re-read)."""
+        if not records:
+            return
+        try:
+            broken = await self.local.apply_records(records)
+        except StorageError as exc:
+            _log.error("applying acknowledged records to the local copy failed", error=str(exc))
+            broken = {r.partition: str(exc) for r in records}
+        for partition, why in broken.items():
+            self._lose(partition, f"the local copy did not follow the log: {why}")
+
+    def _lose(self, partition: int, reason: str) -> None:
+        if self._tenures.pop(partition, None) is not None:
+            _log.warning("giving a partition up", partition=partition, reason=reason)
+            self.on_lost(partition, reason)
+
+    # Claim
+
+    async def claim_partitions(
+        self, partitions: Iterable[int], owner: str, epoch: int | None = None
+    ) -> dict[int, int]:
+        """Bring each partition's local copy to the end of its log, then append a claim record
+        at ``epoch`` (``None``: one above the log's latest epoch).
+
+        Raises:
+            FencedError: the log already holds a newer epoch than ``epoch``.
+            StorageError: the log could not be read or appended to.
+        """
+        claimed: dict[int, int] = {}
+        for partition in partitions:
+            claimed[partition] = await self._claim(partition, epoch)
+        return claimed
+
+    async def _claim(self, partition: int, epoch: int | None) -> int:
+        log_stream, _ = self._parts()
+        self._tenures.pop(partition, None)
+        for _ in range(_CLAIM_ATTEMPTS):
+            seq, last_epoch = await self.catch_up(partition)
+            new_epoch = last_epoch + 1 if epoch is None else epoch
+            if last_epoch > new_epoch:
+                raise FencedError({partition})
+            record = LogRecord(prev=seq, epoch=new_epoch, writer=self.writer, claim=True)
+            try:
+                new_seq = await log_stream.append(partition, record)
+            except LogConflictError:
+                continue  # someone appended meanwhile: read again
+            self._appends += 1
+            broken = await self.local.apply_records(
+                [AppliedRecord(partition, seq, new_seq, new_epoch, [])]
+            )
+            if broken:
+                raise StorageError(f"partition {partition}: {broken[partition]}")
+            self._tenures[partition] = _Tenure(new_epoch, new_seq)
+            return new_epoch
+        raise StorageError(
+            f"partition {partition}'s log kept moving while this worker claimed it "
+            "(another worker still appends to it?)"
+        )
+
+    async def catch_up(self, partition: int) -> tuple[int, int]:
+        """Bring the local copy of ``partition`` to the end of its log.
+
+        Returns:
+            The copy's log position and the epoch of the last record applied.
+
+        Raises:
+            StorageError: the log or the snapshot store could not be read, or they do not
+                cover the copy's gap.
+        """
+        log_stream, _ = self._parts()
+        positions = await self.local.log_positions()
+        at, epoch = positions.get(partition, (0, 0))
+        tail = await log_stream.last(partition)
+        if tail == at:
+            return at, epoch
+        if tail < at:
+            raise StorageError(
+                f"partition {partition}'s local copy is at log record {at} but the log "
+                f"{log_stream.stream} ends at {tail}: the stream was deleted or replaced. "
+                "Move this data directory aside to serve from what the log holds"
+            )
+        started = time.monotonic()
+        first = await log_stream.first_after(partition, at)
+        if first is not None and first[1].prev != at:
+            if first[1].prev < at:
+                raise StorageError(
+                    f"partition {partition}'s local copy (at log record {at}) is not on the "
+                    f"log's chain (record {first[0]} follows {first[1].prev}); move this data "
+                    "directory aside to serve from what the log holds"
+                )
+            at, epoch = await self._restore_snapshot(partition, at, first[1].prev)
+        restored = 0
+        async for batch in log_stream.read(partition, at, tail):
+            for start in range(0, len(batch), _APPLY_BATCH):
+                chunk = batch[start : start + _APPLY_BATCH]
+                applied = [
+                    AppliedRecord(partition, r.prev, seq, r.epoch, r.writes) for seq, r in chunk
+                ]
+                broken = await self.local.apply_records(applied)
+                if broken:
+                    raise StorageError(f"partition {partition}: {broken[partition]}")
+                at, epoch = chunk[-1][0], chunk[-1][1].epoch
+                restored += len(chunk)
+        self._restored += restored
+        if at != tail:
+            raise StorageError(f"partition {partition}'s log ended at {at}, expected {tail}")
+        _log.info(
+            "partition caught up from its log",
+            partition=partition,
+            records=restored,
+            position=at,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return at, epoch
+
+    async def _restore_snapshot(self, partition: int, at: int, needed: int) -> tuple[int, int]:
+        """Load the partition's snapshot: the log no longer holds the records after ``at``;
+        the snapshot must cover at least ``needed``."""
+        _, snapshots = self._parts()
+        snapshot = await snapshots.get(partition)
+        if snapshot is None or snapshot.seq < needed:
+            have = "no snapshot" if snapshot is None else f"a snapshot at {snapshot.seq}"
+            raise StorageError(
+                f"partition {partition} cannot be restored: the local copy is at log record "
+                f"{at}, the log resumes after {needed}, and the store has {have}"
+            )
+        await self.local.import_partition(snapshot)
+        _log.info(
+            "partition restored from its snapshot",
+            partition=partition,
+            position=snapshot.seq,
+            keys=len(snapshot.kv),
+        )
+        return snapshot.seq, snapshot.epoch
+
+    # Snapshots
+
+    async def run_snapshots(self, interval: float = 1.0) -> None:
+        """Snapshot held partitions that reached ``snapshot_every`` records (runs until
+        cancelled)."""
+        while True:
+            await asyncio.sleep(interval)
+            due = [p for p, t in self._tenures.items() if t.since_snapshot >= self._snapshot_every]
+            for partition in due:
+                try:
+                    await self.snapshot(partition)
+                except StorageError as exc:
+                    _log.warning("snapshot failed", partition=partition, error=str(exc))
+
+    async def snapshot(self, partition: int) -> int | None:
+        """Store a snapshot of a held partition and purge its log below it.
+
+        Returns:
+            The log position the snapshot covers (None: the partition is not held).
+        """
+        log_stream, snapshots = self._parts()
+        tenure = self._tenures.get(partition)
+        if tenure is None or partition in self._snapshotting:
+            return None
+        self._snapshotting.add(partition)
+        try:
+            appended = tenure.since_snapshot
+            snapshot = await self.local.export_partition(partition)
+            stored = await snapshots.info(partition)
+            if stored is not None and stored.seq >= snapshot.seq:
+                return stored.seq
+            size = await snapshots.put(snapshot)
+            if self._tenures.get(partition) is not tenure:
+                return None  # given up meanwhile: the new holder purges
+            await log_stream.purge_below(partition, snapshot.seq)
+            tenure.since_snapshot = max(0, tenure.since_snapshot - appended)
+            self._snapshots_taken += 1
+            _log.debug(
+                "partition snapshot stored",
+                partition=partition,
+                position=snapshot.seq,
+                bytes=size,
+            )
+            return snapshot.seq
+        finally:
+            self._snapshotting.discard(partition)
+
+
+def _ignore_lost(partition: int, reason: str) -> None:
+    """``on_lost`` before the worker sets it."""
