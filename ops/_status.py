@@ -8,6 +8,7 @@ wait for hand-overs the way an operator would watch them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
@@ -21,10 +22,13 @@ from ndo.ops._errors import StatusError
 from ndo.service import (
     SERVICE_NAME,
     OwnershipError,
+    PartitionLog,
+    SnapshotStore,
     lease_bucket,
     partitions_text,
     read_bucket,
 )
+from ndo.storage import StorageError
 
 __all__ = [
     "DeploymentStatus",
@@ -66,6 +70,19 @@ class PartitionStatus(msgspec.Struct, frozen=True, kw_only=True):
     """KV revision of the lease's latest renewal."""
     live_owner: bool = False
     """Whether the holder is a live member (False: a dead worker's lease, about to expire)."""
+    log_seq: int | None = None
+    """With replicated storage: the partition log's last record (0: empty; None: not read)."""
+    applied: int | None = None
+    """With replicated storage: the last log record the holder reported applied."""
+    snapshot_seq: int | None = None
+    """With replicated storage: the log record the latest snapshot covers (None: none)."""
+
+    @property
+    def behind(self) -> int | None:
+        """Log records the holder had not applied at its latest report (None: unknown)."""
+        if self.log_seq is None or self.applied is None or self.owner is None:
+            return None
+        return max(0, self.log_seq - self.applied)
 
 
 class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +96,8 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     leases: list[PartitionStatus]
     """One entry per partition, in order."""
     taken_at: float
+    storage: str = "local"
+    """Where the deployment's partitions are durable: ``local`` or ``replicated``."""
     problems: list[str] = []
     """Bucket entries that could not be read (foreign or corrupt values), one note each."""
 
@@ -146,8 +165,11 @@ def format_discovered(workers: Sequence[DiscoveredWorker], reason: str) -> str:
     return "\n".join(lines)
 
 
-async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
-    """Read a deployment's members and leases.
+async def fetch_status(
+    nc: NatsClient, prefix: str, *, replication: bool = True
+) -> DeploymentStatus:
+    """Read a deployment's members and leases (and, with replicated storage and
+    ``replication``, each partition's log position and snapshot).
 
     Raises:
         StatusError: no JetStream, or no lease bucket (no worker ever ran with leases).
@@ -181,8 +203,11 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
                 epoch=lease.epoch,
                 revision=lease.revision,
                 live_owner=lease.owner in view.members,
+                applied=None if lease.applied < 0 else lease.applied,
             )
         )
+    if replication and config.storage == "replicated":
+        rows = await _with_replication(nc, prefix, rows, problems)
     return DeploymentStatus(
         prefix=prefix,
         bucket=bucket,
@@ -202,8 +227,36 @@ async def fetch_status(nc: NatsClient, prefix: str) -> DeploymentStatus:
         ],
         leases=rows,
         taken_at=time.time(),
+        storage=config.storage,
         problems=problems,
     )
+
+
+async def _with_replication(
+    nc: NatsClient, prefix: str, rows: list[PartitionStatus], problems: list[str]
+) -> list[PartitionStatus]:
+    """``rows`` with each partition's log position and snapshot filled in."""
+    log = PartitionLog(nc, prefix, replicas=1, append_timeout=1.0)
+    snapshots = SnapshotStore(nc, prefix, replicas=1)
+    try:
+        await snapshots.open(create=False)
+    except StorageError:
+        snapshots_open = False
+    else:
+        snapshots_open = True
+
+    async def one(row: PartitionStatus) -> PartitionStatus:
+        try:
+            log_seq = await log.last(row.partition)
+            info = await snapshots.info(row.partition) if snapshots_open else None
+        except StorageError as exc:
+            problems.append(f"partition {row.partition}: {exc}")
+            return row
+        return msgspec.structs.replace(
+            row, log_seq=log_seq, snapshot_seq=None if info is None else info.seq
+        )
+
+    return list(await asyncio.gather(*(one(row) for row in rows)))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -219,7 +272,8 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
     now = status.taken_at
     lines = [
         f"deployment {status.prefix!r}: {status.partitions} partitions, "
-        f"{len(status.members)} worker(s), lease bucket {status.bucket}",
+        f"{len(status.members)} worker(s), lease bucket {status.bucket}, "
+        f"storage {status.storage}",
         "",
     ]
     lines += _table(
@@ -246,7 +300,24 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
         )
     for problem in status.problems:
         lines.append(f"unreadable bucket entry (ignored by the workers): {problem}")
-    if partitions:
+    if partitions and status.storage == "replicated":
+        lines.append("")
+        lines += _table(
+            ("PARTITION", "HOLDER", "EPOCH", "LOG", "APPLIED", "BEHIND", "SNAPSHOT"),
+            [
+                (
+                    str(p.partition),
+                    p.owner or "-",
+                    str(p.epoch) if p.owner else "-",
+                    _number(p.log_seq),
+                    _number(p.applied),
+                    _number(p.behind),
+                    _number(p.snapshot_seq),
+                )
+                for p in status.leases
+            ],
+        )
+    elif partitions:
         lines.append("")
         lines += _table(
             ("PARTITION", "HOLDER", "EPOCH", "REVISION"),
@@ -261,3 +332,7 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
             ],
         )
     return "\n".join(lines)
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -30,7 +30,10 @@ from ndo.service._lease_bucket import (
     read_bucket,
 )
 from ndo.service._metrics import WorkerMetrics
+from ndo.service._partition_log import PartitionLog, log_stream_name
+from ndo.service._replicated import ReplicatedStorage
 from ndo.service._routing import QUEUE_GROUP, RoutingMode, mapping_snippet, server_mapping
+from ndo.service._snapshots import SnapshotStore, snapshot_bucket
 from ndo.service._turn import DeadlineWatchdog, TurnOutcome, TurnRunner, object_write, turn_error
 from ndo.service._units import parse_duration, parse_size
 from ndo.service._worker import Worker, WorkerState, WorkerStats
@@ -51,9 +54,12 @@ __all__ = [
     "LeaseView",
     "MemberRecord",
     "OwnershipError",
+    "PartitionLog",
+    "ReplicatedStorage",
     "RoutingError",
     "RoutingMode",
     "ServiceError",
+    "SnapshotStore",
     "TurnOutcome",
     "TurnRunner",
     "Worker",
@@ -65,6 +71,7 @@ __all__ = [
     "assign_partitions",
     "lease_bucket",
     "lease_key",
+    "log_stream_name",
     "mapping_snippet",
     "member_key",
     "object_write",
@@ -73,6 +80,7 @@ __all__ = [
     "partitions_text",
     "read_bucket",
     "server_mapping",
+    "snapshot_bucket",
     "split_servers",
     "turn_error",
 ]

@@ -145,6 +145,9 @@ class LeaseView:
     """Fencing epoch of the holder's tenure."""
     revision: int
     """KV revision of the lease's latest write."""
+    applied: int = -1
+    """With replicated storage: the last log record the holder had applied at its latest
+    renewal (-1: not reported)."""
 
 
 class BucketView:
@@ -211,7 +214,9 @@ class BucketView:
         record = _decode(_LEASE_DECODER, value)
         previous = self.leases.get(partition)
         epoch = record.epoch or self.epoch_base + revision
-        self.leases[partition] = LeaseView(record.owner, record.name, epoch, revision)
+        self.leases[partition] = LeaseView(
+            record.owner, record.name, epoch, revision, record.applied
+        )
         return previous is None or previous.owner != record.owner
 
     def _apply_member(self, member: str, value: bytes | None) -> bool:

@@ -288,6 +288,10 @@ class ReplicatedStorage(Storage):
                 failed[partition] = outcome
                 if isinstance(outcome, AppendOutcomeUnknownError):
                     self._lose(partition, "an append's outcome is unknown; re-reading the log")
+            elif isinstance(outcome, Exception):  # a bug: fail the share, re-read the log
+                _log.error("appending to a partition log failed", error=repr(outcome))
+                failed[partition] = StorageError(f"appending to the log failed: {outcome!r}")
+                self._lose(partition, "an append failed unexpectedly; re-reading the log")
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
@@ -331,6 +335,8 @@ class ReplicatedStorage(Storage):
         Raises:
             StorageError: one write-set alone is larger than the limit (nothing is appended).
         """
+        if _estimated_size(share) <= self._max_record // 2:
+            return [share]  # the common case: no need to encode it twice
         whole = LogRecord(prev=0, epoch=0, writer=self.writer, writes=share)
         if len(encode_log_record(whole)) <= self._max_record:
             return [share]
@@ -534,6 +540,17 @@ class ReplicatedStorage(Storage):
             return snapshot.seq
         finally:
             self._snapshotting.discard(partition)
+
+
+def _estimated_size(share: list[ObjectWrite]) -> int:
+    """An upper bound-ish of a share's encoded size (exact when it matters: near the limit)."""
+    size = 0
+    for write in share:
+        size += 128 + len(write.class_name) + len(write.object_id)
+        size += sum(len(k) + (0 if v is None else len(v)) + 8 for k, v in write.writes.items())
+        if write.idempotent_reply is not None:
+            size += 32 + len(write.idempotent_reply.key) + len(write.idempotent_reply.reply)
+    return size
 
 
 def _ignore_lost(partition: int, reason: str) -> None:

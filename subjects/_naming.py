@@ -34,6 +34,7 @@ __all__ = [
     "is_valid_id",
     "journal_subject",
     "journal_wildcard",
+    "log_subject",
     "new_unique_id",
     "parse_rpc_subject",
     "partition_mapping",

@@ -134,4 +134,4 @@ def _node_request() -> NodeRequest:
     return request
 
 
-pytest_plugins = ["tests.worker_fixtures"]
+pytest_plugins = ["tests.worker_fixtures", "tests.nats_cluster"]

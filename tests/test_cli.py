@@ -588,7 +588,8 @@ class TestWorkerOptions:
             "--loop", "--partitions", "--max-active", "--idle-timeout", "--handler-timeout",
             "--max-payload", "--max-mailbox", "--drain-timeout", "--idempotency-window",
             "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-max-age",
-            "--journal-max-bytes", "--worker-name", "--lease-ttl", "--ownership",
+            "--journal-max-bytes", "--worker-name", "--lease-ttl", "--ownership", "--storage",
+            "--replicas", "--snapshot-every",
         }  # fmt: skip
 
     @pytest.mark.parametrize("option", WORKER_OPTIONS, ids=lambda option: option.field)
