@@ -138,6 +138,30 @@ class WorkerMetrics:
             registry=r,
         )
 
+        self.log_appends = Counter(
+            "ndo_log_appends_total",
+            "Partition log records appended (--storage replicated), by outcome: ok, fenced "
+            "(the log moved on: another tenure), failed (refused or unacknowledged).",
+            ["outcome"],
+            registry=r,
+        )
+        self.log_append_seconds = Histogram(
+            "ndo_log_append_seconds",
+            "Time from a partition log append to its acknowledgement (retries included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.restored_records = Counter(
+            "ndo_log_restored_records_total",
+            "Partition log records applied while catching a partition up before serving it.",
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "ndo_snapshots_total",
+            "Partition snapshots stored (the log is purged below each).",
+            registry=r,
+        )
+
     def count(self, counter: Counter, *labels: str, amount: float = 1.0) -> None:
         """``counter.labels(*labels).inc(amount)``, through the cache of label children."""
         key = (counter, labels)

@@ -40,6 +40,7 @@ from typing import Final
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from ndo.service._metrics import WorkerMetrics
 from ndo.service._partition_log import (
     AppendOutcomeUnknownError,
     LogConflictError,
@@ -108,6 +109,7 @@ class ReplicatedStorage(Storage):
     """This worker's name (in log records)."""
     _snapshot_every: int
     _append_timeout: float
+    _metrics: WorkerMetrics
     # Parts reached through NATS (None until ``connect``)
     _log_stream: PartitionLog | None
     _snapshots: SnapshotStore | None
@@ -129,6 +131,7 @@ class ReplicatedStorage(Storage):
         writer: str,
         snapshot_every: int,
         append_timeout: float,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """Describe replicated storage with its local copy at ``path``; ``open`` opens the copy
         and ``connect`` reaches the logs.
@@ -139,11 +142,14 @@ class ReplicatedStorage(Storage):
             writer: this worker's name.
             snapshot_every: log records of a partition between two snapshots.
             append_timeout: seconds an append retries while its outcome is unknown.
+            metrics: where appends, restores and snapshots are counted (a private set when
+                omitted).
         """
         self.local = SqliteStorage(path, partitions=partitions, synchronous="NORMAL")
         self.writer = writer
         self._snapshot_every = snapshot_every
         self._append_timeout = append_timeout
+        self._metrics = metrics or WorkerMetrics()
         self._log_stream = None
         self._snapshots = None
         self._max_record = 1024 * 1024 - _RECORD_HEADROOM
@@ -313,17 +319,25 @@ class ReplicatedStorage(Storage):
             record = LogRecord(
                 prev=tenure.last_seq, epoch=tenure.epoch, writer=self.writer, writes=chunk
             )
+            started = time.perf_counter()
             try:
                 seq = await log_stream.append(partition, record)
-            except (LogConflictError, AppendOutcomeUnknownError):
+            except LogConflictError:
+                self._metrics.count(self._metrics.log_appends, "fenced")
+                raise
+            except AppendOutcomeUnknownError:
+                self._metrics.count(self._metrics.log_appends, "failed")
                 raise
             except StorageError as exc:
+                self._metrics.count(self._metrics.log_appends, "failed")
                 if i == 0:
                     raise  # refused, and nothing of this share is in the log
                 # Earlier records of the share are in the log, this one is not: the copy
                 # must be re-read, as after an unknown outcome.
                 raise AppendOutcomeUnknownError(str(exc)) from None
             self._appends += 1
+            self._metrics.count(self._metrics.log_appends, "ok")
+            self._metrics.log_append_seconds.observe(time.perf_counter() - started)
             tenure.last_seq = seq
             tenure.since_snapshot += 1
             applied.append(AppliedRecord(partition, record.prev, seq, tenure.epoch, chunk))
@@ -462,6 +476,7 @@ class ReplicatedStorage(Storage):
                     raise StorageError(f"partition {partition}: {broken[partition]}")
                 at, epoch = chunk[-1][0], chunk[-1][1].epoch
                 restored += len(chunk)
+                self._metrics.restored_records.inc(len(chunk))
         self._restored += restored
         if at != tail:
             raise StorageError(f"partition {partition}'s log ended at {at}, expected {tail}")
@@ -531,6 +546,7 @@ class ReplicatedStorage(Storage):
             await log_stream.purge_below(partition, snapshot.seq)
             tenure.since_snapshot = max(0, tenure.since_snapshot - appended)
             self._snapshots_taken += 1
+            self._metrics.snapshots.inc()
             _log.debug(
                 "partition snapshot stored",
                 partition=partition,

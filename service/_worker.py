@@ -156,7 +156,7 @@ class Worker:
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(registry)
         self._classes = describe_classes(classes)
-        self.storage = storage or _default_storage(config, self.name)
+        self.storage = storage or _default_storage(config, self.name, self.metrics)
         self.committer = GroupCommitter(
             self.storage, observer=self._observe_commit, on_failure=self._commit_failed
         )
@@ -462,7 +462,7 @@ class Worker:
             self._ingress.on_reconnect()
 
 
-def _default_storage(config: WorkerConfig, name: str) -> Storage:
+def _default_storage(config: WorkerConfig, name: str, metrics: WorkerMetrics) -> Storage:
     """The storage ``config.storage`` asks for, in ``config.data_dir``."""
     data_dir = Path(config.data_dir)
     if config.storage == "replicated":
@@ -472,6 +472,7 @@ def _default_storage(config: WorkerConfig, name: str) -> Storage:
             writer=name,
             snapshot_every=config.snapshot_every,
             append_timeout=config.append_timeout,
+            metrics=metrics,
         )
     return SqliteStorage(data_dir / "ndo.sqlite3", partitions=config.partitions)
 
