@@ -418,8 +418,10 @@ class ReplicatedStorage(Storage):
             try:
                 new_seq = await log_stream.append(partition, record)
             except LogConflictError:
+                self._metrics.count(self._metrics.log_appends, "fenced")
                 continue  # someone appended meanwhile: read again
             self._appends += 1
+            self._metrics.count(self._metrics.log_appends, "ok")
             broken = await self.local.apply_records(
                 [AppliedRecord(partition, seq, new_seq, new_epoch, [])]
             )

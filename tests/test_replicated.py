@@ -287,9 +287,14 @@ class TestWorker:
                 await client.get(Counter, f"c{i % 6}").call(Counter.increment, by=1)
             await worker.stop()
             shutil.rmtree(data_dir)
-            await start_worker(storage="replicated", journal=False)
+            second = await start_worker(storage="replicated", journal=False)
             values = [await client.get(Counter, f"c{i}").call(Counter.get) for i in range(6)]
             assert values == [5] * 6
+            registry = second.metrics.registry
+            restored = registry.get_sample_value("ndo_log_restored_records_total")
+            assert restored is not None and restored >= 30  # every commit, read back
+            appended = registry.get_sample_value("ndo_log_appends_total", {"outcome": "ok"})
+            assert appended is not None and appended >= 8  # a claim per partition at least
             status = await fetch_status(nc, "ndo")
             assert status.storage == "replicated"
             held = [p for p in status.leases if p.owner is not None]
