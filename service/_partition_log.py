@@ -259,7 +259,9 @@ class PartitionLog:
                     return
         finally:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                consumer = (await psub.consumer_info()).name
                 await psub.unsubscribe()
+                await js.delete_consumer(self.stream, consumer)
 
     async def purge_below(self, partition: int, seq: int) -> None:
         """Drop ``partition``'s records below ``seq`` (a snapshot covers them)."""
