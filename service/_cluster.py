@@ -11,13 +11,35 @@ URL in ``connect_urls``; a server outside a cluster has no ``cluster`` name.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
+import nats.errors
+import nats.js.errors
+import structlog
 from nats.aio.client import Client as NatsClient
 
 from ndo.service._errors import ServiceError
 
-__all__ = ["ReplicasError", "cluster_size", "resolve_replicas"]
+__all__ = ["NOT_READY", "ReplicasError", "cluster_size", "resolve_replicas", "until_ready"]
+
+_log = structlog.get_logger("ndo.worker")
+
+_T = TypeVar("_T")
+
+NOT_READY: Final = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""What JetStream answers about an asset that exists but cannot serve yet: a stream another
+worker has just created whose replicas are still electing a leader (its requests time out, or
+get 503), or a cluster whose meta leader is being elected."""
+
+_READY_TIMEOUT: Final = 30.0
+"""Seconds a worker waits at start for an asset to become ready before it gives up."""
 
 _MAX_DEFAULT_REPLICAS = 3
 
@@ -53,3 +75,27 @@ def resolve_replicas(requested: int, nc: NatsClient) -> int:
             f"--replicas {min(_MAX_DEFAULT_REPLICAS, size)} (or leave it out), or add servers"
         )
     return requested
+
+
+async def until_ready(
+    step: Callable[[], Awaitable[_T]], *, what: str, within: float = _READY_TIMEOUT
+) -> _T:
+    """Run ``step`` until it gets past ``NOT_READY`` errors, for at most ``within`` seconds.
+
+    Workers started together on a fresh cluster find each other's just-created streams without a
+    leader for a few seconds; this waits for them instead of exiting with ``nats: timeout``.
+
+    Raises:
+        The last ``NOT_READY`` error once ``within`` has passed; any other error at once.
+    """
+    deadline = time.monotonic() + within
+    delay = 0.1
+    while True:
+        try:
+            return await step()
+        except NOT_READY as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            _log.info("waiting for JetStream to be ready", asset=what, error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)

@@ -51,6 +51,7 @@ from nats.js import api as js_api
 
 from ndo.actors import ActorError, ActorId
 from ndo.actors.runtime import TurnWrites
+from ndo.service._cluster import until_ready
 from ndo.service._envelope import Envelope
 from ndo.service._metrics import WorkerMetrics
 from ndo.service.journal import (
@@ -301,8 +302,9 @@ async def ensure_journal_stream(
     subjects = journal_stream_subjects(prefix)
     # Older servers do not know allow_atomic (and a strict one would refuse the field).
     atomic: bool | None = True if _supports_atomic_batches(nc) else None
+    what = f"journal stream {name}"
     try:
-        info = await js.stream_info(name)
+        info = await until_ready(lambda: js.stream_info(name), what=what)
     except nats.js.errors.NotFoundError:
         config = js_api.StreamConfig(
             name=name,
@@ -322,7 +324,7 @@ async def ensure_journal_stream(
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # not "already in use": another worker won the race
                 raise
-            info = await js.stream_info(name)
+            info = await until_ready(lambda: js.stream_info(name), what=what)
     current = info.config
     if (
         current.subjects == subjects

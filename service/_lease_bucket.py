@@ -31,8 +31,10 @@ import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from ndo.service._cluster import until_ready
 from ndo.service._errors import DeploymentMismatchError, OwnershipError
 
 __all__ = [
@@ -279,7 +281,7 @@ class LeaseBucket:
         Raises:
             nats.js.errors.BucketNotFoundError: no worker of this deployment ran with leases.
         """
-        self._kv = await self._nc.jetstream().key_value(self.name)
+        self._kv = await self._fast_js().key_value(self.name)
 
     async def open(self, partitions: int, storage: str = "local") -> DeploymentRecord:
         """Reach the bucket (creating it if needed) and its deployment record (writing it if this
@@ -288,9 +290,12 @@ class LeaseBucket:
         Raises:
             DeploymentMismatchError: the deployment has another partition count or storage mode.
         """
-        js = self._nc.jetstream()
+        js = self._nc.jetstream()  # creating a bucket may take a while: the default timeout
+        fast = self._fast_js()
         try:
-            kv = await js.key_value(self.name)
+            kv = await until_ready(
+                lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
+            )
         except nats.js.errors.BucketNotFoundError:
             config = KeyValueConfig(
                 bucket=self.name,
@@ -303,9 +308,13 @@ class LeaseBucket:
             try:
                 kv = await js.create_key_value(config)
             except nats.js.errors.BadRequestError:  # created concurrently by another worker
-                kv = await js.key_value(self.name)
+                kv = await until_ready(
+                    lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
+                )
         self._kv = kv
-        record = await self._deployment(partitions, storage)
+        record = await until_ready(
+            lambda: self._deployment(partitions, storage), what=f"lease bucket {self.name}"
+        )
         if record.storage != storage:
             raise DeploymentMismatchError(
                 f"the deployment using lease bucket {self.name!r} keeps its partitions with "
@@ -377,7 +386,7 @@ class LeaseBucket:
     async def read(self, key: str) -> tuple[int, bytes | None]:
         """The key's last revision (0 if none) and its value (None if absent or deleted)."""
         try:
-            msg = await self._nc.jetstream().get_msg(f"KV_{self.name}", subject=self._subject(key))
+            msg = await self._fast_js().get_msg(f"KV_{self.name}", subject=self._subject(key))
         except nats.js.errors.NotFoundError:
             return 0, None
         headers = msg.headers or {}
@@ -393,6 +402,12 @@ class LeaseBucket:
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.name}.{key}"
+
+    def _fast_js(self) -> JetStreamContext:
+        """A JetStream context whose requests time out within half a lease TTL, so an ownership
+        step stuck on a server that went away (a stream leader being elected) gives up in time
+        for the next renewal instead of blocking for nats-py's default 5 s."""
+        return self._nc.jetstream(timeout=max(1.0, min(5.0, self._ttl / 2)))
 
 
 def _config(raw: bytes, bucket: str) -> DeploymentRecord:

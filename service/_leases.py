@@ -703,8 +703,8 @@ class LeaseOwnership:
         self._watch_seen = time.monotonic()
         self._watch_task = asyncio.create_task(self._consume(self._watch), name="ndo-lease-watch")
         self._restart_watch = False
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
+        with contextlib.suppress(TimeoutError):  # the loop goes on; rebalancing waits for it
+            async with asyncio.timeout(self._renew_interval):
                 await self._caught_up.wait()
 
     async def _stop_watch(self) -> None:

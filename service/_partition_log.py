@@ -27,6 +27,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from ndo.service._cluster import until_ready
 from ndo.storage import LogRecord, StorageError, decode_log_record, encode_log_record
 from ndo.subjects import log_subject
 
@@ -38,6 +39,8 @@ _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE: Final = 10071
 _NOT_FOUND: Final = 10037
 _FETCH_BATCH: Final = 512
+_FETCH_UNREADY_RETRIES: Final = 10
+"""Pulls retried while a fresh consumer answers 503 (about 5 s in all)."""
 _RETRY_WAIT: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Seconds between attempts of an append whose outcome is unknown (then every second)."""
 _TRANSIENT: Final = (nats.errors.Error, OSError, TimeoutError)
@@ -100,8 +103,9 @@ class PartitionLog:
                 cluster has servers).
         """
         js = self._nc.jetstream()
+        what = f"partition log stream {self.stream}"
         try:
-            return await js.stream_info(self.stream)
+            return await until_ready(lambda: js.stream_info(self.stream), what=what)
         except nats.js.errors.NotFoundError:
             pass
         config = js_api.StreamConfig(
@@ -120,7 +124,7 @@ class PartitionLog:
             return await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code == 10058:  # already in use: another worker created it first
-                return await js.stream_info(self.stream)
+                return await until_ready(lambda: js.stream_info(self.stream), what=what)
             raise StorageError(
                 f"cannot create the partition log stream {self.stream} with "
                 f"{self._replicas} replica(s): {exc.description}"
@@ -239,9 +243,19 @@ class PartitionLog:
             raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
         try:
             at = after
+            unready = 0
             while at < until:
                 try:
                     msgs = await psub.fetch(_FETCH_BATCH, timeout=5.0)
+                except nats.js.errors.ServiceUnavailableError:
+                    # A consumer just created on a cluster may not answer its first pull yet.
+                    unready += 1
+                    if unready > _FETCH_UNREADY_RETRIES:
+                        raise StorageError(
+                            f"reading partition {partition}'s log: its consumer never became ready"
+                        ) from None
+                    await asyncio.sleep(0.1 * unready)
+                    continue
                 except (nats.js.errors.APIError, *_TRANSIENT) as exc:
                     raise StorageError(
                         f"reading partition {partition}'s log stopped at {at} of {until}: {exc!r}"

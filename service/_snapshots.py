@@ -18,6 +18,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js.object_store import ObjectStore
 
+from ndo.service._cluster import until_ready
 from ndo.storage import PartitionSnapshot, StorageError, decode_snapshot, encode_snapshot
 
 __all__ = ["SnapshotInfo", "SnapshotStore", "snapshot_bucket"]
@@ -73,8 +74,9 @@ class SnapshotStore:
             StorageError: it cannot be reached or created.
         """
         js = self._nc.jetstream()
+        what = f"snapshot store {self.bucket}"
         try:
-            self._store = await js.object_store(self.bucket)
+            self._store = await until_ready(lambda: js.object_store(self.bucket), what=what)
             return
         except nats.js.errors.BucketNotFoundError:
             if not create:
@@ -95,7 +97,7 @@ class SnapshotStore:
                     f"cannot create snapshot store {self.bucket!r} with {self._replicas} "
                     f"replica(s): {exc.description}"
                 ) from None
-            self._store = await js.object_store(self.bucket)
+            self._store = await until_ready(lambda: js.object_store(self.bucket), what=what)
         except _TRANSIENT as exc:
             raise StorageError(f"cannot create snapshot store {self.bucket!r}: {exc!r}") from None
 

@@ -4,7 +4,8 @@ Workers run as separate processes where signals matter (SIGTERM hand-over, kill 
 each is ``python -m ndo.ops.cli serve tests.objects ndo.examples.objects --nats-url ...``,
 exactly as an operator starts one, logging JSON to a file in ``tmp_path``. A worker dies with
 the test process (Linux ``PR_SET_PDEATHSIG``), and the ``make_cluster`` fixture kills whatever
-is left.
+is left. Workers share one data directory (local storage), or each has its own
+(``separate_data_dirs``: replicated storage, as if on separate machines).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def _die_with_parent() -> None:
 class WorkerProcess:
     """One ``ndo serve`` process."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path, data_dir: Path) -> None:
         self.name = name
         self.proc = proc
         self.log = log
+        self.data_dir = data_dir
+        """The worker's ``--data-dir``."""
 
     @property
     def pid(self) -> int:
@@ -74,7 +77,8 @@ class WorkerProcess:
 
 
 class Cluster:
-    """Worker processes sharing one data directory and one NATS server."""
+    """Worker processes on one NATS server (or cluster: ``url`` may list several, comma-
+    separated), sharing one data directory or each with its own (``separate_data_dirs``)."""
 
     def __init__(
         self,
@@ -85,6 +89,7 @@ class Cluster:
         partitions: int,
         lease_ttl: int,
         extra: list[str],
+        separate_data_dirs: bool = False,
     ) -> None:
         self.nc = nc
         self.url = url
@@ -93,11 +98,17 @@ class Cluster:
         self.partitions = partitions
         self.lease_ttl = lease_ttl
         self.extra = extra
+        self.separate_data_dirs = separate_data_dirs
         self.workers: list[WorkerProcess] = []
+
+    def data_dir_of(self, name: str) -> Path:
+        """The data directory of worker ``name`` (the same for every start of that name)."""
+        return self.tmp_path / f"data-{name}" if self.separate_data_dirs else self.data_dir
 
     def spawn(self, name: str | None = None, *extra: str) -> WorkerProcess:
         """Start a worker process (does not wait for it to join)."""
         name = name or f"w{len(self.workers)}"
+        data_dir = self.data_dir_of(name)
         log = self.tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log"
         args = [
             sys.executable,
@@ -109,7 +120,7 @@ class Cluster:
             "--nats-url",
             self.url,
             "--data-dir",
-            str(self.data_dir),
+            str(data_dir),
             "--partitions",
             str(self.partitions),
             "--lease-ttl",
@@ -135,22 +146,25 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
-        worker = WorkerProcess(name, proc, log)
+        worker = WorkerProcess(name, proc, log, data_dir)
         self.workers.append(worker)
         return worker
 
     async def start(self, name: str | None = None, *extra: str) -> WorkerProcess:
-        """Start a worker and wait until it is a member that serves its share."""
+        """Start a worker and wait until it is a member that serves its share (this process:
+        a restarted worker's predecessor of the same name may still be listed)."""
         worker = self.spawn(name, *extra)
         await self.wait_for(
-            lambda s: any(m.name == worker.name and m.partitions for m in s.members),
+            lambda s: any(
+                m.name == worker.name and m.pid == worker.pid and m.partitions for m in s.members
+            ),
             timeout=20,
             worker=worker,
         )
         return worker
 
     async def status(self) -> DeploymentStatus:
-        return await fetch_status(self.nc, "ndo")
+        return await fetch_status(self.nc, "ndo", replication=False)
 
     async def wait_for(
         self,
@@ -203,17 +217,34 @@ ClusterFactory = Callable[..., Awaitable[Cluster]]
 
 @pytest.fixture(name="make_cluster")
 async def _make_cluster(tmp_path: Path) -> AsyncIterator[ClusterFactory]:
-    """Factory: ``await make_cluster(url, partitions=8, lease_ttl=2)``; kills workers after."""
+    """Factory: ``await make_cluster(url, partitions=8, lease_ttl=2)``; kills workers after.
+
+    ``url`` may list several servers of one cluster, comma-separated; ``separate_data_dirs``
+    gives each worker its own data directory, ``tmp_path/"data-<name>"``.
+    """
     clusters: list[Cluster] = []
     connections: list[NatsClient] = []
 
     async def make(
-        url: str, *, partitions: int = 8, lease_ttl: int = 2, extra: list[str] | None = None
+        url: str,
+        *,
+        partitions: int = 8,
+        lease_ttl: int = 2,
+        extra: list[str] | None = None,
+        separate_data_dirs: bool = False,
     ) -> Cluster:
-        nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await nats.connect(
+            servers=url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
         connections.append(nc)
         cluster = Cluster(
-            nc, url, tmp_path, partitions=partitions, lease_ttl=lease_ttl, extra=extra or []
+            nc,
+            url,
+            tmp_path,
+            partitions=partitions,
+            lease_ttl=lease_ttl,
+            extra=extra or [],
+            separate_data_dirs=separate_data_dirs,
         )
         clusters.append(cluster)
         return cluster
