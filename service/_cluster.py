@@ -23,7 +23,14 @@ from nats.aio.client import Client as NatsClient
 
 from ndo.service._errors import ServiceError
 
-__all__ = ["NOT_READY", "ReplicasError", "cluster_size", "resolve_replicas", "until_ready"]
+__all__ = [
+    "NOT_READY",
+    "ReplicasError",
+    "cluster_size",
+    "has_jetstream",
+    "resolve_replicas",
+    "until_ready",
+]
 
 _log = structlog.get_logger("ndo.worker")
 
@@ -77,17 +84,31 @@ def resolve_replicas(requested: int, nc: NatsClient) -> int:
     return requested
 
 
+def has_jetstream(nc: NatsClient) -> bool:
+    """Whether the server ``nc`` is connected to says (in its INFO) that it runs JetStream."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    return bool(info.get("jetstream"))
+
+
 async def until_ready(
-    step: Callable[[], Awaitable[_T]], *, what: str, within: float = _READY_TIMEOUT
+    nc: NatsClient,
+    step: Callable[[], Awaitable[_T]],
+    *,
+    what: str,
+    within: float = _READY_TIMEOUT,
 ) -> _T:
     """Run ``step`` until it gets past ``NOT_READY`` errors, for at most ``within`` seconds.
 
     Workers started together on a fresh cluster find each other's just-created streams without a
-    leader for a few seconds; this waits for them instead of exiting with ``nats: timeout``.
+    leader for a few seconds; this waits for them instead of exiting with ``nats: timeout``. On
+    a server without JetStream (``has_jetstream``) those errors are final: ``step`` runs once.
 
     Raises:
-        The last ``NOT_READY`` error once ``within`` has passed; any other error at once.
+        The last ``NOT_READY`` error once ``within`` has passed (at once without JetStream);
+        any other error at once.
     """
+    if not has_jetstream(nc):
+        return await step()
     deadline = time.monotonic() + within
     delay = 0.1
     while True:

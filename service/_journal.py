@@ -304,7 +304,7 @@ async def ensure_journal_stream(
     atomic: bool | None = True if _supports_atomic_batches(nc) else None
     what = f"journal stream {name}"
     try:
-        info = await until_ready(lambda: js.stream_info(name), what=what)
+        info = await until_ready(nc, lambda: js.stream_info(name), what=what)
     except nats.js.errors.NotFoundError:
         config = js_api.StreamConfig(
             name=name,
@@ -324,7 +324,7 @@ async def ensure_journal_stream(
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # not "already in use": another worker won the race
                 raise
-            info = await until_ready(lambda: js.stream_info(name), what=what)
+            info = await until_ready(nc, lambda: js.stream_info(name), what=what)
     current = info.config
     if (
         current.subjects == subjects

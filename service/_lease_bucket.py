@@ -294,7 +294,7 @@ class LeaseBucket:
         fast = self._fast_js()
         try:
             kv = await until_ready(
-                lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
+                self._nc, lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
             )
         except nats.js.errors.BucketNotFoundError:
             config = KeyValueConfig(
@@ -309,11 +309,13 @@ class LeaseBucket:
                 kv = await js.create_key_value(config)
             except nats.js.errors.BadRequestError:  # created concurrently by another worker
                 kv = await until_ready(
-                    lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
+                    self._nc, lambda: fast.key_value(self.name), what=f"lease bucket {self.name}"
                 )
         self._kv = kv
         record = await until_ready(
-            lambda: self._deployment(partitions, storage), what=f"lease bucket {self.name}"
+            self._nc,
+            lambda: self._deployment(partitions, storage),
+            what=f"lease bucket {self.name}",
         )
         if record.storage != storage:
             raise DeploymentMismatchError(

@@ -105,7 +105,7 @@ class PartitionLog:
         js = self._nc.jetstream()
         what = f"partition log stream {self.stream}"
         try:
-            return await until_ready(lambda: js.stream_info(self.stream), what=what)
+            return await until_ready(self._nc, lambda: js.stream_info(self.stream), what=what)
         except nats.js.errors.NotFoundError:
             pass
         config = js_api.StreamConfig(
@@ -124,7 +124,7 @@ class PartitionLog:
             return await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code == 10058:  # already in use: another worker created it first
-                return await until_ready(lambda: js.stream_info(self.stream), what=what)
+                return await until_ready(self._nc, lambda: js.stream_info(self.stream), what=what)
             raise StorageError(
                 f"cannot create the partition log stream {self.stream} with "
                 f"{self._replicas} replica(s): {exc.description}"

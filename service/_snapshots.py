@@ -76,7 +76,9 @@ class SnapshotStore:
         js = self._nc.jetstream()
         what = f"snapshot store {self.bucket}"
         try:
-            self._store = await until_ready(lambda: js.object_store(self.bucket), what=what)
+            self._store = await until_ready(
+                self._nc, lambda: js.object_store(self.bucket), what=what
+            )
             return
         except nats.js.errors.BucketNotFoundError:
             if not create:
@@ -97,7 +99,9 @@ class SnapshotStore:
                     f"cannot create snapshot store {self.bucket!r} with {self._replicas} "
                     f"replica(s): {exc.description}"
                 ) from None
-            self._store = await until_ready(lambda: js.object_store(self.bucket), what=what)
+            self._store = await until_ready(
+                self._nc, lambda: js.object_store(self.bucket), what=what
+            )
         except _TRANSIENT as exc:
             raise StorageError(f"cannot create snapshot store {self.bucket!r}: {exc!r}") from None
 

@@ -3,6 +3,7 @@ counters. No speed is asserted anywhere: this machine's numbers are not a test."
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ from ndo.ops.bench import (
     check_increments,
     check_reads,
     find_node_modules,
+    render_table,
 )
+from ndo.ops.bench._cli import add_bench_options, plan_from_args
 from ndo.ops.bench._load_kind import choose_load
 
 ROOT_NODE_MODULES = Path(__file__).resolve().parents[1] / "node_modules"
@@ -113,6 +116,40 @@ class TestNodeModulesLookup:
         assert (choice.kind, choice.node_modules) == ("node", ROOT_NODE_MODULES)
 
 
+class TestStorageModes:
+    """``--storage`` names the storage modes every scenario runs in: local SQLite, replicated on
+    one server (r1) or on a 3-server loopback cluster (r3)."""
+
+    @staticmethod
+    def _plan(*argv: str) -> BenchPlan:
+        parser = argparse.ArgumentParser()
+        add_bench_options(parser)
+        return plan_from_args(parser.parse_args(list(argv)))
+
+    def test_local_by_default_all_and_lists_in_a_fixed_order(self) -> None:
+        """Without the flag only local storage runs (as before); ``all`` and any list run in
+        the order local, r1, r3."""
+        assert self._plan().storage == ("local",)
+        assert self._plan("--quick").storage == ("local",)
+        assert self._plan("--storage", "all").storage == ("local", "r1", "r3")
+        assert self._plan("--storage", "r3, local").storage == ("local", "r3")
+
+    def test_bad_modes_are_refused_saying_what_to_do(self) -> None:
+        """An unknown mode, a repeated one, or replication without JetStream."""
+        with pytest.raises(ValueError, match="choose from local, r1, r3"):
+            self._plan("--storage", "r2")
+        with pytest.raises(ValueError, match="distinct"):
+            BenchPlan(storage=("r1", "r1"))
+        with pytest.raises(ValueError, match="needs JetStream"):
+            self._plan("--storage", "r1", "--no-jetstream")
+
+    def test_idle_memory_runs_with_local_storage_only(self) -> None:
+        """Memory per idle object does not depend on where partitions are durable."""
+        plan = BenchPlan(storage=("local", "r1"))
+        assert plan.scenarios_for("local") == SCENARIOS
+        assert plan.scenarios_for("r1") == tuple(s for s in SCENARIOS if s != "idle-memory")
+
+
 class TestNoSourceTree:
     """The harness runs from an installed wheel: it never points into the repository."""
 
@@ -178,3 +215,45 @@ class TestSmoke:
         assert spread["requests"] > 0 and spread["writes_per_tx"] >= 1
         assert report["machine"]["nproc"] >= 1
         assert list(tmp_path.iterdir()) == []  # the run directory is removed, nothing else left
+
+    @pytest.mark.slow
+    @pytest.mark.timeout(120)
+    def test_every_storage_mode_in_one_run(self, tmp_path: Path) -> None:
+        """``--storage all``: each scenario runs on local storage, replicated R1 and replicated
+        R3 (the harness starts and stops the cluster), every check passes, and the replicated
+        rows carry their ratio to local, which the table prints side by side."""
+        argv = [
+            sys.executable,
+            "-m",
+            "ndo.ops.bench",
+            "--quick",
+            "--json",
+            "--storage=all",
+            "--scenarios=read,spread",
+            "--levels=4",
+            "--duration=0.2",
+            "--warmup=0",
+            "--objects=20",
+            "--partitions=4",
+            f"--work-dir={tmp_path}",
+        ]
+        if (ROOT_NODE_MODULES / "nats").is_dir():
+            argv.append(f"--node-modules={ROOT_NODE_MODULES}")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NODE_MODULES_ENV)}
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        rows = {(r["scenario"], r["storage"]): r for r in report["results"]}
+        for scenario in ("read", "spread"):
+            for storage in ("local", "r1", "r3"):
+                row = rows[(scenario, storage)]
+                assert row["check"] == "ok", row
+                if storage != "local":
+                    assert row["local_ratio"] is not None
+        assert report["machine"]["storage"] == ["local", "r1", "r3"]
+        table = render_table(report)
+        assert "storage modes:" in table and "appends/tx" in table
+        assert "spread@64 r1: local_ratio >= 0.6" in table
+        assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,14 @@ and its SQLite threads'), of the nats-server and of the generators, and scrapes 
 Prometheus endpoint for commit counts. CPU per request is the stable figure to optimise; requests
 per second shows what the machine as a whole achieves while the generators share its two cores.
 
+Storage modes (``--storage``, default ``local``): every scenario can run on local SQLite
+storage, on replicated storage with one replica (``r1``: ``ndo serve --storage replicated`` on a
+second single server) and with three (``r3``: on a 3-server cluster on loopback the harness
+starts and stops). Each mode gets its own servers and data directory (``_deployment``); the
+replicated modes' objects are appended to their partition logs before any worker starts
+(``_log_loader``), so a worker's start-up includes restoring them. Their rows carry their ratio
+to the local row of the same scenario and level.
+
 Scenarios: ``read`` (``get()`` over 1,000 active objects), ``spread`` (``increment()`` over 1,000
 objects), ``hot`` (``increment()`` on one object), ``cold`` (each object touched once: activation
 from storage, LRU eviction under a small ``--max-active``) and ``idle-memory`` (resident memory per
@@ -33,11 +41,15 @@ increments, every increment's reply is distinct and arrives in order, reads retu
 values — and a failed check makes the whole run exit 1.
 
 Modules, one job each: ``_plan`` (what a run measures), ``_cli`` (options, exit code),
-``_harness`` (one run end to end), ``_driver`` (load over generator processes), ``_processes``
-(starting and stopping the tree), ``_proc`` (CPU and memory readings), ``_load_kind`` (which
-generator), ``_objects`` and ``_prepopulate`` (the objects and their stored values), ``_checks``,
-``_rows``, ``_report``, ``_progress``; and what runs in other processes: ``_protocol``,
-``_node_generator``, ``_python_generator``, ``_baseline``.
+``_harness`` (one run end to end), ``_storage_modes`` (local, r1, r3), ``_deployment`` (one
+mode's servers, connection, driver and data), ``_servers`` (one nats-server or a loopback
+cluster), ``_driver`` (load over generator processes), ``_processes`` (starting and stopping
+workers and the baseline), ``_proc`` (CPU and memory readings), ``_load_kind`` (which
+generator), ``_objects``, ``_prepopulate`` and ``_log_loader`` (the objects and their stored
+values, in SQLite or in partition logs), ``_checks``, ``_rows``, ``_report``, ``_progress``; and
+what runs in other processes: ``_protocol``, ``_node_generator``, ``_python_generator``,
+``_baseline``. ``python -m tests.bench_replicated`` reuses ``_servers``, ``_log_loader`` and
+``_processes`` to time restore, hand-over and failover.
 """
 
 from ndo.ops.bench._checks import check_increments, check_reads
@@ -45,12 +57,14 @@ from ndo.ops.bench._cli import add_bench_parser, main, run_bench
 from ndo.ops.bench._load_kind import NODE_MODULES_ENV, find_node_modules
 from ndo.ops.bench._plan import FULL_PLAN, QUICK_PLAN, SCENARIOS, BenchPlan, LoadKind
 from ndo.ops.bench._report import render_table
+from ndo.ops.bench._storage_modes import STORAGE_MODES
 
 __all__ = [
     "FULL_PLAN",
     "NODE_MODULES_ENV",
     "QUICK_PLAN",
     "SCENARIOS",
+    "STORAGE_MODES",
     "BenchPlan",
     "LoadKind",
     "add_bench_parser",

@@ -23,6 +23,7 @@ from ndo.ops.bench._harness import run_harness
 from ndo.ops.bench._plan import FULL_PLAN, QUICK_PLAN, SCENARIOS, BenchPlan
 from ndo.ops.bench._progress import progress
 from ndo.ops.bench._report import render_table
+from ndo.ops.bench._storage_modes import STORAGE_MODES
 from ndo.subjects import DEFAULT_PARTITIONS
 
 __all__ = ["add_bench_options", "add_bench_parser", "main", "plan_from_args", "run_bench"]
@@ -53,6 +54,14 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--storage",
+        default="local",
+        metavar="MODES",
+        help=f"comma-separated storage modes to measure every scenario in, from "
+        f"{','.join(STORAGE_MODES)}, or all: local SQLite; r1 = --storage replicated on one "
+        "server; r3 = replicated on a 3-server loopback cluster the bench starts (default: local)",
     )
     parser.add_argument("--levels", help="comma-separated in-flight levels, e.g. 1,16,64,256")
     parser.add_argument("--duration", type=float, help="seconds per measured run")
@@ -100,7 +109,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     """
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     changes: dict[str, Any] = {
-        "scenarios": tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+        "scenarios": tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
+        "storage": _storage_modes(args.storage),
     }
     if args.levels:
         changes["levels"] = tuple(int(x) for x in args.levels.split(",") if x.strip())
@@ -128,6 +138,16 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     if not args.jetstream:
         changes["jetstream"] = False
     return msgspec.structs.replace(plan, **changes)
+
+
+def _storage_modes(text: str) -> tuple[str, ...]:
+    """``--storage``: ``all``, or comma-separated mode names (measured in ``STORAGE_MODES``
+    order, local first, whatever order they are given in)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["all"]:
+        return STORAGE_MODES
+    known = [m for m in STORAGE_MODES if m in names]
+    return tuple(known + [n for n in names if n not in STORAGE_MODES])  # the plan names those
 
 
 def run_bench(args: argparse.Namespace) -> int:

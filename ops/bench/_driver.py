@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -73,11 +74,15 @@ class Outcome(msgspec.Struct, kw_only=True):
 class LoadDriver:
     """Runs load jobs over several generator processes and measures the processes around them."""
 
-    def __init__(self, plan: BenchPlan, url: str, run_dir: Path, server_pid: int | None) -> None:
+    def __init__(
+        self, plan: BenchPlan, url: str, run_dir: Path, server_pids: Sequence[int]
+    ) -> None:
+        """Drive load at the server ``url``; ``server_pids`` are the nats-servers whose CPU a run
+        counts (every server of a cluster)."""
         self.plan = plan
         self.url = url
         self.run_dir = run_dir
-        self.server_pid = server_pid
+        self.server_pids = tuple(server_pids)
         self.choice = choose_load(plan)
         self.kind = self.choice.kind
         self._runs = 0
@@ -167,7 +172,7 @@ class LoadDriver:
     def _cpu(self, worker_pid: int, children: list[Child]) -> tuple[float, float, float, float]:
         return (
             cpu_seconds(worker_pid),
-            cpu_seconds(self.server_pid),
+            sum(cpu_seconds(pid) for pid in self.server_pids),
             sum(cpu_seconds(c.pid) for c in children),
             busy_cpu_seconds(),
         )

@@ -1,29 +1,26 @@
 """One run end to end: the run directory, the process tree, the baseline and every scenario.
 
-This is where the parts meet: the harness starts nats-server and the baseline, pre-populates
-storage, runs the scenarios in order against fresh workers, fills in the ratios against the
-baseline and assembles the report.
+This is where the parts meet: the harness starts nats-server and the baseline, starts one
+``Deployment`` per storage mode (its servers and pre-populated storage), runs each scenario in
+every mode in turn against fresh workers, fills in the ratios against the baseline (and, for the
+replicated modes, against local storage) and assembles the report.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import nats
 import nats.errors
-from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import BenchError
-from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.ops.bench._checks import check_increments, check_reads
+from ndo.ops.bench._deployment import Deployment
 from ndo.ops.bench._driver import REQUEST_TIMEOUT_MS, LoadDriver, Outcome
 from ndo.ops.bench._objects import (
     BASELINE_IDS,
@@ -43,13 +40,14 @@ from ndo.ops.bench._objects import (
     stored_value,
 )
 from ndo.ops.bench._plan import BenchPlan
-from ndo.ops.bench._prepopulate import prepopulate
 from ndo.ops.bench._proc import rss_bytes
-from ndo.ops.bench._processes import Child, Worker, start_baseline, start_worker
+from ndo.ops.bench._processes import Child, Worker, start_baseline
 from ndo.ops.bench._progress import progress
 from ndo.ops.bench._protocol import ERROR_CODE_HEADER
 from ndo.ops.bench._report import describe_machine, evaluate_targets
 from ndo.ops.bench._rows import PROBLEMS_SHOWN, describe, make_row
+from ndo.ops.bench._servers import NatsServers
+from ndo.ops.bench._storage_modes import storage_mode
 
 __all__ = ["Bench", "run_harness"]
 
@@ -60,28 +58,28 @@ class Bench:
     def __init__(self, plan: BenchPlan, run_dir: Path) -> None:
         self.plan = plan
         self.run_dir = run_dir
-        self.data_dir = run_dir / "data"
         self.rows: list[dict[str, Any]] = []
         self.baseline_runs: dict[int, list[dict[str, Any]]] = {}
-        self.nc: NatsClient | None = None
-        self.server: EmbeddedNatsServer | None = None
+        self.server = NatsServers.single(run_dir / "nats", jetstream=plan.jetstream)
+        self.deployments: list[Deployment] = []
         self.driver: LoadDriver | None = None
+        """Drives the baseline responder, on the bench's own server."""
         self.baseline: Child | None = None
 
     async def run(self) -> list[dict[str, Any]]:
         """Start the process tree, run the baseline and the scenarios, return the rows."""
         plan = self.plan
-        self.server = EmbeddedNatsServer(
-            store_dir=self.run_dir / "nats", port=0, jetstream=plan.jetstream
-        )
         await self.server.start()
         try:
-            progress(f"nats-server {self.server.url} (pid {self.server.pid}); loading storage")
-            started = time.perf_counter()
-            await prepopulate(self.data_dir, plan)
-            progress(f"storage pre-populated in {time.perf_counter() - started:.1f}s")
-            self.nc = await nats.connect(self.server.url, connect_timeout=5)
-            self.driver = LoadDriver(plan, self.server.url, self.run_dir, self.server.pid)
+            progress(f"nats-server {self.server.url} (pid {self.server.pids[0]}); loading storage")
+            for name in plan.storage:
+                mode = storage_mode(name)
+                deployment = Deployment(
+                    mode, plan, self.run_dir, self.server if name == "local" else None
+                )
+                self.deployments.append(deployment)
+                await deployment.start()
+            self.driver = LoadDriver(plan, self.server.url, self.run_dir, self.server.pids)
             if self.driver.choice.fallback is not None:
                 progress(self.driver.choice.fallback)
             progress(f"load generator: {self.driver.kind}, up to {plan.clients} processes")
@@ -89,16 +87,19 @@ class Bench:
             progress(f"baseline responder pid {self.baseline.pid}")
             await self._baseline_pass()
             for scenario in plan.scenarios:
-                await getattr(self, "_scenario_" + scenario.replace("-", "_"))()
+                for deployment in self.deployments:
+                    if scenario not in plan.scenarios_for(deployment.mode.name):
+                        continue
+                    await getattr(self, "_scenario_" + scenario.replace("-", "_"))(deployment)
             if plan.baseline_twice:
                 await self._baseline_pass()
             self._finish_baseline()
+            self._finish_storage()
         finally:
             if self.baseline is not None:
                 await self.baseline.stop()
-            if self.nc is not None:
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await self.nc.close()
+            for deployment in self.deployments:
+                await deployment.stop()
             await self.server.stop()
         return self.rows
 
@@ -160,20 +161,32 @@ class Bench:
                 row["p99_ratio"] = round(row["p99_ms"] / base["p99_ms"], 3)
         self.rows[:0] = [merged[level] for level in sorted(merged)]
 
+    def _finish_storage(self) -> None:
+        """Fill in each replicated row's ratios to the local row of its scenario and level."""
+        local = {
+            (row["scenario"], row["inflight"]): row
+            for row in self.rows
+            if row.get("storage") == "local"
+        }
+        for row in self.rows:
+            if row.get("storage") in (None, "local") or row["scenario"] == "idle-memory":
+                continue
+            ref = local.get((row["scenario"], row["inflight"]))
+            if ref is None:
+                continue
+            for key, ratio_key in (
+                ("rps", "local_ratio"),
+                ("p99_ms", "p99_local_ratio"),
+                ("cpu_us_per_req", "cpu_local_ratio"),
+            ):
+                if ref.get(key) and row.get(key) is not None:
+                    row[ratio_key] = round(row[key] / ref[key], 3)
+
     # ndo scenarios
 
-    async def _worker(self, name: str, **flags: Any) -> Worker:
-        assert self.server is not None and self.nc is not None
-        worker = await start_worker(
-            name, self.server.url, self.data_dir, self.run_dir, self.plan, self.nc, **flags
-        )
-        progress(f"{name}: ndo worker pid {worker.pid}, metrics port {worker.metrics_port}")
-        return worker
-
-    async def _values(self, id_prefix: str, count: int) -> list[int]:
+    async def _values(self, dep: Deployment, id_prefix: str, count: int) -> list[int]:
         """Read ``count`` counters with ``get()`` (64 at a time); also activates them."""
-        assert self.nc is not None
-        nc = self.nc
+        nc = dep.nc
         values = [0] * count
         limit = asyncio.Semaphore(64)
 
@@ -199,6 +212,7 @@ class Bench:
 
     async def _drive(
         self,
+        dep: Deployment,
         worker: Worker,
         *,
         method: str,
@@ -209,8 +223,7 @@ class Bench:
         mode: Literal["random", "once"],
         duration: float,
     ) -> Outcome:
-        assert self.driver is not None
-        return await self.driver.run(
+        return await dep.driver.run(
             subject=f"{PREFIX}.rpc.{CLASS}.{{id}}.{method}",
             id_prefix=id_prefix,
             first=first,
@@ -224,16 +237,18 @@ class Bench:
             worker_pid=worker.pid,
         )
 
-    def _record(self, row: dict[str, Any], worker: Worker) -> None:
+    def _record(self, row: dict[str, Any], worker: Worker, dep: Deployment) -> None:
+        row["storage"] = dep.mode.name
         self.rows.append(row)
+        self._finish_storage()  # the ratio to local in the progress line, when local ran first
         progress(describe(row) + f" (worker pid {worker.pid})")
 
-    async def _scenario_read(self) -> None:
+    async def _scenario_read(self, dep: Deployment) -> None:
         plan = self.plan
-        worker = await self._worker("read")
+        worker = await dep.worker("read")
         try:
             expected = [stored_value(i) for i in range(plan.objects)]
-            values = await self._values(READ_IDS, plan.objects)
+            values = await self._values(dep, READ_IDS, plan.objects)
             problems = check_reads(expected, [1] * plan.objects, values)
             for level in plan.levels:
                 outcomes = []
@@ -241,6 +256,7 @@ class Bench:
                     if not duration:
                         continue
                     outcome = await self._drive(
+                        dep,
                         worker,
                         method="get",
                         id_prefix=READ_IDS,
@@ -252,16 +268,16 @@ class Bench:
                     )
                     problems += check_reads(expected, outcome.obj_n, outcome.obj_sum)
                     outcomes.append(outcome)
-                self._record(make_row("read", level, outcomes[-1], problems), worker)
+                self._record(make_row("read", level, outcomes[-1], problems), worker, dep)
                 problems = []
         finally:
             await worker.child.stop()
 
-    async def _increments(self, scenario: str, id_prefix: str, count: int) -> None:
+    async def _increments(self, dep: Deployment, scenario: str, id_prefix: str, count: int) -> None:
         plan = self.plan
-        worker = await self._worker(scenario)
+        worker = await dep.worker(scenario)
         try:
-            base = await self._values(id_prefix, count)
+            base = await self._values(dep, id_prefix, count)
             for level in plan.levels:
                 problems: list[str] = []
                 outcome: Outcome | None = None
@@ -269,6 +285,7 @@ class Bench:
                     if not duration:
                         continue
                     outcome = await self._drive(
+                        dep,
                         worker,
                         method="increment",
                         id_prefix=id_prefix,
@@ -278,23 +295,23 @@ class Bench:
                         mode="random",
                         duration=duration,
                     )
-                    final = await self._values(id_prefix, count)
+                    final = await self._values(dep, id_prefix, count)
                     problems += check_increments(base, outcome.obj_n, outcome.obj_sum, final)
                     base = final
                 assert outcome is not None
-                self._record(make_row(scenario, level, outcome, problems), worker)
+                self._record(make_row(scenario, level, outcome, problems), worker, dep)
         finally:
             await worker.child.stop()
 
-    async def _scenario_spread(self) -> None:
-        await self._increments("spread", SPREAD_IDS, self.plan.objects)
+    async def _scenario_spread(self, dep: Deployment) -> None:
+        await self._increments(dep, "spread", SPREAD_IDS, self.plan.objects)
 
-    async def _scenario_hot(self) -> None:
-        await self._increments("hot", HOT_IDS, 1)
+    async def _scenario_hot(self, dep: Deployment) -> None:
+        await self._increments(dep, "hot", HOT_IDS, 1)
 
-    async def _scenario_cold(self) -> None:
+    async def _scenario_cold(self, dep: Deployment) -> None:
         plan = self.plan
-        worker = await self._worker("cold", max_active=plan.cold_max_active)
+        worker = await dep.worker("cold", max_active=plan.cold_max_active)
         try:
             levels = plan.levels
             warm = min(plan.cold_objects // 10, 1_000)
@@ -311,6 +328,7 @@ class Bench:
                 first += size
             for start, size, level, is_warmup in slices:
                 outcome = await self._drive(
+                    dep,
                     worker,
                     method="get",
                     id_prefix=COLD_IDS,
@@ -332,25 +350,24 @@ class Bench:
                 if is_warmup:
                     if row["check"] != "ok":
                         row["scenario"] = "cold-warmup"
-                        self._record(row, worker)
+                        self._record(row, worker, dep)
                     continue
-                self._record(row, worker)
+                self._record(row, worker, dep)
         finally:
             await worker.child.stop()
 
-    async def _scenario_idle_memory(self) -> None:
+    async def _scenario_idle_memory(self, dep: Deployment) -> None:
         plan = self.plan
         n = plan.idle_objects
         pings = len(ping_ids(plan.partitions))
-        worker = await self._worker(
-            "idle-memory", max_active=2 * n + IDLE_WARM_OBJECTS + pings + 100
-        )
+        worker = await dep.worker("idle-memory", max_active=2 * n + IDLE_WARM_OBJECTS + pings + 100)
         try:
             samples: list[int] = []
             problems: list[str] = []
             first = 0
             for size in (IDLE_WARM_OBJECTS, n, n):
                 outcome = await self._drive(
+                    dep,
                     worker,
                     method="get",
                     id_prefix=IDLE_IDS,
@@ -391,7 +408,7 @@ class Bench:
                 "all_objects_bytes_per_object": round((samples[2] - samples[0]) / (2 * n)),
                 "check": "ok" if not problems else "; ".join(problems[:PROBLEMS_SHOWN]),
             }
-            self._record(row, worker)
+            self._record(row, worker, dep)
         finally:
             await worker.child.stop()
 

@@ -1,4 +1,5 @@
-"""What one ``ndo bench`` run measures: the scenarios, the levels, the counts, the generator.
+"""What one ``ndo bench`` run measures: the scenarios, the storage modes, the levels, the counts,
+the generator.
 
 A module of its own because the plan is a value object every other part of the harness reads,
 and the command line builds it (``--quick`` starts from ``QUICK_PLAN`` instead of ``FULL_PLAN``).
@@ -12,12 +13,17 @@ from typing import Final, Literal
 import msgspec
 
 from ndo.ops._loop import resolve_loop
+from ndo.ops.bench._storage_modes import STORAGE_MODES, storage_mode
 from ndo.subjects import DEFAULT_PARTITIONS
 
-__all__ = ["FULL_PLAN", "QUICK_PLAN", "SCENARIOS", "BenchPlan", "LoadKind"]
+__all__ = ["FULL_PLAN", "LOCAL_ONLY_SCENARIOS", "QUICK_PLAN", "SCENARIOS", "BenchPlan", "LoadKind"]
 
 SCENARIOS: Final = ("read", "spread", "hot", "cold", "idle-memory")
 """Scenario names, in the order they run."""
+
+LOCAL_ONLY_SCENARIOS: Final = ("idle-memory",)
+"""Scenarios measured with local storage only: what they measure (memory per idle object) does
+not depend on where partitions are durable."""
 
 LoadKind = Literal["auto", "node", "python"]
 """``--load``: which load generator drives the requests."""
@@ -28,6 +34,10 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
 
     scenarios: tuple[str, ...] = SCENARIOS
     """Scenarios to run, from ``SCENARIOS``."""
+    storage: tuple[str, ...] = ("local",)
+    """Storage modes every scenario runs in, from ``STORAGE_MODES`` (``local``, ``r1``: replicated
+    on one server, ``r3``: replicated on a 3-server loopback cluster); each scenario runs in
+    every mode before the next scenario starts, so the modes' rows are close in time."""
     levels: tuple[int, ...] = (1, 16, 64, 256)
     """Total requests in flight, one run per level."""
     duration: float = 5.0
@@ -70,6 +80,14 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
         unknown = [s for s in self.scenarios if s not in SCENARIOS]
         if unknown:
             raise ValueError(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+        if not self.storage or len(set(self.storage)) != len(self.storage):
+            raise ValueError(
+                f"storage modes must be distinct and at least one, got {list(self.storage)}; "
+                f"choose from {', '.join(STORAGE_MODES)}"
+            )
+        modes = [storage_mode(name) for name in self.storage]  # unknown names raise
+        if not self.jetstream and any(mode.replicated for mode in modes):
+            raise ValueError("replicated storage (r1, r3) needs JetStream: drop --no-jetstream")
         if not self.levels or any(level < 1 for level in self.levels):
             raise ValueError(f"in-flight levels must be >= 1, got {self.levels}")
         for name in ("duration", "objects", "cold_objects", "cold_max_active", "idle_objects"):
@@ -82,6 +100,12 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
         if self.cold_objects < 2 * len(self.levels):
             raise ValueError(f"cold_objects must be >= {2 * len(self.levels)} (two per level)")
         resolve_loop(self.loop)  # unknown, or uvloop without uvloop installed
+
+    def scenarios_for(self, mode: str) -> tuple[str, ...]:
+        """The plan's scenarios that run in storage mode ``mode``."""
+        if mode == "local":
+            return self.scenarios
+        return tuple(s for s in self.scenarios if s not in LOCAL_ONLY_SCENARIOS)
 
 
 QUICK_PLAN: Final = BenchPlan(

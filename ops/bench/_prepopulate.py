@@ -1,11 +1,14 @@
-"""Pre-populating the worker's SQLite file with the read, cold and idle-memory objects.
+"""Pre-populating storage with the read, cold and idle-memory objects, before any worker starts.
 
-Written straight through ``SqliteStorage.commit`` in big batches before any worker starts: far
-faster than creating the objects with requests, and not part of what is measured.
+Written straight through ``SqliteStorage.commit`` in big batches (local storage) or appended
+straight to the partition logs (replicated storage, ``_log_loader``): far faster than creating
+the objects with requests, and not part of what is measured. ``stored_objects`` is the one list
+both write, so every storage mode serves the same values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -25,13 +28,14 @@ from ndo.ops.bench._plan import BenchPlan
 from ndo.storage import ObjectWrite, SqliteStorage
 from ndo.subjects import partition_of
 
-__all__ = ["prepopulate"]
+__all__ = ["prepopulate", "stored_objects"]
 
 _LOADER_BATCH: Final = 10_000
 
 
-async def prepopulate(data_dir: Path, plan: BenchPlan) -> None:
-    """Write the read, cold and idle-memory objects straight into the worker's SQLite file."""
+def stored_objects(plan: BenchPlan, epochs: dict[int, int] | None = None) -> Iterator[ObjectWrite]:
+    """The write-set of every pre-populated object the plan's scenarios read, at the epoch of its
+    partition in ``epochs`` (0 for all without it)."""
     groups: list[tuple[str, int]] = []
     if "read" in plan.scenarios:
         groups.append((READ_IDS, plan.objects))
@@ -39,28 +43,40 @@ async def prepopulate(data_dir: Path, plan: BenchPlan) -> None:
         groups.append((COLD_IDS, plan.cold_objects))
     if "idle-memory" in plan.scenarios:
         groups.append((IDLE_IDS, 2 * plan.idle_objects + IDLE_WARM_OBJECTS))
+    encode = msgspec.msgpack.Encoder().encode
+    for prefix, count in groups:
+        for number in range(count):
+            object_id = f"{prefix}{number}"
+            part = partition_of(CLASS, object_id, plan.partitions)
+            yield ObjectWrite(
+                class_name=CLASS,
+                object_id=object_id,
+                partition=part,
+                epoch=epochs[part] if epochs is not None else 0,
+                writes={VALUE_KEY: encode(stored_value(number))},
+            )
+
+
+async def prepopulate(data_dir: Path, plan: BenchPlan) -> None:
+    """Write the read, cold and idle-memory objects straight into the worker's SQLite file."""
     storage = SqliteStorage(data_dir / "ndo.sqlite3", partitions=plan.partitions)
     await storage.open()
     try:
         epochs = await storage.claim_partitions(range(plan.partitions), "ndo-bench-loader")
-        encode = msgspec.msgpack.Encoder().encode
-        for prefix, count in groups:
-            for start in range(0, count, _LOADER_BATCH):
+        batch: list[ObjectWrite] = []
+        for write in stored_objects(plan, epochs):
+            batch.append(write)
+            if len(batch) >= _LOADER_BATCH:
+                await _commit(storage, batch)
                 batch = []
-                for number in range(start, min(count, start + _LOADER_BATCH)):
-                    object_id = f"{prefix}{number}"
-                    part = partition_of(CLASS, object_id, plan.partitions)
-                    batch.append(
-                        ObjectWrite(
-                            class_name=CLASS,
-                            object_id=object_id,
-                            partition=part,
-                            epoch=epochs[part],
-                            writes={VALUE_KEY: encode(stored_value(number))},
-                        )
-                    )
-                fenced = await storage.commit(batch)
-                if fenced:
-                    raise BenchError(f"pre-populating storage was fenced on {sorted(fenced)}")
+        await _commit(storage, batch)
     finally:
         await storage.close()
+
+
+async def _commit(storage: SqliteStorage, batch: list[ObjectWrite]) -> None:
+    if not batch:
+        return
+    fenced = await storage.commit(batch)
+    if fenced:
+        raise BenchError(f"pre-populating storage was fenced on {sorted(fenced)}")

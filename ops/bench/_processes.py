@@ -27,9 +27,10 @@ from ndo.ops.bench._objects import BASELINE_PREFIX, CLASS, PREFIX, ping_ids
 from ndo.ops.bench._plan import BenchPlan
 from ndo.ops.bench._protocol import ERROR_CODE_HEADER
 
-__all__ = ["Child", "Worker", "spawn", "start_baseline", "start_worker"]
+__all__ = ["WORKER_START_TIMEOUT", "Child", "Worker", "spawn", "start_baseline", "start_worker"]
 
-_WORKER_START_TIMEOUT: Final = 30.0
+WORKER_START_TIMEOUT: Final = 30.0
+"""Seconds a worker (and the baseline responder) may take to serve, by default."""
 _PROCESS_STOP_TIMEOUT: Final = 15.0
 
 
@@ -140,7 +141,7 @@ async def start_baseline(url: str, run_dir: Path, loop: str) -> Child:
     )
     assert child.proc.stdout is not None
     try:
-        async with asyncio.timeout(_WORKER_START_TIMEOUT):
+        async with asyncio.timeout(WORKER_START_TIMEOUT):
             line = await child.proc.stdout.readline()
     except TimeoutError:
         line = b""
@@ -174,9 +175,13 @@ async def start_worker(
     run_dir: Path,
     plan: BenchPlan,
     nc: NatsClient,
+    *,
+    start_timeout: float = WORKER_START_TIMEOUT,
+    prefix: str = PREFIX,
     **flags: Any,
 ) -> Worker:
-    """Start ``ndo serve`` with ``flags`` and wait until it serves every partition.
+    """Start ``ndo serve`` with ``flags`` and wait (up to ``start_timeout`` seconds) until it
+    serves every partition of deployment ``prefix``.
 
     Raises:
         BenchError: the worker exited or did not get ready in time.
@@ -199,16 +204,18 @@ async def start_worker(
         "warning",
         "--partitions",
         str(plan.partitions),
+        "--prefix",
+        prefix,
     ]
     for flag, value in flags.items():
         argv += [f"--{flag.replace('_', '-')}", str(value)]
     argv += ["--loop", plan.loop, *plan.worker_args]
     child = await spawn(f"worker-{name}", argv, run_dir)
-    deadline = time.monotonic() + _WORKER_START_TIMEOUT
+    deadline = time.monotonic() + start_timeout
     # Ready means serving every partition (a worker with leases may wait for its predecessor's
     # to expire): one get() per partition must succeed.
     for object_id in ping_ids(plan.partitions):
-        subject = f"{PREFIX}.rpc.{CLASS}.{object_id}.get"
+        subject = f"{prefix}.rpc.{CLASS}.{object_id}.get"
         while True:
             if child.proc.returncode is not None:
                 raise BenchError(
@@ -224,7 +231,7 @@ async def start_worker(
                 await child.stop()
                 raise BenchError(
                     f"the ndo worker did not serve every partition within "
-                    f"{_WORKER_START_TIMEOUT}s:\n{child.log_tail()}"
+                    f"{start_timeout:g}s:\n{child.log_tail()}"
                 )
             await asyncio.sleep(0.1)
     return Worker(child, metrics_port)

@@ -1,4 +1,5 @@
-"""The report: the machine it ran on, the targets of issue 5, and the table ``ndo bench`` prints.
+"""The report: the machine it ran on, the targets of issues 5 and 11, and the table ``ndo bench``
+prints (with a comparison of the storage modes when a run measured more than local storage).
 
 Kept apart from the measuring: these functions only read rows and the machine description.
 """
@@ -45,6 +46,7 @@ def describe_machine(plan: BenchPlan, load_kind: str) -> dict[str, Any]:
         "load_generator": load_kind,
         "clients": plan.clients,
         "loop": resolve_loop(plan.loop),
+        "storage": list(plan.storage),
     }
 
 
@@ -56,12 +58,22 @@ def _version(argv: list[str]) -> str | None:
     return (done.stdout or done.stderr).strip() or None
 
 
-def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Evaluate the targets of issue 5 on the rows that exist."""
+def _storage(row: dict[str, Any]) -> str:
+    """A row's storage mode (rows of reports before storage modes existed are local)."""
+    return str(row.get("storage") or "local")
 
-    def find(scenario: str, inflight: int | None) -> dict[str, Any] | None:
+
+def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluate the targets of issue 5 (local storage) on the rows that exist, and those of
+    issue 11 when the run measured replicated storage."""
+
+    def find(scenario: str, inflight: int | None, storage: str = "local") -> dict[str, Any] | None:
         for row in rows:
-            if row["scenario"] == scenario and (inflight is None or row["inflight"] == inflight):
+            if (
+                row["scenario"] == scenario
+                and _storage(row) == storage
+                and (inflight is None or row["inflight"] == inflight)
+            ):
                 return row
         return None
 
@@ -86,6 +98,8 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     add("hot@64", hot, "rps", ">=", 5000)
     add("cold@1", find("cold", 1), "p50_ms", "<", 1.0)
     add("idle-memory", find("idle-memory", None), "overhead_bytes_per_object", "<", 2048)
+    if any(_storage(row) == "r1" for row in rows):
+        add("spread@64 r1", find("spread", 64, "r1"), "local_ratio", ">=", 0.6)
     return out
 
 
@@ -97,19 +111,26 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 def render_table(report: dict[str, Any]) -> str:
     """Format a report as the human-readable table ``ndo bench`` prints."""
+    rows = report["results"]
+    modes = _modes(rows)
+    show_storage = modes != ["local"]
     lines = []
     header = (
-        f"{'scenario':<11} {'inflight':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'scenario':<11} "
+        + (f"{'storage':<7} " if show_storage else "")
+        + f"{'inflight':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'ratio':>6} {'cpu us/req':>10} {'cpu ratio':>9} {'tx/s':>7} {'writes/s':>9} "
         f"{'w/tx':>6} {'jrnl/s':>7} {'j.lost':>6} {'other':>5}  check"
     )
     lines.append(header)
     lines.append("-" * len(header))
-    for row in report["results"]:
+    for row in rows:
         if row["scenario"] == "idle-memory":
             continue
+        storage = f"{row.get('storage') or '-':<7} " if show_storage else ""
         lines.append(
-            f"{row['scenario']:<11} {_fmt(row['inflight']):>8} {_fmt(row['rps'], ',.0f'):>9} "
+            f"{row['scenario']:<11} {storage}{_fmt(row['inflight']):>8} "
+            f"{_fmt(row['rps'], ',.0f'):>9} "
             f"{_fmt(row['p50_ms'], '.3f'):>7} {_fmt(row['p99_ms'], '.3f'):>7} "
             f"{_fmt(row['ratio'], '.2f'):>6} {_fmt(row['cpu_us_per_req'], '.1f'):>10} "
             f"{_fmt(row['cpu_ratio'], '.2f'):>9} {_fmt(row.get('transactions_per_s'), ',.0f'):>7} "
@@ -117,7 +138,7 @@ def render_table(report: dict[str, Any]) -> str:
             f" {_fmt(row.get('journal_per_s'), ',.0f'):>7} {_fmt(row.get('journal_lost'), ',d'):>6}"
             f" {_fmt(row.get('other_cpu_cores'), '.2f'):>5}  {row['check']}"
         )
-    for row in report["results"]:
+    for row in rows:
         if row["scenario"] == "idle-memory":
             lines.append("")
             lines.append(
@@ -126,13 +147,13 @@ def render_table(report: dict[str, Any]) -> str:
                 f"B stored data -> {row['overhead_bytes_per_object']:,} B framework overhead; "
                 f"check {row['check']}"
             )
-    cold = [r for r in report["results"] if r["scenario"] == "cold"]
+    cold = [r for r in rows if r["scenario"] == "cold"]
     if cold:
         lines.append(
             "cold: "
             + ", ".join(
                 f"{r['activations']:,} activations / {r['evictions']:,} evictions "
-                f"at {r['inflight']} in flight"
+                f"at {r['inflight']} in flight" + (f" ({_storage(r)})" if show_storage else "")
                 for r in cold
             )
         )
@@ -141,8 +162,11 @@ def render_table(report: dict[str, Any]) -> str:
         "ratio and cpu ratio are against the baseline at the same in-flight level; "
         "jrnl/s and j.lost = journal records stored per second and lost (buffer full, timeouts)"
     )
+    if show_storage:
+        lines.append("")
+        lines += _storage_comparison(rows, modes)
     lines.append("")
-    lines.append("targets (issue 5):")
+    lines.append("targets (issue 5" + (", issue 11" if "r1" in modes else "") + "):")
     for target in report["targets"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         lines.append(f"  {mark:<12} {target['target']} (measured {_fmt(target['value'])})")
@@ -154,3 +178,53 @@ def render_table(report: dict[str, Any]) -> str:
         f"event loop: {machine['loop']}"
     )
     return "\n".join(lines)
+
+
+def _modes(rows: list[dict[str, Any]]) -> list[str]:
+    """The storage modes of the report's ndo rows, in the order they ran (``local`` alone for
+    a run without ndo rows)."""
+    seen: list[str] = []
+    for row in rows:
+        if row["scenario"] != "baseline" and _storage(row) not in seen:
+            seen.append(_storage(row))
+    return seen or ["local"]
+
+
+def _storage_comparison(rows: list[dict[str, Any]], modes: list[str]) -> list[str]:
+    """The storage modes side by side: each replicated row under the local row of its scenario
+    and level, with the ratios to it, and what its commits cost in log appends."""
+    header = (
+        f"{'scenario':<11} {'inflight':>8} {'storage':<7} {'req/s':>9} {'x local':>7} "
+        f"{'p99 ms':>7} {'x local':>7} {'cpu us/req':>10} {'x local':>7} {'tx/s':>7} "
+        f"{'appends/tx':>10} {'append ms':>9}"
+    )
+    lines = [
+        "storage modes: each against local storage at the same scenario and level "
+        "(x local = ratio; appends/tx = partition log records per group commit)",
+        header,
+        "-" * len(header),
+    ]
+    keyed = {(r["scenario"], r["inflight"], _storage(r)): r for r in rows}
+    keys: list[tuple[str, int]] = []
+    for r in rows:
+        key = (r["scenario"], r["inflight"])
+        if r["scenario"] not in ("baseline", "idle-memory") and key not in keys:
+            keys.append(key)
+    for scenario, inflight in keys:
+        for mode in modes:
+            row = keyed.get((scenario, inflight, mode))
+            if row is None:
+                continue
+            local = mode == "local"
+            lines.append(
+                f"{scenario:<11} {_fmt(inflight):>8} {mode:<7} {_fmt(row['rps'], ',.0f'):>9} "
+                f"{'' if local else _fmt(row.get('local_ratio'), '.2f'):>7} "
+                f"{_fmt(row['p99_ms'], '.1f'):>7} "
+                f"{'' if local else _fmt(row.get('p99_local_ratio'), '.2f'):>7} "
+                f"{_fmt(row['cpu_us_per_req'], '.1f'):>10} "
+                f"{'' if local else _fmt(row.get('cpu_local_ratio'), '.2f'):>7} "
+                f"{_fmt(row.get('transactions_per_s'), ',.0f'):>7} "
+                f"{_fmt(row.get('appends_per_tx'), '.1f'):>10} "
+                f"{_fmt(row.get('append_ms'), '.2f'):>9}"
+            )
+    return lines

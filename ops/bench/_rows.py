@@ -31,6 +31,7 @@ def make_row(
         problems = [f"{outcome.violations} replies arrived out of order", *problems]
     row: dict[str, Any] = {
         "scenario": scenario,
+        "storage": None,  # the harness sets the storage mode of an ndo row
         "inflight": inflight,
         "rps": round(outcome.rps, 1),
         "p50_ms": _round(outcome.percentile_ms(0.50), 3),
@@ -65,6 +66,17 @@ def make_row(
     journal_lost = outcome.metric_delta("ndo_journal_failures_total")
     row["journal_per_s"] = round(journaled / outcome.elapsed, 1) if outcome.elapsed else 0.0
     row["journal_lost"] = int(journal_lost)
+    # Replicated storage: partition log appends (one per partition touched by a group commit)
+    # and how long JetStream took to acknowledge them.
+    appends = outcome.metric_delta("ndo_log_appends_total")
+    acked = outcome.metric_delta("ndo_log_append_seconds_count")
+    row["log_appends_per_s"] = round(appends / outcome.elapsed, 1) if appends else None
+    row["appends_per_tx"] = round(appends / tx, 2) if appends and tx else None
+    row["append_ms"] = (
+        round(outcome.metric_delta("ndo_log_append_seconds_sum") / acked * 1000, 3)
+        if acked
+        else None
+    )
     activations = outcome.metric_delta("ndo_activations_total")
     if scenario == "cold":
         row["activations"] = int(activations)
@@ -78,6 +90,14 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def describe(row: dict[str, Any]) -> str:
     """One progress line for a row."""
+    storage = row.get("storage")
+    if storage not in (None, "local"):
+        local = f", {row['local_ratio']:.2f}x local" if row.get("local_ratio") is not None else ""
+        return f"[{storage}] " + _describe(row) + local
+    return _describe(row)
+
+
+def _describe(row: dict[str, Any]) -> str:
     if row["scenario"] == "idle-memory":
         return (
             f"idle-memory: {row['objects']} objects, {row['bytes_per_object']} B/object "
