@@ -29,6 +29,7 @@ __all__ = [
     "cluster_size",
     "has_jetstream",
     "resolve_replicas",
+    "supports_atomic_batches",
     "until_ready",
 ]
 
@@ -82,6 +83,15 @@ def resolve_replicas(requested: int, nc: NatsClient) -> int:
             f"--replicas {min(_MAX_DEFAULT_REPLICAS, size)} (or leave it out), or add servers"
         )
     return requested
+
+
+def supports_atomic_batches(nc: NatsClient) -> bool:
+    """Whether the connected server takes atomic batch publishes (nats-server 2.12+)."""
+    try:
+        version = nc.connected_server_version
+        return (version.major, version.minor) >= (2, 12)
+    except (ValueError, TypeError):  # an unparsable version string
+        return False
 
 
 def has_jetstream(nc: NatsClient) -> bool:

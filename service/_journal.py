@@ -51,7 +51,7 @@ from nats.js import api as js_api
 
 from ndo.actors import ActorError, ActorId
 from ndo.actors.runtime import TurnWrites
-from ndo.service._cluster import until_ready
+from ndo.service._cluster import supports_atomic_batches, until_ready
 from ndo.service._envelope import Envelope
 from ndo.service._metrics import WorkerMetrics
 from ndo.service.journal import (
@@ -301,7 +301,7 @@ async def ensure_journal_stream(
     name = journal_stream_name(prefix)
     subjects = journal_stream_subjects(prefix)
     # Older servers do not know allow_atomic (and a strict one would refuse the field).
-    atomic: bool | None = True if _supports_atomic_batches(nc) else None
+    atomic: bool | None = True if supports_atomic_batches(nc) else None
     what = f"journal stream {name}"
     try:
         info = await until_ready(nc, lambda: js.stream_info(name), what=what)
@@ -342,15 +342,6 @@ async def ensure_journal_stream(
         allow_atomic=atomic if atomic else current.allow_atomic,
     )
     return await js.update_stream(wanted)
-
-
-def _supports_atomic_batches(nc: NatsClient) -> bool:
-    """Whether the connected server takes atomic batch publishes (nats-server 2.12+)."""
-    try:
-        version = nc.connected_server_version
-        return (version.major, version.minor) >= (2, 12)
-    except (ValueError, TypeError):  # an unparsable version string
-        return False
 
 
 # Publisher

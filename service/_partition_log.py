@@ -17,26 +17,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
+import os
 import time
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
 
 import nats.errors
 import nats.js.api as js_api
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
 
-from ndo.service._cluster import until_ready
+from ndo.service._cluster import supports_atomic_batches, until_ready
 from ndo.storage import LogRecord, StorageError, decode_log_record, encode_log_record
 from ndo.subjects import log_subject
 
-__all__ = ["AppendOutcomeUnknownError", "LogConflictError", "PartitionLog", "log_stream_name"]
+__all__ = [
+    "MAX_BATCH",
+    "AppendOutcomeUnknownError",
+    "LogConflictError",
+    "PartitionLog",
+    "log_stream_name",
+]
 
 _log = structlog.get_logger("ndo.storage")
 
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE: Final = 10071
+_DUPLICATE_IN_BATCH: Final = 10201
+"""An atomic batch holds a message id already stored: on a retry, the first attempt landed."""
+_RETRYABLE_STATUS: Final = (503, 408)
+_BATCH_ID: Final = "Nats-Batch-Id"
+_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+_BATCH_COMMIT: Final = "Nats-Batch-Commit"
+MAX_BATCH: Final = 1_000
+"""Most messages in one atomic batch (the server's limit)."""
 _NOT_FOUND: Final = 10037
 _FETCH_BATCH: Final = 512
 _FETCH_UNREADY_RETRIES: Final = 10
@@ -77,6 +97,15 @@ class PartitionLog:
     _prefix: str
     _replicas: int
     _append_timeout: float
+    _js: JetStreamContext
+    _atomic: bool
+    """The stream takes atomic batch publishes (nats-server 2.12+)."""
+    # Batch acknowledgements
+    _acks_inbox: str
+    _acks_sub: Subscription | None
+    _acks: dict[str, asyncio.Future[Msg]]
+    _next_batch: int
+    _batch_prefix: str
 
     def __init__(
         self, nc: NatsClient, prefix: str, *, replicas: int, append_timeout: float
@@ -94,6 +123,13 @@ class PartitionLog:
         self._prefix = prefix
         self._replicas = replicas
         self._append_timeout = append_timeout
+        self._js = nc.jetstream()
+        self._atomic = False
+        self._acks_inbox = ""
+        self._acks_sub = None
+        self._acks = {}
+        self._next_batch = 0
+        self._batch_prefix = os.urandom(6).hex()
 
     async def open(self) -> js_api.StreamInfo:
         """Create the stream, or check the one that is there.
@@ -102,7 +138,18 @@ class PartitionLog:
             StorageError: the stream cannot be created (for example: more replicas than the
                 cluster has servers).
         """
-        js = self._nc.jetstream()
+        info = await self._open()
+        self._atomic = bool(info.config.allow_atomic)
+        if not self._atomic and supports_atomic_batches(self._nc):
+            # A stream made before atomic batches were used: let it take them.
+            with contextlib.suppress(nats.js.errors.Error, *_TRANSIENT):
+                wanted = dataclasses.replace(info.config, allow_atomic=True)
+                info = await self._js.update_stream(wanted)
+                self._atomic = bool(info.config.allow_atomic)
+        return info
+
+    async def _open(self) -> js_api.StreamInfo:
+        js = self._js
         what = f"partition log stream {self.stream}"
         try:
             return await until_ready(self._nc, lambda: js.stream_info(self.stream), what=what)
@@ -119,6 +166,7 @@ class PartitionLog:
             num_replicas=self._replicas,
             duplicate_window=120.0,
             allow_direct=True,
+            allow_atomic=True if supports_atomic_batches(self._nc) else None,
         )
         try:
             return await js.add_stream(config)
@@ -151,12 +199,9 @@ class PartitionLog:
             StorageError: the server refused the record (it is not in the log).
         """
         data = encode_log_record(record)
-        headers = {
-            _EXPECTED_LAST: str(record.prev),
-            "Nats-Msg-Id": f"{record.epoch}.{partition}.{record.prev}",
-        }
+        headers = _ids(partition, record)
         subject = log_subject(self._prefix, partition)
-        js = self._nc.jetstream()
+        js = self._js
         deadline = time.monotonic() + self._append_timeout
         attempt = 0
         while True:
@@ -183,6 +228,132 @@ class PartitionLog:
                 )
             await asyncio.sleep(_RETRY_WAIT[min(attempt, len(_RETRY_WAIT) - 1)])
             attempt += 1
+
+    @property
+    def batches(self) -> bool:
+        """Whether ``append_batch`` can be used (the stream takes atomic batches)."""
+        return self._atomic
+
+    async def append_batch(self, records: Sequence[tuple[int, LogRecord]]) -> list[int]:
+        """Append records of several partitions as one atomic batch: all of them or none.
+
+        Each keeps its own fence (``Nats-Expected-Last-Subject-Sequence``) and id; the server
+        stores a batch in one go and in order, so the records' sequences are consecutive and
+        one acknowledgement covers them all. Retries while the outcome is unknown, like
+        ``append``; a retry refused as a duplicate means the batch landed, and its sequences
+        are then read back from the partitions' last records.
+
+        Returns:
+            Each record's stream sequence, in order.
+
+        Raises:
+            LogConflictError: some partition's log moved on (nothing was appended; which one
+                is not said: append them one by one to find out).
+            AppendOutcomeUnknownError: no acknowledgement within the append timeout.
+            StorageError: the server refused the batch (nothing was appended).
+        """
+        if not 1 <= len(records) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH} records, not {len(records)}")
+        payloads = [
+            (
+                log_subject(self._prefix, partition),
+                encode_log_record(record),
+                _ids(partition, record),
+            )
+            for partition, record in records
+        ]
+        deadline = time.monotonic() + self._append_timeout
+        attempt = 0
+        while True:
+            try:
+                reply = await self._publish_batch(payloads)
+            except _TRANSIENT as exc:
+                error: object = exc
+            else:
+                code, value = _batch_outcome(reply)
+                if code is None:
+                    return list(range(value - len(records) + 1, value + 1))
+                if code == _WRONG_LAST_SEQUENCE:
+                    raise LogConflictError(records[0][0], f"batch refused: {value}")
+                if code == _DUPLICATE_IN_BATCH and attempt > 0:
+                    return await self._landed(records, payloads)
+                if code not in _RETRYABLE_STATUS:
+                    raise StorageError(f"the partition log refused a batch: {value}")
+                error = value
+            if time.monotonic() >= deadline:
+                raise AppendOutcomeUnknownError(
+                    f"no acknowledgement from the partition log for a batch of {len(records)} "
+                    f"records in {self._append_timeout:g}s ({error!r}); they may or may not "
+                    "be there"
+                )
+            await asyncio.sleep(_RETRY_WAIT[min(attempt, len(_RETRY_WAIT) - 1)])
+            attempt += 1
+
+    async def _publish_batch(self, payloads: list[tuple[str, bytes, dict[str, str]]]) -> Msg:
+        """Publish one atomic batch and wait for its acknowledgement (the commit's reply)."""
+        if self._acks_sub is None:
+            self._acks_inbox = self._nc.new_inbox()
+            self._acks_sub = await self._nc.subscribe(f"{self._acks_inbox}.*", cb=self._on_ack)
+        token = str(self._next_batch)
+        self._next_batch += 1
+        batch_id = f"{self._batch_prefix}-{token}"
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        try:
+            count = len(payloads)
+            for index, (subject, data, ids) in enumerate(payloads, start=1):
+                headers = {**ids, _BATCH_ID: batch_id, _BATCH_SEQUENCE: str(index)}
+                last = index == count
+                if last:
+                    headers[_BATCH_COMMIT] = "1"
+                await self._nc.publish(
+                    subject,
+                    data,
+                    reply=f"{self._acks_inbox}.{token}" if last else "",
+                    headers=headers,
+                )
+            async with asyncio.timeout(2.0):
+                return await future
+        except TimeoutError:
+            raise nats.errors.TimeoutError() from None
+        finally:
+            self._acks.pop(token, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.get(msg.subject.rpartition(".")[2])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _landed(
+        self,
+        records: Sequence[tuple[int, LogRecord]],
+        payloads: list[tuple[str, bytes, dict[str, str]]],
+    ) -> list[int]:
+        """The sequences of a batch that landed on an earlier attempt, from each partition's
+        last record (its id must be ours: else the outcome stays unknown)."""
+        seqs: list[int] = []
+        for (partition, _), (_, _, ids) in zip(records, payloads, strict=True):
+            try:
+                msg = await self._js.get_msg(
+                    self.stream, subject=log_subject(self._prefix, partition)
+                )
+            except (nats.js.errors.Error, *_TRANSIENT) as exc:
+                raise AppendOutcomeUnknownError(
+                    f"a batch landed but partition {partition}'s record cannot be read: {exc!r}"
+                ) from None
+            if (msg.headers or {}).get("Nats-Msg-Id") != ids["Nats-Msg-Id"]:
+                raise AppendOutcomeUnknownError(
+                    f"a batch landed, and partition {partition}'s log moved on since"
+                )
+            seqs.append(int(msg.seq or 0))
+        return seqs
+
+    async def close(self) -> None:
+        """Stop listening for batch acknowledgements."""
+        sub, self._acks_sub = self._acks_sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def last(self, partition: int) -> int:
         """Sequence of the last record of ``partition``'s log (0: the log is empty).
@@ -298,6 +469,36 @@ class PartitionLog:
                 f"message {seq} of {self.stream} on partition {partition}'s log is not a log "
                 f"record ({exc}); something other than ndo published there"
             ) from None
+
+
+def _ids(partition: int, record: LogRecord) -> dict[str, str]:
+    """The headers that fence a record (expected last sequence) and name it (its id)."""
+    return {
+        _EXPECTED_LAST: str(record.prev),
+        "Nats-Msg-Id": f"{record.epoch}.{partition}.{record.prev}",
+    }
+
+
+def _batch_outcome(reply: Msg) -> tuple[int | None, Any]:
+    """``(None, last sequence)`` for a stored batch, else ``(error code, description)``."""
+    if reply.headers and reply.headers.get("Status") in ("503", "408"):
+        return int(reply.headers["Status"]), "no stream response"
+    try:
+        answer = json.loads(reply.data)
+    except ValueError:
+        return 0, "unreadable acknowledgement"
+    if not isinstance(answer, dict):
+        return 0, "unreadable acknowledgement"
+    error = answer.get("error")
+    if isinstance(error, dict):
+        code = error.get("err_code") or error.get("code") or 0
+        if error.get("code") in _RETRYABLE_STATUS:
+            code = error["code"]
+        return int(code), str(error.get("description", error))
+    seq = answer.get("seq")
+    if not isinstance(seq, int) or seq <= 0:
+        return 0, f"acknowledgement without a sequence: {answer}"
+    return None, seq
 
 
 def _retryable(exc: nats.js.errors.APIError) -> bool:

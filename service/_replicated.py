@@ -42,6 +42,7 @@ from nats.aio.client import Client as NatsClient
 
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._partition_log import (
+    MAX_BATCH,
     AppendOutcomeUnknownError,
     LogConflictError,
     PartitionLog,
@@ -196,8 +197,10 @@ class ReplicatedStorage(Storage):
         self._max_record = max(64 * 1024, nc.max_payload - _RECORD_HEADROOM)
 
     async def close(self) -> None:
-        """Close the local copy; the logs need no closing."""
+        """Close the local copy and stop listening for acknowledgements."""
         self._tenures.clear()
+        if self._log_stream is not None:
+            await self._log_stream.close()
         await self.local.close()
 
     def _parts(self) -> tuple[PartitionLog, SnapshotStore]:
@@ -280,12 +283,16 @@ class ReplicatedStorage(Storage):
                 fenced.add(partition)  # not held, or written by an earlier tenure
             else:
                 appending.append((partition, tenure, share))
+        records: list[AppliedRecord] = []
+        failed: dict[int, StorageError] = {}
+        batched = await self._append_batch(appending, failed)
+        if batched is not None:
+            records.extend(batched)
+            appending = []  # appended (or failed) as one batch
         outcomes = await asyncio.gather(
             *(self._append_share(p, tenure, share) for p, tenure, share in appending),
             return_exceptions=True,
         )
-        records: list[AppliedRecord] = []
-        failed: dict[int, StorageError] = {}
         for (partition, _, _), outcome in zip(appending, outcomes, strict=True):
             if isinstance(outcome, LogConflictError):
                 fenced.add(partition)
@@ -306,6 +313,57 @@ class ReplicatedStorage(Storage):
         if failed:
             raise PartialCommitError(failed, frozenset(fenced))
         return frozenset(fenced)
+
+    async def _append_batch(
+        self,
+        appending: list[tuple[int, _Tenure, list[ObjectWrite]]],
+        failed: dict[int, StorageError],
+    ) -> list[AppliedRecord] | None:
+        """Append every partition's share as one atomic batch: one message each, one
+        acknowledgement for all (the server stores them together, not one by one).
+
+        Returns:
+            The appended records; ``[]`` when the batch's outcome is unknown (its partitions
+            are then in ``failed`` and given up); None when the shares must be appended one by
+            one instead (one share only, a share too large for one record, a server without
+            atomic batches, or a batch refused because some partition's log moved on: appending
+            one by one finds out which).
+        """
+        log_stream, _ = self._parts()
+        if len(appending) < 2 or len(appending) > MAX_BATCH or not log_stream.batches:
+            return None
+        if any(_estimated_size(share) > self._max_record // 2 for _, _, share in appending):
+            return None
+        batch = [
+            (p, LogRecord(prev=t.last_seq, epoch=t.epoch, writer=self.writer, writes=share))
+            for p, t, share in appending
+        ]
+        started = time.perf_counter()
+        try:
+            seqs = await log_stream.append_batch(batch)
+        except LogConflictError:
+            return None
+        except AppendOutcomeUnknownError as exc:
+            for partition, _, _ in appending:
+                self._metrics.count(self._metrics.log_appends, "failed")
+                failed[partition] = exc
+                self._lose(partition, "an append's outcome is unknown; re-reading the log")
+            return []
+        except StorageError as exc:
+            _log.warning("an atomic batch was refused; appending one by one", error=str(exc))
+            return None
+        elapsed = time.perf_counter() - started
+        applied: list[AppliedRecord] = []
+        for (partition, tenure, share), (_, record), seq in zip(
+            appending, batch, seqs, strict=True
+        ):
+            self._appends += 1
+            self._metrics.count(self._metrics.log_appends, "ok")
+            self._metrics.log_append_seconds.observe(elapsed)
+            tenure.last_seq = seq
+            tenure.since_snapshot += 1
+            applied.append(AppliedRecord(partition, record.prev, seq, tenure.epoch, share))
+        return applied
 
     async def _append_share(
         self, partition: int, tenure: _Tenure, share: list[ObjectWrite]

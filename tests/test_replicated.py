@@ -125,6 +125,29 @@ class TestCommit:
         assert storage.position(PARTITION) == last
         assert (await storage.local.log_positions())[PARTITION] == (last, 7)
 
+    async def test_a_commit_over_many_partitions_is_one_atomic_batch(
+        self, replicas: Replicas, js_nc: NatsClient
+    ) -> None:
+        """The shares of several partitions go out as one atomic batch: consecutive stream
+        sequences, each record on its own partition's log, following that partition's claim."""
+        storage = await replicas.open("w1")
+        partitions = [0, 2, 5, 7]
+        await storage.claim_partitions(partitions, "w1", 3)
+        claims = {p: storage.position(p) for p in partitions}
+        await storage.commit([_write(p * 10, epoch=3, partition=p) for p in partitions])
+        seqs = [storage.position(p) for p in partitions]
+        assert all(s is not None for s in seqs)
+        first = seqs[0]
+        assert first is not None and seqs == list(range(first, first + len(partitions)))
+        log = PartitionLog(js_nc, "ndo", replicas=1, append_timeout=1.0)
+        for p in partitions:
+            found = await log.first_after(p, claims[p] or 0)
+            assert found is not None
+            seq, record = found
+            assert seq == storage.position(p) and record.prev == claims[p]
+            assert [w.writes["n"] for w in record.writes] == [msgspec.msgpack.encode(p * 10)]
+        assert await _value(storage, "a") == 70  # one object id in four partitions: the last
+
     async def test_a_write_set_larger_than_a_message_fails_and_appends_nothing(
         self, replicas: Replicas, js_nc: NatsClient
     ) -> None:
@@ -170,6 +193,24 @@ class TestFencing:
         assert await new.commit([_write(2, epoch=11)]) == set()
         assert await _value(new) == 2
         assert await old.commit([_write(100, epoch=10)]) == {PARTITION}  # not held any more
+
+    async def test_a_fenced_partition_in_a_batch_spares_the_others(
+        self, replicas: Replicas
+    ) -> None:
+        """A batch over several partitions, one of which a newer tenure claimed: that one is
+        fenced, the others are made durable (the refused batch is appended one by one)."""
+        old = await replicas.open("old")
+        new = await replicas.open("new")
+        await old.claim_partitions([1, 2, 3], "old", 10)
+        await new.claim_partitions([2], "new", 11)
+        fenced = await old.commit(
+            [_write(7, epoch=10, oid=f"o{p}", partition=p) for p in (1, 2, 3)]
+        )
+        assert fenced == {2}
+        assert await _value(old, "o1") == 7 and await _value(old, "o3") == 7
+        assert await _value(old, "o2") is None
+        await new.claim_partitions([2], "new", 12)  # reads the log again: nothing of old's
+        assert await _value(new, "o2") is None
 
     async def test_a_claim_older_than_the_log_is_refused(self, replicas: Replicas) -> None:
         """Claiming with an epoch below the log's latest raises FencedError."""
