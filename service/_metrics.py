@@ -147,7 +147,8 @@ class WorkerMetrics:
         )
         self.log_append_seconds = Histogram(
             "ndo_log_append_seconds",
-            "Time from a partition log append to its acknowledgement (retries included).",
+            "Time from a partition log append (one record, or one atomic batch of a group "
+            "commit's records) to its acknowledgement, retries included.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -344,22 +344,21 @@ class ReplicatedStorage(Storage):
         except LogConflictError:
             return None
         except AppendOutcomeUnknownError as exc:
+            self._metrics.count(self._metrics.log_appends, "failed", amount=len(appending))
             for partition, _, _ in appending:
-                self._metrics.count(self._metrics.log_appends, "failed")
                 failed[partition] = exc
                 self._lose(partition, "an append's outcome is unknown; re-reading the log")
             return []
         except StorageError as exc:
             _log.warning("an atomic batch was refused; appending one by one", error=str(exc))
             return None
-        elapsed = time.perf_counter() - started
+        self._appends += len(batch)
+        self._metrics.count(self._metrics.log_appends, "ok", amount=len(batch))
+        self._metrics.log_append_seconds.observe(time.perf_counter() - started)
         applied: list[AppliedRecord] = []
         for (partition, tenure, share), (_, record), seq in zip(
             appending, batch, seqs, strict=True
         ):
-            self._appends += 1
-            self._metrics.count(self._metrics.log_appends, "ok")
-            self._metrics.log_append_seconds.observe(elapsed)
             tenure.last_seq = seq
             tenure.since_snapshot += 1
             applied.append(AppliedRecord(partition, record.prev, seq, tenure.epoch, share))
