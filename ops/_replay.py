@@ -4,9 +4,11 @@ A module of its own because it is a library as well as a command (tests and tool
 ``run_replay`` and the step functions), and because it runs user handlers outside a worker:
 always on scratch ``InMemoryStorage``, never on a worker's data directory.
 
-* **Reading** (``read_journal``): an ephemeral pull consumer on the object's subject
-  ``<prefix>.sys.journal.<Class>.<id>`` of the journal stream, fetched in batches until the
-  consumer has nothing pending. A step's ``seq`` is its stream sequence.
+* **Reading** (``read_journal``): an ephemeral pull consumer on the object's journal shard
+  ``<prefix>.sys.journal.<shard>`` (and on the per-object subject older ndo wrote to), fetched in
+  batches until the consumer has nothing pending; only lines holding the object's class and id
+  are decoded. A step's position is its message's stream sequence, plus its place among the
+  object's records in that message when there are several (``1234.2``).
 * **Reconstruction** (``reconstruct``): every ``ok`` step's write-set is applied to a dict
   (``cleared``, then ``delete``, then ``put``, and the alarm). No user code runs.
 * **Re-execution** (``Reexecutor``, ``compare``): scratch storage is loaded with the state
@@ -29,9 +31,9 @@ import contextlib
 import datetime as dt
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TextIO, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, TextIO, TypeAlias
 
 import msgspec
 import nats
@@ -64,10 +66,12 @@ from ndo.service.journal import (
     JournalError,
     JournalRecord,
     JournalWrites,
-    decode_journal_record,
+    decode_journal_message,
+    journal_builtins,
     journal_stream_name,
     jsonable_reply,
     jsonable_writes,
+    object_marker,
     record_advances_state,
 )
 from ndo.storage import InMemoryStorage, ObjectWrite
@@ -76,7 +80,9 @@ from ndo.subjects import (
     MSGPACK_CONTENT_TYPE,
     Header,
     InvalidSubjectError,
+    journal_shard,
     journal_subject,
+    legacy_journal_subject,
     validate_id,
     validate_name,
 )
@@ -93,6 +99,7 @@ __all__ = [
     "ReplayError",
     "ReplayOptions",
     "StepOutcome",
+    "StepPosition",
     "check_journal_stream",
     "compare",
     "connect",
@@ -119,7 +126,33 @@ EXIT_DIVERGED: Final = 3
 """``--execute`` found at least one step whose reply, error or write-set differs."""
 
 Point: TypeAlias = tuple[Literal["seq", "time"], float]
-"""A point in an object's history: a stream sequence number or epoch seconds."""
+"""A point in an object's history: a step position (``1234``: every step of journal message
+1234; ``1234.2``: the object's second step in it, see ``StepPosition.value``) or epoch seconds."""
+
+_INDEX_SCALE: Final = 1_000_000
+"""A step's place within its message, as a fraction of a position (a message holds far fewer
+records than this; places stay distinct as floats below sequence 2**33, about 8.6e9)."""
+
+
+class StepPosition(NamedTuple):
+    """Where a step is in the journal: its message and its place among the object's records in
+    that message."""
+
+    seq: int
+    """Stream sequence of the journal message."""
+    place: int = 0
+    """1-based place among this object's records in the message; 0 when it is the only one."""
+
+    @property
+    def label(self) -> str:
+        """How tables print it and ``--at``/``--since`` take it: ``1234`` or ``1234.2``."""
+        return str(self.seq) if not self.place else f"{self.seq}.{self.place}"
+
+    @property
+    def value(self) -> float:
+        """The position as the number a ``("seq", ...)`` point compares with."""
+        return self.seq + self.place / _INDEX_SCALE
+
 
 _FETCH_BATCH: Final = 256
 _FETCH_TIMEOUT: Final = 5.0
@@ -134,9 +167,9 @@ _MSGPACK: Final = msgspec.msgpack.Encoder()
 def parse_point(text: str, *, now: float | None = None) -> Point:
     """Read a point in history.
 
-    Accepted: a stream sequence number (``1234``); an ISO 8601 time (``2024-05-01T14:02:00Z``,
-    ``2024-05-01 14:02``; without a zone it is local time); a time of day today (``14:02``);
-    an age (``10m``, ``2h``, ``1d`` ago).
+    Accepted: a step position (``1234``, ``1234.2``: see ``StepPosition``); an ISO 8601 time
+    (``2024-05-01T14:02:00Z``, ``2024-05-01 14:02``; without a zone it is local time); a time of
+    day today (``14:02``); an age (``10m``, ``2h``, ``1d`` ago).
 
     Raises:
         ValueError: none of those.
@@ -144,6 +177,9 @@ def parse_point(text: str, *, now: float | None = None) -> Point:
     text = text.strip()
     if text.isdigit():
         return ("seq", int(text))
+    seq, dot, index = text.partition(".")
+    if dot and seq.isdigit() and index.isdigit() and int(index) < _INDEX_SCALE:
+        return ("seq", StepPosition(int(seq), int(index)).value)
     with contextlib.suppress(ValueError):
         return ("time", (time.time() if now is None else now) - parse_duration(text))
     try:
@@ -153,7 +189,7 @@ def parse_point(text: str, *, now: float | None = None) -> Point:
             clock = dt.time.fromisoformat(text)
         except ValueError:
             raise ValueError(
-                f"cannot read {text!r} as a sequence number (1234), a time "
+                f"cannot read {text!r} as a step (1234, 1234.2), a time "
                 "(2024-05-01T14:02:00Z, 14:02) or an age (10m, 2h, 1d)"
             ) from None
         when = dt.datetime.combine(dt.date.today(), clock)
@@ -212,8 +248,11 @@ async def read_journal(
     *,
     until_seq: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> list[tuple[int, JournalRecord]]:
-    """Read one object's journal records, oldest first, as ``(seq, record)``.
+) -> list[tuple[StepPosition, JournalRecord]]:
+    """Read one object's journal records, oldest first, with their positions.
+
+    Reads the object's journal shard, and the per-object subject ndo wrote to before shards
+    (usually empty), decoding only the lines that hold the object's class and id.
 
     Args:
         nc: a NATS connection.
@@ -221,13 +260,46 @@ async def read_journal(
         class_name: the object's class.
         object_id: the object's id.
         until_seq: stop after this stream sequence.
-        progress: called with ``(records read, records known)`` after each record.
+        progress: called with ``(messages read, messages known)`` as messages arrive.
 
     Raises:
         ReplayError: no JetStream, no journal stream, or a record this ndo cannot read.
     """
     stream = await check_journal_stream(nc, prefix)
-    subject = journal_subject(prefix, class_name, object_id)
+    marker = object_marker(class_name, object_id)
+    found: list[tuple[StepPosition, JournalRecord]] = []
+    for subject in (
+        legacy_journal_subject(prefix, class_name, object_id),
+        journal_subject(prefix, journal_shard(class_name, object_id)),
+    ):
+        async for seq, data in _messages(nc, stream, subject, until_seq, progress):
+            try:
+                lines = decode_journal_message(data, marker)
+            except ValueError as exc:
+                raise ReplayError(f"journal message {seq} on {subject}: {exc}") from None
+            mine = [
+                record
+                for _, record in lines
+                if record.class_name == class_name and record.object_id == object_id
+            ]
+            several = len(mine) > 1
+            found.extend(
+                (StepPosition(seq, index if several else 0), record)
+                for index, record in enumerate(mine, start=1)
+            )
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+async def _messages(
+    nc: NatsClient,
+    stream: str,
+    subject: str,
+    until_seq: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> AsyncIterator[tuple[int, bytes]]:
+    """Yield ``(stream sequence, body)`` of the messages on ``subject``, oldest first, through
+    an ephemeral pull consumer (deleted afterwards)."""
     js = nc.jetstream()
     config = js_api.ConsumerConfig(
         deliver_policy=js_api.DeliverPolicy.ALL,
@@ -241,26 +313,23 @@ async def read_journal(
         info = await psub.consumer_info()
     except (nats.js.errors.Error, nats.errors.Error) as exc:
         raise ReplayError(f"cannot read {subject} from {stream}: {exc}") from None
-    records: list[tuple[int, JournalRecord]] = []
     try:
         remaining = info.num_pending or 0
+        done = 0
         while remaining > 0:
             try:
                 msgs = await psub.fetch(min(remaining, _FETCH_BATCH), timeout=_FETCH_TIMEOUT)
             except nats.errors.TimeoutError:
-                break  # records expired from the stream while we read
+                break  # messages expired from the stream while we read
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
                 if until_seq is not None and seq > until_seq:
-                    return records
-                try:
-                    records.append((seq, decode_journal_record(msg.data)))
-                except ValueError as exc:
-                    raise ReplayError(f"journal record {seq} on {subject}: {exc}") from None
+                    return
+                yield seq, msg.data
                 remaining = msg.metadata.num_pending
+                done += 1
                 if progress is not None:
-                    progress(len(records), len(records) + remaining)
-        return records
+                    progress(done, done + remaining)
     finally:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await psub.unsubscribe()
@@ -275,7 +344,7 @@ class JournalStep:
     """One journal record and the object's state right after it."""
 
     seq: int
-    """Stream sequence of the record."""
+    """Stream sequence of the record's journal message."""
     record: JournalRecord
     state: dict[str, Any]
     """Every key of the object after this step."""
@@ -286,6 +355,13 @@ class JournalStep:
     missing_before: int = 0
     """State-changing records the journal lost right before this step (found by the gap in
     ``write_count``); from here on ``state`` misses their writes."""
+    index: int = 0
+    """Place among the object's records in the same message (``StepPosition.place``)."""
+
+    @property
+    def position(self) -> StepPosition:
+        """Where the step is in the journal (``position.label`` is what tables print)."""
+        return StepPosition(self.seq, self.index)
 
 
 def _apply(state: dict[str, Any], writes: JournalWrites) -> None:
@@ -296,7 +372,9 @@ def _apply(state: dict[str, Any], writes: JournalWrites) -> None:
     state.update(writes.put)
 
 
-def reconstruct(records: Iterable[tuple[int, JournalRecord]]) -> Iterator[JournalStep]:
+def reconstruct(
+    records: Iterable[tuple[StepPosition | int, JournalRecord]],
+) -> Iterator[JournalStep]:
     """Yield each step with the state its recorded write-sets lead to (no user code runs).
 
     The state starts empty: records that retention already removed are not known.
@@ -305,7 +383,8 @@ def reconstruct(records: Iterable[tuple[int, JournalRecord]]) -> Iterator[Journa
     alarm: float | None = None
     incomplete = False
     write_counts: dict[str, int] = {}  # activation token -> write_count of its last record
-    for seq, record in records:
+    for where, record in records:
+        position = where if isinstance(where, StepPosition) else StepPosition(where)
         missing = _missing_before(record, write_counts)
         writes = record.writes
         if record.status == "ok" and writes is not None:
@@ -314,7 +393,9 @@ def reconstruct(records: Iterable[tuple[int, JournalRecord]]) -> Iterator[Journa
                 alarm = writes.alarm
             incomplete = incomplete or record.truncated
         incomplete = incomplete or missing > 0
-        yield JournalStep(seq, record, dict(state), alarm, incomplete, missing)
+        yield JournalStep(
+            position.seq, record, dict(state), alarm, incomplete, missing, position.place
+        )
 
 
 def _missing_before(record: JournalRecord, write_counts: dict[str, int]) -> int:
@@ -331,7 +412,9 @@ def _in_window(step: JournalStep, at: Point | None, since: Point | None) -> bool
         if point is None:
             continue
         kind, value = point
-        position = step.seq if kind == "seq" else step.record.time
+        position = step.position.value if kind == "seq" else step.record.time
+        if kind == "seq" and not after and value == int(value):
+            value += 1 - 1 / _INDEX_SCALE  # `--at 1234`: every step of message 1234
         if (position < value) if after else (position > value):
             return False
     return True
@@ -721,6 +804,8 @@ def step_json(
     record = step.record
     line: dict[str, Any] = {
         "seq": step.seq,
+        "place": step.index,
+        "step": step.position.label,
         "time": format_time(record.time),
         "timestamp": record.time,
         "class": record.class_name,
@@ -730,10 +815,10 @@ def step_json(
         "method": record.method,
         "args": record.args,
         "headers": record.headers,
-        "alarm": msgspec.to_builtins(record.alarm),
+        "alarm": journal_builtins(record.alarm),
         "reply": record.reply,
-        "error": msgspec.to_builtins(record.error),
-        "writes": msgspec.to_builtins(record.writes),
+        "error": journal_builtins(record.error),
+        "writes": journal_builtins(record.writes),
         "duration": record.duration,
         "worker": record.worker,
         "activation": record.activation,
@@ -752,8 +837,8 @@ def step_json(
         line["replayed"] = {
             "status": outcome.status,
             "reply": outcome.reply,
-            "error": msgspec.to_builtins(outcome.error),
-            "writes": msgspec.to_builtins(outcome.writes),
+            "error": journal_builtins(outcome.error),
+            "writes": journal_builtins(outcome.writes),
         }
     return line
 
@@ -765,14 +850,14 @@ def _print_table(
     wide: bool,
 ) -> None:
     limit = None if wide else 48
-    header = ["SEQ", "TIME", "METHOD", "ARGS", "RESULT", "STATE AFTER"]
+    header = ["STEP", "TIME", "METHOD", "ARGS", "RESULT", "STATE AFTER"]
     if checks is not None:
         header.insert(1, "CHECK")
     rows: list[list[str]] = []
     for index, step in enumerate(steps):
         record = step.record
         row = [
-            str(step.seq),
+            step.position.label,
             format_time(record.time),
             method_cell(record),
             shorten(sorted_json(record.args) if record.kind == "request" else "", limit),

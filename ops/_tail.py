@@ -1,8 +1,9 @@
 """``ndo tail``: follow objects' journal records live.
 
-An ordered push consumer (ephemeral, in memory, flow controlled) on
-``<prefix>.sys.journal.<Class>.<id>``, where the class and the id may each be ``*``. It starts at
-new records, or at ``since`` (a sequence number or a time), and prints one line per record (or one
+An ordered push consumer (ephemeral, in memory, flow controlled) on the journal: on one object's
+journal shard when the class and the id are given, else on every journal subject. Records of
+other objects in the same messages are skipped (the class and the id may each be ``*``). It
+starts at new records, or at ``since`` (a step or a time), and prints one line per record (or one
 JSON object with ``--json``) until interrupted or ``count`` records were printed.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import sys
+from collections import Counter
 from typing import Any, TextIO
 
 import msgspec
@@ -26,6 +28,7 @@ from ndo.ops._replay import (
     EXIT_USAGE,
     Point,
     ReplayError,
+    StepPosition,
     check_journal_stream,
     connect,
     format_time,
@@ -34,10 +37,12 @@ from ndo.ops._replay import (
     shorten,
     sorted_json,
 )
-from ndo.service.journal import JournalRecord, decode_journal_record
+from ndo.service.journal import JournalRecord, decode_journal_message, journal_builtins
 from ndo.subjects import (
     DEFAULT_PREFIX,
     InvalidSubjectError,
+    journal_shard,
+    journal_subject,
     journal_wildcard,
     validate_id,
     validate_name,
@@ -65,20 +70,21 @@ class TailOptions(msgspec.Struct, frozen=True, kw_only=True):
     wide: bool = False
 
 
-def record_json(seq: int, record: JournalRecord) -> dict[str, Any]:
-    """The ``--json`` object of one followed record: ``seq``, ``time`` and the record's fields."""
-    line: dict[str, Any] = {"seq": seq, "time": format_time(record.time)}
-    line.update(msgspec.to_builtins(record))
+def record_json(position: StepPosition, record: JournalRecord) -> dict[str, Any]:
+    """The ``--json`` object of one followed record: ``seq``, ``place``, ``step``, ``time`` and
+    the record's fields."""
+    line: dict[str, Any] = {"seq": position.seq, "place": position.place, "step": position.label}
+    line.update(journal_builtins(record))
+    line["time"] = format_time(record.time)
     line["timestamp"] = record.time
-    del line["record"]
     return line
 
 
-def _line(seq: int, record: JournalRecord, wide: bool) -> str:
+def _line(position: StepPosition, record: JournalRecord, wide: bool) -> str:
     limit = None if wide else 60
     args = sorted_json(record.args) if record.kind == "request" else ""
     parts = [
-        f"{seq:>6}",
+        f"{position.label:>6}",
         format_time(record.time),
         f"{record.class_name}/{record.object_id}",
         method_cell(record),
@@ -98,7 +104,7 @@ def _consumer_config(since: Point | None) -> js_api.ConsumerConfig:
     kind, value = since
     if kind == "seq" and value <= 1:  # sequences start at 1; JetStream refuses a start of 0
         return js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-    if kind == "seq":
+    if kind == "seq":  # from the start of the step's message
         return js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(value)
         )
@@ -106,6 +112,16 @@ def _consumer_config(since: Point | None) -> js_api.ConsumerConfig:
         deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
         opt_start_time=dt.datetime.fromtimestamp(value, dt.UTC),
     )
+
+
+def _matching(lines: list[tuple[int, JournalRecord]], options: TailOptions) -> list[JournalRecord]:
+    """The records of a journal message that ``options`` follows, in order."""
+    return [
+        record
+        for _, record in lines
+        if options.class_name in ("*", record.class_name)
+        and options.object_id in ("*", record.object_id)
+    ]
 
 
 async def run_tail(
@@ -133,7 +149,12 @@ async def run_tail(
     except InvalidSubjectError as exc:
         err.write(f"ndo tail: {exc}\n")
         return EXIT_USAGE
-    subject = journal_wildcard(options.prefix, options.class_name, options.object_id)
+    one_object = options.class_name != "*" and options.object_id != "*"
+    subject = (
+        journal_subject(options.prefix, journal_shard(options.class_name, options.object_id))
+        if one_object
+        else journal_wildcard(options.prefix)
+    )
     try:
         nc = await connect(options.nats_url)
     except ReplayError as exc:
@@ -154,16 +175,24 @@ async def run_tail(
                 continue
             seq = msg.metadata.sequence.stream
             try:
-                record = decode_journal_record(msg.data)
+                records = _matching(decode_journal_message(msg.data), options)
             except ValueError as exc:
-                err.write(f"ndo tail: record {seq} on {msg.subject}: {exc}\n")
+                err.write(f"ndo tail: journal message {seq} on {msg.subject}: {exc}\n")
                 continue
-            if options.as_json:
-                out.write(_JSON.encode(record_json(seq, record)).decode() + "\n")
-            else:
-                out.write(_line(seq, record, options.wide) + "\n")
+            per_object = Counter((r.class_name, r.object_id) for r in records)
+            places: dict[tuple[str, str], int] = {}
+            for record in records:
+                if options.count is not None and shown >= options.count:
+                    break
+                key = (record.class_name, record.object_id)
+                places[key] = places.get(key, 0) + 1
+                position = StepPosition(seq, places[key] if per_object[key] > 1 else 0)
+                if options.as_json:
+                    out.write(_JSON.encode(record_json(position, record)).decode() + "\n")
+                else:
+                    out.write(_line(position, record, options.wide) + "\n")
+                shown += 1
             out.flush()
-            shown += 1
         return EXIT_OK
     except ReplayError as exc:
         err.write(f"ndo tail: {exc}\n")

@@ -163,7 +163,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     replay = commands.add_parser(
         "replay",
         help="print an object's journal step by step, or re-run it on today's code",
-        description="Read CLASS/ID's journal and print each step: sequence, time, method, "
+        description="Read CLASS/ID's journal and print each step: position, time, method, "
         "arguments, reply or error, and the state after it (rebuilt from the recorded "
         "write-sets; no user code runs). With --execute, re-run the steps against today's "
         "code on scratch in-memory storage and report where replies or writes diverge. "
@@ -175,15 +175,15 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     replay.add_argument(
         "--at",
         type=argument_type(parse_point),
-        metavar="SEQ|TIME",
-        help="stop at this step: a sequence number, a time (2024-05-01T14:02:00Z, 14:02) or an "
-        "age (10m)",
+        metavar="STEP|TIME",
+        help="stop at this step: a step (1234, 1234.2), a time (2024-05-01T14:02:00Z, 14:02) "
+        "or an age (10m)",
     )
     replay.add_argument(
         "--since",
         type=argument_type(parse_point),
-        metavar="TIME|SEQ",
-        help="start showing (and executing) at this time or sequence number",
+        metavar="TIME|STEP",
+        help="start showing (and executing) at this time or step (1234, 1234.2)",
     )
     replay.add_argument(
         "--execute",
@@ -218,8 +218,8 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     tail.add_argument(
         "--since",
         type=argument_type(parse_point),
-        metavar="TIME|SEQ",
-        help="start with older records: from this time, age (10m) or sequence number",
+        metavar="TIME|STEP",
+        help="start with older records: from this time, age (10m) or step",
     )
     tail.add_argument("--count", type=int, help="exit after this many records")
     tail.add_argument("--json", action="store_true", help="one JSON object per record")

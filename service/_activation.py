@@ -326,7 +326,9 @@ class Activation(TurnRunner):
         headers = MSGPACK_HEADERS if envelope.msgpack else None
         unchanged = changes.is_empty()
         journal = None
-        if services.journal.enabled:
+        if services.journal.enabled and (
+            not unchanged or events or envelope.alarm is not None or services.journal.reads
+        ):
             journal = JournalEntry(
                 self.address,
                 self.partition,

@@ -98,8 +98,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds a partition log append keeps retrying without an acknowledgement (a stream
     leader election takes several) before its turns fail and the partition is re-read."""
     journal: bool = True
-    """Record every turn to the JetStream journal stream (skipped, with a warning, when the
-    server has no JetStream)."""
+    """Record turns to the JetStream journal stream (skipped, with a warning, when the server has
+    no JetStream)."""
+    journal_reads: bool = False
+    """Also record read-only turns that succeeded (by default the journal records every turn that
+    changed state, every alarm delivery and every failure, not successful reads)."""
     journal_max_age: float = 7 * 24 * 3600.0
     """Seconds the journal keeps a record (stream ``max_age``)."""
     journal_max_bytes: int = 1024 * 1024 * 1024
@@ -220,6 +223,11 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
         field="journal",
         help="do not record turns to the JetStream journal",
         flag="--no-journal",
+    ),
+    WorkerOption(
+        field="journal_reads",
+        help="also journal read-only calls that succeeded (off: the journal keeps every call "
+        "that changed state or failed, and alarms)",
     ),
     WorkerOption(
         field="journal_max_age",

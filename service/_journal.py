@@ -7,18 +7,21 @@ in-memory ``JournalEntry`` an activation hands over.
 
 Publishing: an activation hands a finished turn to ``JournalPublisher.record`` *after* its reply
 left (for a turn that wrote, after the commit). ``record`` only appends a cheap ``JournalEntry``
-(references, nothing encoded) to a bounded buffer. A background task encodes entries and sends
-them with core-NATS publishes, a *burst* at a time (what was buffered, up to
-``_CONFIRM_EVERY`` records): on nats-server 2.12+ as one atomic batch (``Nats-Batch-*``
-headers; the stream has ``allow_atomic``), stored all or nothing and several times faster for
-JetStream than single records; on older servers as plain publishes. Either way only the last
-record carries a reply subject on the publisher's own inbox, and its acknowledgement confirms
-the whole burst (for plain publishes because the server stores one connection's publishes in
-order and the stream discards old records, never new ones). No request ever waits for
-JetStream. A full buffer drops the entry; a missing stream, a rejected record or an
-acknowledgement that does not arrive within ``ack_timeout`` is a lost record. Each loss is
-counted in ``ndo_journal_failures_total{reason}`` and logged (rate limited); none fails a
-request.
+(references, nothing encoded) to a bounded buffer. A background task collects what arrives
+during ``flush_interval`` (50 ms), encodes each entry as one JSON line and publishes **one
+message per journal shard** holding all of that shard's lines (``<prefix>.sys.journal.<shard>``,
+16 shards; a message stays under the server's max_payload). JetStream's cost is per stored
+message (with ``sync_interval: always`` each one is a write and an fsync), so a message of a
+hundred records costs the server about what one record did: this is what keeps history cheap
+(docs/journal.md has the measurements). Each message asks for its own acknowledgement on the
+publisher's inbox. No request ever waits for JetStream. A full buffer drops the entry; a missing
+stream, a rejected message or an acknowledgement that does not arrive within ``ack_timeout``
+loses its records. Each loss is counted in ``ndo_journal_failures_total{reason}`` and logged
+(rate limited); none fails a request.
+
+What is recorded: every turn that changed state or could explain a problem (writes, alarm
+deliveries, errors, aborted turns, duplicates); a read-only turn that succeeded only with
+``reads`` (``--journal-reads``): reads are most of the traffic and change nothing replay needs.
 
 Record order: records of one object leave in the order its turns ran. Committed turns are
 released in commit order; a turn that needs no commit (a failure, a duplicate) is recorded
@@ -34,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections import deque
 from itertools import takewhile
@@ -51,7 +53,7 @@ from nats.js import api as js_api
 
 from ndo.actors import ActorError, ActorId
 from ndo.actors.runtime import TurnWrites
-from ndo.service._cluster import supports_atomic_batches, until_ready
+from ndo.service._cluster import until_ready
 from ndo.service._envelope import Envelope
 from ndo.service._metrics import WorkerMetrics
 from ndo.service.journal import (
@@ -66,7 +68,13 @@ from ndo.service.journal import (
     jsonable_value,
     jsonable_writes,
 )
-from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, journal_subject
+from ndo.subjects import (
+    MSGPACK_CONTENT_TYPE,
+    Header,
+    journal_shard,
+    journal_shard_of_partition,
+    journal_subject,
+)
 
 __all__ = [
     "JOURNAL_OFF",
@@ -80,7 +88,7 @@ __all__ = [
 _log = structlog.get_logger("ndo.journal")
 
 _STREAM_DESCRIPTION: Final = (
-    "ndo journal: <prefix>.sys.journal.<Class>.<id>, one subject per object"
+    "ndo journal: <prefix>.sys.journal.<shard>, many turn records (JSON lines) per message"
 )
 _STATUS: Final = "Status"
 _STORED: Final = b'{"stream":'
@@ -89,11 +97,12 @@ _WARN_EVERY: Final = 30.0
 """Seconds between two warnings about lost journal records (the counter has every loss)."""
 _SWEEP_INTERVAL: Final = 0.5
 """Seconds between checks for acknowledgements that did not arrive in time."""
-_CONFIRM_EVERY: Final = 256
-"""Most records in one burst (one atomic batch, one acknowledgement); servers allow 1,000."""
-_BATCH_ID: Final = "Nats-Batch-Id"
-_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
-_BATCH_COMMIT: Final = "Nats-Batch-Commit"
+_FLUSH_INTERVAL: Final = 0.05
+"""Seconds the publisher collects records before it publishes them (the most a record waits)."""
+_MAX_PASS: Final = 20_000
+"""Most entries one pass encodes before it publishes (bounds the time between two awaits)."""
+_MAX_MESSAGE: Final = 512 * 1024
+"""Most bytes of one journal message (lower when the server's max_payload is lower)."""
 
 
 class JournalEntry:
@@ -263,6 +272,11 @@ class Journal(Protocol):
         """Whether ``record`` keeps anything (entries need not be built otherwise)."""
         ...
 
+    @property
+    def reads(self) -> bool:
+        """Whether read-only turns that succeeded are recorded too (``--journal-reads``)."""
+        ...
+
     def record(self, entry: JournalEntry) -> None:
         """Take a finished turn; never raises, never waits."""
         ...
@@ -272,6 +286,7 @@ class _JournalOff:
     """The journal of a worker that records nothing."""
 
     enabled: Final = False
+    reads: Final = False
 
     def record(self, entry: JournalEntry) -> None:
         """Drop ``entry``."""
@@ -300,8 +315,6 @@ async def ensure_journal_stream(
     js = nc.jetstream()
     name = journal_stream_name(prefix)
     subjects = journal_stream_subjects(prefix)
-    # Older servers do not know allow_atomic (and a strict one would refuse the field).
-    atomic: bool | None = True if supports_atomic_batches(nc) else None
     what = f"journal stream {name}"
     try:
         info = await until_ready(nc, lambda: js.stream_info(name), what=what)
@@ -317,7 +330,6 @@ async def ensure_journal_stream(
             max_bytes=max_bytes,
             num_replicas=replicas,
             allow_direct=True,
-            allow_atomic=atomic,  # bursts go in as atomic batches (nats-server 2.12+)
         )
         try:
             return await js.add_stream(config)
@@ -331,16 +343,9 @@ async def ensure_journal_stream(
         and current.max_bytes == max_bytes
         and current.max_age is not None
         and abs(current.max_age - max_age) < 1e-3
-        and (current.allow_atomic or atomic is None)
     ):
         return info
-    wanted = dataclasses.replace(
-        current,
-        subjects=subjects,
-        max_age=max_age,
-        max_bytes=max_bytes,
-        allow_atomic=atomic if atomic else current.allow_atomic,
-    )
+    wanted = dataclasses.replace(current, subjects=subjects, max_age=max_age, max_bytes=max_bytes)
     return await js.update_stream(wanted)
 
 
@@ -351,7 +356,8 @@ class JournalPublisher:
     """Records finished turns to the journal stream in the background (see the module doc).
 
     ``start`` ensures the stream and returns False (after a warning) when the journal cannot run;
-    ``record`` never blocks or raises; ``stop`` waits a moment for what is buffered.
+    ``record`` never blocks or raises; ``stop`` publishes what is buffered and waits a moment for
+    the acknowledgements.
     """
 
     # Configuration
@@ -365,23 +371,22 @@ class JournalPublisher:
     _max_pending: int
     _replicas: int
     _ack_timeout: float
+    _flush_interval: float
+    _reads: bool
+    _partitions: int
     # State
     _queue: deque[JournalEntry]
     _inflight: dict[str, tuple[float, int]]
     """Reply token -> (monotonic deadline of its acknowledgement, records it confirms), oldest
     first."""
     _unconfirmed: int
-    """Records published and not yet acknowledged (sum over ``_inflight``, plus the current
-    burst's records sent so far)."""
-    _atomic: bool
-    """The stream takes atomic batches (nats-server 2.12+): a burst is stored all or nothing."""
-    _batch_prefix: str
-    """Prefix of this publisher's batch ids (unique per publisher)."""
+    """Records published and not yet acknowledged (sum over ``_inflight``)."""
     _next_token: int
     _inbox: str
     _sub: Subscription | None
     _task: asyncio.Task[None] | None
     _wakeup: asyncio.Event
+    _stopping: bool
     _running: bool
     _last_warning: float
 
@@ -397,7 +402,9 @@ class JournalPublisher:
         max_pending: int = 10_000,
         replicas: int = 1,
         ack_timeout: float = 5.0,
-        atomic_batches: bool = True,
+        flush_interval: float = _FLUSH_INTERVAL,
+        reads: bool = False,
+        partitions: int = 0,
     ) -> None:
         """Describe the publisher; nothing happens until ``start``.
 
@@ -411,9 +418,11 @@ class JournalPublisher:
             max_pending: records buffered or waiting for their acknowledgement before new ones
                 are dropped.
             replicas: replicas of the stream when this worker creates it.
-            ack_timeout: seconds after which an unacknowledged record counts as lost.
-            atomic_batches: publish bursts as atomic batches when the stream allows them
-                (False: plain publishes, as on servers before 2.12).
+            ack_timeout: seconds after which an unacknowledged message's records count as lost.
+            flush_interval: seconds records are collected before they are published.
+            reads: record read-only turns that succeeded too.
+            partitions: the deployment's partition count (finds an entry's journal shard from
+                its partition without hashing again); 0: always hash.
         """
         self._nc = nc
         self._prefix = prefix
@@ -425,16 +434,18 @@ class JournalPublisher:
         self._max_pending = max_pending
         self._replicas = replicas
         self._ack_timeout = ack_timeout
+        self._flush_interval = flush_interval
+        self._reads = reads
+        self._partitions = partitions
         self._queue = deque()
         self._inflight = {}
         self._unconfirmed = 0
-        self._atomic = atomic_batches  # and the stream allows them: checked in start()
-        self._batch_prefix = ""
         self._next_token = 0
         self._inbox = ""
         self._sub = None
         self._task = None
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self._running = False
         self._last_warning = -_WARN_EVERY
 
@@ -447,6 +458,11 @@ class JournalPublisher:
     def enabled(self) -> bool:
         """Whether records are taken (between ``start`` and ``stop``)."""
         return self._running
+
+    @property
+    def reads(self) -> bool:
+        """Whether read-only turns that succeeded are recorded too."""
+        return self._reads
 
     @property
     def pending(self) -> int:
@@ -485,11 +501,10 @@ class JournalPublisher:
                 error=str(exc),
             )
             return False
-        self._atomic = self._atomic and bool(info.config.allow_atomic)  # None before 2.12
-        self._batch_prefix = os.urandom(6).hex() + "-"
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._handle_ack)
         self._running = True
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="ndo-journal")
         _log.info(
             "journal on",
@@ -497,6 +512,7 @@ class JournalPublisher:
             subjects=info.config.subjects,
             max_age=self._max_age,
             max_bytes=self._max_bytes,
+            reads=self._reads,
         )
         return True
 
@@ -526,6 +542,7 @@ class JournalPublisher:
         if task is None:
             return
         deadline = time.monotonic() + timeout
+        self._stopping = True
         self._wakeup.set()
         while (self._queue or self._inflight) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
@@ -551,60 +568,75 @@ class JournalPublisher:
                     await self._wakeup.wait()
             self._wakeup.clear()
             self._expire(time.monotonic())
+            if self._queue and not self._stopping:
+                await asyncio.sleep(self._flush_interval)  # let a window of records gather
             while self._queue:
-                await self._publish_burst(self._encode_burst())
+                for subject, data, count in self._messages(self._encode_pass()):
+                    await self._publish(subject, data, count)
 
-    def _encode_burst(self) -> list[tuple[str, bytes]]:
-        """Take up to ``_CONFIRM_EVERY`` buffered entries and encode them (no await in here,
-        so ``record`` cannot interleave); entries that cannot be encoded are counted lost."""
-        burst: list[tuple[str, bytes]] = []
-        while self._queue and len(burst) < _CONFIRM_EVERY:
+    def _encode_pass(self) -> dict[int, list[bytes]]:
+        """Take up to ``_MAX_PASS`` buffered entries and encode each as one JSON line, grouped by
+        journal shard in arrival order (no await in here, so ``record`` cannot interleave);
+        entries that cannot be encoded are counted lost."""
+        shards: dict[int, list[bytes]] = {}
+        limit = self._message_limit()
+        taken = 0
+        while self._queue and taken < _MAX_PASS:
             entry = self._queue.popleft()
+            taken += 1
             try:
                 data = encode_journal_record(journal_record(entry, self._worker))
-                if len(data) > self._nc.max_payload:
+                if len(data) > limit:
                     data = encode_journal_record(
                         journal_record(entry, self._worker, truncated=True)
                     )
             except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
                 self._fail("encode_error", str(exc))
                 continue
-            if len(data) > self._nc.max_payload:
+            if len(data) > limit:
                 self._fail("too_large", f"record of {len(data)} bytes")
                 continue
-            address = entry.address
-            burst.append(
-                (journal_subject(self._prefix, address.class_name, address.object_id), data)
-            )
-        return burst
+            shard = journal_shard_of_partition(entry.partition, self._partitions)
+            if shard is None:
+                shard = journal_shard(entry.address.class_name, entry.address.object_id)
+            lines = shards.get(shard)
+            if lines is None:
+                shards[shard] = [data]
+            else:
+                lines.append(data)
+        return shards
 
-    async def _publish_burst(self, burst: list[tuple[str, bytes]]) -> None:
-        """Publish a burst with one acknowledgement for all of it: as one atomic batch when the
-        stream allows it, else as plain publishes of which the last asks for the ack."""
-        if not burst:
-            return
-        count = len(burst)
+    def _messages(self, shards: dict[int, list[bytes]]) -> list[tuple[str, bytes, int]]:
+        """Join each shard's lines into messages under the size limit: (subject, body, records)."""
+        limit = self._message_limit()
+        messages: list[tuple[str, bytes, int]] = []
+        for shard, lines in shards.items():
+            subject = journal_subject(self._prefix, shard)
+            start, size = 0, 0
+            for index, line in enumerate(lines):
+                if index > start and size + 1 + len(line) > limit:
+                    messages.append((subject, b"\n".join(lines[start:index]), index - start))
+                    start, size = index, 0
+                size += len(line) + (1 if index > start else 0)
+            messages.append((subject, b"\n".join(lines[start:]), len(lines) - start))
+        return messages
+
+    def _message_limit(self) -> int:
+        """Most bytes of one journal message (the record's line included)."""
+        max_payload = self._nc.max_payload
+        return min(_MAX_MESSAGE, max_payload - 1024 if max_payload > 4096 else max_payload)
+
+    async def _publish(self, subject: str, data: bytes, count: int) -> None:
+        """Publish one journal message that confirms ``count`` records when acknowledged."""
         token = str(self._next_token)
         self._next_token += 1
         self._inflight[token] = (time.monotonic() + self._ack_timeout, count)
         self._unconfirmed += count
-        reply = f"{self._inbox}.{token}"
-        batch_id = f"{self._batch_prefix}{token}" if self._atomic and count > 1 else None
         try:
-            for index, (subject, data) in enumerate(burst, start=1):
-                last = index == count
-                if batch_id is None:
-                    # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes
-                    # these subjects, and a header-less publish is cheaper.
-                    await self._nc.publish(subject, data, reply=reply if last else "")
-                    continue
-                headers = {_BATCH_ID: batch_id, _BATCH_SEQUENCE: str(index)}
-                if last:
-                    headers[_BATCH_COMMIT] = "1"
-                await self._nc.publish(subject, data, reply=reply if last else "", headers=headers)
+            # No Nats-Expected-Stream header: streams cannot overlap, so only ours takes these
+            # subjects, and a header-less publish is cheaper.
+            await self._nc.publish(subject, data, reply=f"{self._inbox}.{token}")
         except nats.errors.Error as exc:
-            # The burst cannot be confirmed any more (an atomic batch left open is discarded by
-            # the server): count all of it lost.
             if self._inflight.pop(token, None) is not None:
                 self._unconfirmed -= count
                 self._fail("publish_error", str(exc), count=count)

@@ -352,6 +352,8 @@ class Worker:
             max_age=self.config.journal_max_age,
             max_bytes=self.config.journal_max_bytes,
             max_pending=self.config.journal_max_pending,
+            reads=self.config.journal_reads,
+            partitions=self.config.partitions,
             replicas=self.replicas,
         )
         if await journal.start():

@@ -5,9 +5,12 @@ worker writes these records and tools read them, possibly of another ndo version
 JSON (readable with any NATS tool, ``nats stream view``), tagged and versioned: a reader refuses a
 version newer than it knows, with a message that says to upgrade.
 
-The stream is ``<PREFIX>_JOURNAL`` (``journal_stream_name``) on ``<prefix>.sys.journal.>``, one
-subject per object (``ndo.subjects.journal_subject``). A record's stream sequence is its step
-number.
+The stream is ``<PREFIX>_JOURNAL`` (``journal_stream_name``) on ``<prefix>.sys.journal.>``. A
+message holds the records of many turns, one JSON line each (``decode_journal_message``), of the
+objects of one journal shard (``ndo.subjects.journal_subject``; ``journal_shard`` says which);
+a step is identified by the message's stream sequence and the record's place in it. ndo before
+journal shards wrote one record per message on a per-object subject
+(``ndo.subjects.legacy_journal_subject``): such a message is a one-line message here.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ __all__ = [
     "JournalWrites",
     "TurnKind",
     "TurnStatus",
+    "decode_journal_message",
     "decode_journal_record",
     "encode_journal_record",
+    "journal_builtins",
     "journal_stream_name",
     "journal_stream_subjects",
     "jsonable_reply",
     "jsonable_value",
     "jsonable_writes",
+    "object_marker",
     "record_advances_state",
 ]
 
@@ -81,7 +87,7 @@ class JournalAlarm(msgspec.Struct, frozen=True, kw_only=True):
     """1 for the first delivery, 2 for the first retry, ..."""
 
 
-class JournalWrites(msgspec.Struct, frozen=True, kw_only=True):
+class JournalWrites(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The write-set a step committed, values decoded from MessagePack to JSON-able data.
 
     Applied in this order: ``cleared`` (delete every key), then ``delete``, then ``put``.
@@ -97,7 +103,9 @@ class JournalWrites(msgspec.Struct, frozen=True, kw_only=True):
     """New alarm time (epoch seconds); ``null``: alarm deleted; absent: alarm unchanged."""
 
 
-class JournalRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="record", tag="turn"):
+class JournalRecord(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="record", tag="turn"
+):
     """One step of one object's history: input, outcome, write-set, timing.
 
     The message's JetStream stream sequence is the step's ``seq`` (not stored in the body).
@@ -177,6 +185,57 @@ def decode_journal_record(data: bytes) -> JournalRecord:
             f"reads up to version {JOURNAL_VERSION}); upgrade ndo to read it"
         )
     return record
+
+
+def decode_journal_message(
+    data: bytes, marker: bytes | None = None
+) -> list[tuple[int, JournalRecord]]:
+    """Decode a journal message: its records as ``(line number, record)``, in order.
+
+    Args:
+        data: the message body (JSON lines).
+        marker: only decode lines holding these bytes (``object_marker``): a cheap pre-filter
+            for one object's records; the caller still checks each record's class and id.
+
+    Raises:
+        ValueError: a line is not a journal record this ndo understands.
+    """
+    if marker is not None and marker not in data:
+        return []
+    records: list[tuple[int, JournalRecord]] = []
+    for number, line in enumerate(data.split(b"\n")):
+        if marker is not None and marker not in line:
+            continue
+        records.append((number, decode_journal_record(line)))
+    return records
+
+
+def journal_builtins(value: Any) -> Any:
+    """``value`` (a record or a part of one) as plain data with every field present.
+
+    Records are encoded without their default values (``error: null``, ``delete: []``) to keep
+    messages small; tools that print them as JSON use this so every documented key is there.
+    """
+    if isinstance(value, msgspec.Struct):
+        fields: dict[str, Any] = {}
+        for field in msgspec.structs.fields(value):
+            item = getattr(value, field.name)
+            if item is not UNSET:
+                fields[field.encode_name] = journal_builtins(item)
+        return fields
+    return msgspec.to_builtins(value)
+
+
+def object_marker(class_name: str, object_id: str) -> bytes:
+    """Bytes every encoded record of object ``(class_name, object_id)`` contains (its class and
+    id as the encoder writes them, side by side)."""
+    return (
+        b'"class":'
+        + _RECORD_ENCODER.encode(class_name)
+        + b',"id":'
+        + _RECORD_ENCODER.encode(object_id)
+        + b","
+    )
 
 
 def _base64(raw: bytes) -> dict[str, str]:

@@ -16,6 +16,7 @@ from ndo.subjects._naming import (
     is_valid_id,
     journal_subject,
     journal_wildcard,
+    legacy_journal_subject,
     log_subject,
     new_unique_id,
     parse_rpc_subject,
@@ -28,11 +29,19 @@ from ndo.subjects._naming import (
     validate_name,
     validate_prefix,
 )
-from ndo.subjects._partition import DEFAULT_PARTITIONS, fnv1a_32, partition_of
+from ndo.subjects._partition import (
+    DEFAULT_PARTITIONS,
+    JOURNAL_SHARDS,
+    fnv1a_32,
+    journal_shard,
+    journal_shard_of_partition,
+    partition_of,
+)
 
 __all__ = [
     "DEFAULT_PARTITIONS",
     "DEFAULT_PREFIX",
+    "JOURNAL_SHARDS",
     "MAX_ID_LENGTH",
     "MAX_NAME_LENGTH",
     "MSGPACK_CONTENT_TYPE",
@@ -46,8 +55,11 @@ __all__ = [
     "forward_wildcard",
     "id_from_name",
     "is_valid_id",
+    "journal_shard",
+    "journal_shard_of_partition",
     "journal_subject",
     "journal_wildcard",
+    "legacy_journal_subject",
     "log_subject",
     "new_unique_id",
     "parse_rpc_subject",

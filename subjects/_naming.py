@@ -34,6 +34,7 @@ __all__ = [
     "is_valid_id",
     "journal_subject",
     "journal_wildcard",
+    "legacy_journal_subject",
     "log_subject",
     "new_unique_id",
     "parse_rpc_subject",
@@ -249,11 +250,22 @@ def log_subject(prefix: str, partition: int | None = None) -> str:
     return sys_subject(prefix, "log", "*" if partition is None else str(partition))
 
 
-def journal_subject(prefix: str, class_name: str, object_id: str) -> str:
-    """Subject of one object's journal records."""
+def journal_subject(prefix: str, shard: int | None = None) -> str:
+    """Subject of journal shard ``shard``'s messages (``*`` for every shard when None).
+
+    A journal message holds the records of many turns of the objects of one shard
+    (``journal_shard``); ``journal_wildcard`` also matches the per-object subjects that ndo
+    before 0.2 wrote one record to each.
+    """
+    return sys_subject(prefix, "journal", "*" if shard is None else str(shard))
+
+
+def legacy_journal_subject(prefix: str, class_name: str, object_id: str) -> str:
+    """Subject of one object's journal records as ndo wrote them before journal shards (one
+    record per message); read back by ``ndo replay`` so older history stays visible."""
     return sys_subject(prefix, "journal", class_name, object_id)
 
 
-def journal_wildcard(prefix: str, class_name: str = "*", object_id: str = "*") -> str:
-    """Subject filter over journal records (``*`` matches any class or id)."""
-    return sys_subject(prefix, "journal", class_name, object_id)
+def journal_wildcard(prefix: str) -> str:
+    """Subject filter over every journal message (shards, and older per-object subjects)."""
+    return sys_subject(prefix, "journal", ">")

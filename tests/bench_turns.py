@@ -41,6 +41,7 @@ class _CountingJournal:
     """A journal that only counts entries (every turn records one: the end of a turn)."""
 
     enabled = True
+    reads = True  # every turn records one entry, reads included
 
     def __init__(self) -> None:
         self.entries = 0

@@ -587,9 +587,9 @@ class TestWorkerOptions:
             "--data-dir", "--metrics-port", "--metrics-host", "--log-format", "--log-level",
             "--loop", "--partitions", "--max-active", "--idle-timeout", "--handler-timeout",
             "--max-payload", "--max-mailbox", "--drain-timeout", "--idempotency-window",
-            "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-max-age",
-            "--journal-max-bytes", "--worker-name", "--lease-ttl", "--ownership", "--storage",
-            "--replicas", "--snapshot-every",
+            "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-reads",
+            "--journal-max-age", "--journal-max-bytes", "--worker-name", "--lease-ttl",
+            "--ownership", "--storage", "--replicas", "--snapshot-every",
         }  # fmt: skip
 
     @pytest.mark.parametrize("option", WORKER_OPTIONS, ids=lambda option: option.field)

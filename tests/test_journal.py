@@ -1,16 +1,23 @@
-"""The journal (every turn recorded to JetStream), ``ndo replay`` and ``ndo tail``.
+"""The journal (turns recorded to JetStream), ``ndo replay`` and ``ndo tail``.
 
 Real nats-server with JetStream and a real worker throughout. Most tests stop the worker before
-reading: ``stop`` waits for the journal's acknowledgements, so every record is in the stream.
+reading: ``stop`` publishes what the journal buffered and waits for the acknowledgements, so every
+record is in the stream.
+
+A journal message holds the records of one flush window (50 ms) for the objects of one journal
+shard, one JSON line each; a step's position is the message's stream sequence plus its place
+among the object's records in that message (``1234`` alone, ``1234.2`` when it shares one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,15 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from structlog.testing import capture_logs
 
-from ndo.actors import Actor, ActorClient, ActorId, HandlerError, RetryPolicy, method
+from ndo.actors import (
+    Actor,
+    ActorClient,
+    ActorId,
+    ConflictError,
+    HandlerError,
+    RetryPolicy,
+    method,
+)
 from ndo.actors.runtime import ALARM_UNCHANGED, TurnWrites
 from ndo.examples import Counter
 from ndo.ops import cli
@@ -30,6 +45,7 @@ from ndo.ops._replay import (
     EXIT_OK,
     JournalStep,
     ReplayOptions,
+    StepPosition,
     parse_point,
     read_journal,
     reconstruct,
@@ -39,10 +55,38 @@ from ndo.ops._replay import (
 from ndo.ops._tail import TailOptions, run_tail
 from ndo.service import Envelope, Worker, WorkerMetrics, parse_duration, parse_size
 from ndo.service._journal import JournalEntry, JournalPublisher
-from ndo.service.journal import JournalRecord, journal_stream_name
-from ndo.subjects import MSGPACK_CONTENT_TYPE, Header, rpc_subject
+from ndo.service.journal import (
+    JournalRecord,
+    JournalWrites,
+    decode_journal_message,
+    encode_journal_record,
+    journal_stream_name,
+)
+from ndo.subjects import (
+    MSGPACK_CONTENT_TYPE,
+    Header,
+    journal_shard,
+    journal_subject,
+    journal_wildcard,
+    legacy_journal_subject,
+    partition_of,
+    rpc_subject,
+)
+from tests.conftest import NatsServerFactory
 from tests.objects import Faulty, Reminder, Store
-from tests.worker_fixtures import WorkerFactory
+from tests.worker_fixtures import ALL_CLASSES, WorkerFactory
+
+_FLUSH_GAP: float = 0.2
+"""Seconds to wait so the next record goes out in another journal message (the publisher
+collects records for 50 ms before it publishes them)."""
+
+
+@pytest.fixture(name="worker")
+async def _worker(start_worker: WorkerFactory) -> Worker:
+    """A worker that journals successful reads too (``journal_reads=True``): most tests here
+    check read steps (``get``, ``list``) or re-execute them. Tests of the default start their
+    own worker with ``start_worker()``."""
+    return await start_worker(journal_reads=True)
 
 
 async def _steps(nc: NatsClient, class_name: str, object_id: str) -> list[JournalStep]:
@@ -75,13 +119,42 @@ def _failures(worker: Worker, reason: str) -> float:
     return value or 0.0
 
 
+def _candidates(object_id: str) -> Iterator[str]:
+    return (f"{object_id}-{n}" for n in itertools.count())
+
+
+def _same_shard_id(class_name: str, object_id: str) -> str:
+    """Another id of ``class_name`` in the journal shard of ``object_id``."""
+    shard = journal_shard(class_name, object_id)
+    return next(c for c in _candidates(object_id) if journal_shard(class_name, c) == shard)
+
+
+def _other_shard_id(class_name: str, object_id: str) -> str:
+    """An id of ``class_name`` in another journal shard than ``object_id``."""
+    shard = journal_shard(class_name, object_id)
+    return next(c for c in _candidates(object_id) if journal_shard(class_name, c) != shard)
+
+
+async def _stream_messages(nc: NatsClient) -> list[tuple[int, str, bytes]]:
+    """Every message of the journal stream as ``(seq, subject, body)``."""
+    js = nc.jetstream()
+    info = await js.stream_info("NDO_JOURNAL")
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg("NDO_JOURNAL", seq)
+        assert msg.seq is not None and msg.subject is not None and msg.data is not None
+        found.append((msg.seq, msg.subject, msg.data))
+    return found
+
+
 class TestJournalRecords:
-    """Every handled message is recorded: input, outcome, write-set, time, duration, worker."""
+    """Turns are recorded: input, outcome, write-set, time, duration, worker."""
 
     async def test_request_records(
         self, worker: Worker, client: ActorClient, nc: NatsClient
     ) -> None:
-        """Requests are recorded in order with their decoded arguments, reply and write-set."""
+        """Requests are recorded in order with their decoded arguments, reply and write-set
+        (the ``get`` because this worker journals reads)."""
         store = client.get(Store, "s1")
         before = time.time()
         await store.call(Store.put, key="a", value={"n": 1})
@@ -167,6 +240,74 @@ class TestJournalRecords:
         assert journal_stream_name("quiet") not in {s.config.name for s in streams}
 
 
+class Announcer(Actor):
+    """Emits an event from a method that writes nothing."""
+
+    @method
+    async def announce(self, text: str) -> str:
+        self.emit("said", {"text": text})
+        return text
+
+
+class TestWhatIsRecorded:
+    """By default the journal keeps every turn that changed state or could explain a problem,
+    not successful reads; ``journal_reads`` keeps those too."""
+
+    async def test_default_skips_successful_reads(
+        self, start_worker: WorkerFactory, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """Writes, failures (of reads too), duplicates and a read that emits an event are
+        recorded; reads that succeeded are not."""
+        worker = await start_worker(classes=[*ALL_CLASSES, Announcer])
+        store = client.get(Store, "r")
+        await store.call(Store.put, key="a", value=1)
+        assert await store.call(Store.get, key="a") == 1
+        assert await store.call(Store.list) == [["a", 1]]
+        subject = rpc_subject("ndo", "Store", "r", "put")
+        for _ in range(2):  # the second is answered from its idempotency record
+            await nc.request(
+                subject, b'{"key": "b", "value": 2}', timeout=5, headers={"Idempotency-Key": "k"}
+            )
+        assert await store.call(Store.get, key="b") == 2
+        faulty = client.get(Faulty, "f")
+        with pytest.raises(ConflictError):
+            await faulty.call(Faulty.conflict)  # writes nothing, fails
+        with pytest.raises(HandlerError):
+            await faulty.call(Faulty.write_then_raise, value=1)
+        assert await faulty.call(Faulty.state) == {"stored": 0, "attribute": 0}
+        assert await client.get(Announcer, "a").call(Announcer.announce, text="hi") == "hi"
+        await worker.stop()
+
+        store_steps = [(s.record.method, s.record.status) for s in await _steps(nc, "Store", "r")]
+        assert store_steps == [("put", "ok"), ("put", "ok"), ("put", "duplicate")]
+        faulty_steps = [(s.record.method, s.record.status) for s in await _steps(nc, "Faulty", "f")]
+        assert faulty_steps == [("conflict", "error"), ("write_then_raise", "error")]
+        [announced] = [s.record for s in await _steps(nc, "Announcer", "a")]
+        assert (announced.method, announced.status, announced.reply) == ("announce", "ok", "hi")
+        assert announced.writes is None
+        assert worker.metrics.registry.get_sample_value("ndo_journal_records_total") == 6
+
+    async def test_reads_recorded_when_asked(
+        self, start_worker: WorkerFactory, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """With ``journal_reads`` every successful read is a step too, with its reply."""
+        worker = await start_worker(journal_reads=True)
+        store = client.get(Store, "r")
+        await store.call(Store.put, key="a", value=1)
+        assert await store.call(Store.get, key="a") == 1
+        assert await store.call(Store.list) == [["a", 1]]
+        await worker.stop()
+        records = [s.record for s in await _steps(nc, "Store", "r")]
+        assert [(r.method, r.status) for r in records] == [
+            ("put", "ok"),
+            ("get", "ok"),
+            ("list", "ok"),
+        ]
+        assert (records[1].reply, records[1].writes) == (1, None)
+        assert records[2].reply == [["a", 1]]
+        assert worker.metrics.registry.get_sample_value("ndo_journal_records_total") == 3
+
+
 class TestReconstruction:
     """Replaying the recorded write-sets rebuilds the object's state at every step."""
 
@@ -200,7 +341,7 @@ class TestReconstruction:
             assert done.state == step.state  # the write's own step already shows it
 
     async def test_at_and_since(self, worker: Worker, client: ActorClient, nats_url: str) -> None:
-        """--at stops at a sequence or time; --since starts at one; state is always complete."""
+        """--at stops at a step or time; --since starts at one; state is always complete."""
         counter = client.get(Store, "c")
         for value in range(1, 6):
             await counter.call(Store.put, key="v", value=value)
@@ -210,16 +351,18 @@ class TestReconstruction:
         code, everything, _ = await _replay_json(url, class_name="Store", object_id="c")
         assert code == EXIT_OK
         assert [line["state"] for line in everything] == [{"v": v} for v in range(1, 6)]
-        seqs = [line["seq"] for line in everything]
+        steps = [line["step"] for line in everything]  # records may share a message: 12.1, 12.2
+        positions = [(line["seq"], line["place"]) for line in everything]
+        assert positions == sorted(positions) and len(set(positions)) == 5
 
-        _, upto, _ = await _replay_json(url, class_name="Store", object_id="c", at=("seq", seqs[2]))
-        assert [line["seq"] for line in upto] == seqs[:3]
+        at = parse_point(steps[2])
+        _, upto, _ = await _replay_json(url, class_name="Store", object_id="c", at=at)
+        assert [line["step"] for line in upto] == steps[:3]
         assert upto[-1]["state"] == {"v": 3}
 
-        _, since, _ = await _replay_json(
-            url, class_name="Store", object_id="c", since=("seq", seqs[3])
-        )
-        assert [line["state"] for line in since] == [{"v": 4}, {"v": 5}]
+        since = parse_point(steps[3])
+        _, tail, _ = await _replay_json(url, class_name="Store", object_id="c", since=since)
+        assert [line["state"] for line in tail] == [{"v": 4}, {"v": 5}]
 
         middle = (everything[1]["timestamp"] + everything[2]["timestamp"]) / 2
         _, at_time, _ = await _replay_json(
@@ -229,7 +372,7 @@ class TestReconstruction:
         _, since_time, _ = await _replay_json(
             url, class_name="Store", object_id="c", since=("time", middle)
         )
-        assert [line["seq"] for line in since_time] == seqs[2:]
+        assert [line["step"] for line in since_time] == steps[2:]
 
     def test_select_steps_window(self) -> None:
         """The step before the window is returned as the starting state of a re-execution."""
@@ -249,6 +392,168 @@ class TestReconstruction:
         assert [s.seq for s in chosen] == [5, 9]
         assert before is steps[0]
         assert select_steps(steps, since=("seq", 10)) == ([], None)
+
+    def test_select_steps_by_position(self) -> None:
+        """Steps sharing a message: ``N.k`` picks one of them, a bare ``N`` all of them."""
+        record = JournalRecord(
+            kind="request",
+            status="ok",
+            class_name="C",
+            object_id="i",
+            partition=0,
+            method="m",
+            time=100.0,
+            duration=0.0,
+            worker="w",
+        )
+        where = [(3, 0), (7, 1), (7, 2), (7, 3), (9, 0)]
+        steps = [JournalStep(seq, record, {}, None, False, 0, place) for seq, place in where]
+        assert [s.position.label for s in steps] == ["3", "7.1", "7.2", "7.3", "9"]
+
+        def labels(chosen: list[JournalStep]) -> list[str]:
+            return [s.position.label for s in chosen]
+
+        chosen, _ = select_steps(steps, at=parse_point("7"))
+        assert labels(chosen) == ["3", "7.1", "7.2", "7.3"]
+        chosen, _ = select_steps(steps, at=parse_point("7.2"))
+        assert labels(chosen) == ["3", "7.1", "7.2"]
+        chosen, before = select_steps(steps, since=parse_point("7.2"))
+        assert labels(chosen) == ["7.2", "7.3", "9"] and before is steps[1]
+        chosen, before = select_steps(steps, since=parse_point("7"))
+        assert labels(chosen) == ["7.1", "7.2", "7.3", "9"] and before is steps[0]
+        chosen, before = select_steps(steps, since=parse_point("7.2"), at=parse_point("7.2"))
+        assert labels(chosen) == ["7.2"] and before is steps[1]
+        chosen, _ = select_steps(steps, since=parse_point("8"), at=parse_point("8"))
+        assert chosen == []
+
+
+class TestJournalMessages:
+    """Many records per message, older one-record messages, and step positions."""
+
+    async def test_many_records_few_messages(
+        self, start_worker: WorkerFactory, client: ActorClient, nc: NatsClient
+    ) -> None:
+        """200 concurrent writes to 100 objects: at most 100 messages, each on the shard subject
+        of all its records; every object's replay has both its writes."""
+        worker = await start_worker()
+        ids = [f"o{n}" for n in range(100)]
+        await asyncio.gather(
+            *(
+                client.get(Store, oid).call(Store.put, key=key, value=f"{oid}{key}")
+                for oid in ids
+                for key in ("a", "b")
+            )
+        )
+        await worker.stop()
+        assert worker.metrics.registry.get_sample_value("ndo_journal_records_total") == 200
+        messages = await _stream_messages(nc)
+        assert len(messages) <= 100
+        records = 0
+        for _, subject, data in messages:
+            lines = decode_journal_message(data)
+            records += len(lines)
+            shards = {journal_shard(r.class_name, r.object_id) for _, r in lines}
+            assert [journal_subject("ndo", shard) for shard in shards] == [subject]
+        assert records == 200
+        for oid in ids:
+            steps = await _steps(nc, "Store", oid)
+            assert sorted(s.record.args["key"] for s in steps) == ["a", "b"]
+            assert steps[-1].state == {"a": f"{oid}a", "b": f"{oid}b"}
+            assert not any(s.missing_before or s.incomplete for s in steps)
+
+    async def test_older_per_object_records(
+        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """A record an older ndo wrote on the per-object subject replays first, and the state
+        goes on from it through the new records."""
+        older = JournalRecord(
+            kind="request",
+            status="ok",
+            class_name="Store",
+            object_id="old",
+            partition=partition_of("Store", "old", 8),
+            method="put",
+            args={"key": "a", "value": 1},
+            writes=JournalWrites(put={"a": 1}),
+            time=time.time() - 3600,
+            duration=0.001,
+            worker="older-ndo",
+        )
+        ack = await nc.jetstream().publish(
+            legacy_journal_subject("ndo", "Store", "old"),
+            encode_journal_record(older),
+            stream="NDO_JOURNAL",
+        )
+        store = client.get(Store, "old")
+        await store.call(Store.put, key="b", value=2)
+        await store.call(Store.put, key="a", value=3)
+        await worker.stop()
+        code, lines, err = await _replay_json(nats_url, class_name="Store", object_id="old")
+        assert code == EXIT_OK, err
+        assert (lines[0]["step"], lines[0]["place"]) == (str(ack.seq), 0)
+        assert [line["worker"] for line in lines] == ["older-ndo", worker.name, worker.name]
+        assert [line["state"] for line in lines] == [{"a": 1}, {"a": 1, "b": 2}, {"a": 3, "b": 2}]
+        assert not any(line["missing_before"] or line["incomplete"] for line in lines)
+        code, executed, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="old", execute=True, classes=[Store]
+        )
+        assert code == EXIT_OK
+        assert all(line["executed"] and not line["diverged"] for line in executed)
+
+    async def test_steps_sharing_a_message(
+        self, worker: Worker, client: ActorClient, nats_url: str
+    ) -> None:
+        """Writes of one object in one message are steps ``N.1``, ``N.2``...; ``--at N.1`` stops
+        after the first, ``--at N`` includes them all, ``--since N.2`` starts at the second."""
+        store = client.get(Store, "p")
+        await asyncio.gather(*(store.call(Store.put, key=f"k{n}", value=n) for n in range(8)))
+        await worker.stop()
+        code, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="p")
+        assert code == EXIT_OK and len(lines) == 8
+        assert lines[-1]["state"] == {f"k{n}": n for n in range(8)}
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for line in lines:
+            groups.setdefault(line["seq"], []).append(line)
+        assert list(groups) == sorted(groups)
+        for seq, group in groups.items():
+            if len(group) == 1:
+                assert (group[0]["place"], group[0]["step"]) == (0, str(seq))
+            else:
+                assert [line["place"] for line in group] == list(range(1, len(group) + 1))
+                assert [line["step"] for line in group] == [
+                    f"{seq}.{n}" for n in range(1, len(group) + 1)
+                ]
+        shared = [seq for seq, group in groups.items() if len(group) > 1]
+        assert shared, "concurrent writes of one object share a journal message"
+        seq, size = shared[0], len(groups[shared[0]])
+        first = next(n for n, line in enumerate(lines) if line["seq"] == seq)
+        everything = [line["step"] for line in lines]
+
+        _, upto, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="p", at=parse_point(f"{seq}.1")
+        )
+        assert [line["step"] for line in upto] == everything[: first + 1]
+        assert upto[-1]["step"] == f"{seq}.1" and upto[-1]["state"] == lines[first]["state"]
+
+        _, whole, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="p", at=parse_point(str(seq))
+        )
+        assert [line["step"] for line in whole] == everything[: first + size]
+        assert whole[-1]["step"] == f"{seq}.{size}"
+
+        _, since, _ = await _replay_json(
+            nats_url, class_name="Store", object_id="p", since=parse_point(f"{seq}.2")
+        )
+        assert [line["step"] for line in since] == everything[first + 1 :]
+
+        out = io.StringIO()
+        options = ReplayOptions(
+            class_name="Store", object_id="p", nats_url=nats_url, at=parse_point(f"{seq}.2")
+        )
+        assert await run_replay(options, out=out) == EXIT_OK
+        table = out.getvalue().splitlines()
+        assert table[0].split()[0] == "STEP"
+        assert [row.split()[0] for row in table[1 : first + 3]] == everything[: first + 2]
 
 
 class _ChangedStore(Actor):
@@ -276,10 +581,18 @@ _ChangedStore.__name__ = "Store"
 class TestLostRecords:
     """Replay finds state-changing records the journal lost, from each activation's write count."""
 
+    @pytest.mark.parametrize("reads", [True, False], ids=["reads", "default"])
     async def test_no_false_alarm_in_a_mixed_history(
-        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+        self,
+        start_worker: WorkerFactory,
+        client: ActorClient,
+        nc: NatsClient,
+        nats_url: str,
+        reads: bool,
     ) -> None:
-        """Writes, reads, errors, duplicates and a reload from storage: nothing is missing."""
+        """Writes, reads, errors, duplicates and a reload from storage: nothing is missing
+        (whether the reads are in the journal or not)."""
+        worker = await start_worker(journal_reads=reads)
         store = client.get(Store, "mixed")
         await store.call(Store.put, key="a", value=1)
         await store.call(Store.get, key="a")
@@ -300,6 +613,14 @@ class TestLostRecords:
         assert not lines[-1]["incomplete"]
         assert "lost" not in err
         assert len({line["activation"] for line in lines}) == 2  # evicted and reloaded once
+        methods = ["put", "get", "put", "put", "put", "get"] if reads else ["put"] * 4
+        assert [line["method"] for line in lines] == methods
+        assert [line["status"] for line in lines if line["method"] == "put"] == [
+            "ok",
+            "ok",
+            "duplicate",
+            "ok",
+        ]
 
     async def test_lost_record_is_reported(
         self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
@@ -309,8 +630,13 @@ class TestLostRecords:
         store = client.get(Store, "gap")
         for key, value in (("a", 1), ("b", 2), ("c", 3)):
             await store.call(Store.put, key=key, value=value)
+            # Each record in its own journal message: deleting the second write's message must
+            # lose that record only (records of one flush window share a message).
+            await asyncio.sleep(_FLUSH_GAP)
         await worker.stop()
         _, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap")
+        assert [line["place"] for line in lines] == [0, 0, 0]  # alone in its message
+        assert len({line["seq"] for line in lines}) == 3
         await nc.jetstream().delete_msg("NDO_JOURNAL", lines[1]["seq"])
         code, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap")
         assert code == EXIT_OK
@@ -331,10 +657,14 @@ class TestLostRecords:
         possibly caused by the gap (the exit code still says it diverged)."""
         store = client.get(Store, "gap-exec")
         await store.call(Store.put, key="b", value=2)
+        # The first write's record alone in its journal message: deleting that message must
+        # lose it only (records of one flush window share a message).
+        await asyncio.sleep(_FLUSH_GAP)
         await store.call(Store.put, key="c", value=3)
         assert await store.call(Store.get, key="b") == 2
         await worker.stop()
         _, lines, _ = await _replay_json(nats_url, class_name="Store", object_id="gap-exec")
+        assert lines[0]["place"] == 0 and lines[1]["seq"] != lines[0]["seq"]
         await nc.jetstream().delete_msg("NDO_JOURNAL", lines[0]["seq"])
         out, err = io.StringIO(), io.StringIO()
         options = ReplayOptions(
@@ -385,7 +715,9 @@ class TestExecute:
         assert lines[-1]["state"] == {"audited": 2, "a": 3}
         assert await asyncio.to_thread(cli.main, argv) == EXIT_OK
         table = capsys.readouterr().out
-        assert table.splitlines()[0].split()[:3] == ["SEQ", "CHECK", "TIME"]
+        assert table.splitlines()[0].split()[:3] == ["STEP", "CHECK", "TIME"]
+        labels = [row.split()[0] for row in table.splitlines()[1:7]]
+        assert labels == [line["step"] for line in lines]
         assert "6 of 6 recorded steps of Store/x; no divergence" in table
 
     async def test_changed_code_reports_exactly_the_differing_steps(
@@ -454,7 +786,7 @@ class TestExecute:
             nats_url,
             class_name="Counter",
             object_id="n",
-            since=("seq", lines[3]["seq"]),
+            since=parse_point(lines[3]["step"]),
             execute=True,
             classes=[Counter],
         )
@@ -638,48 +970,204 @@ class TestJournalFailures:
 
         await _wait_for(counted)
 
-    @staticmethod
-    def _entry(*, writes: bool) -> JournalEntry:
-        changes = TurnWrites({"k": b"\x01"}, False, ALARM_UNCHANGED) if writes else None
-        return JournalEntry(
-            ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok", changes=changes
-        )
 
-    @staticmethod
-    def _publisher(nc: NatsClient, metrics: WorkerMetrics, max_pending: int) -> JournalPublisher:
-        return JournalPublisher(
-            nc,
-            prefix="ndo",
-            worker="w",
-            metrics=metrics,
-            max_age=60.0,
-            max_bytes=1024 * 1024,
-            max_pending=max_pending,
+def _entry(
+    class_name: str, object_id: str, value: object = 1, *, partitions: int = 64, writes: bool = True
+) -> JournalEntry:
+    """A finished request of ``class_name/object_id`` that wrote ``n = value`` (or nothing)."""
+    changes = (
+        TurnWrites({"n": msgspec.msgpack.encode(value)}, False, ALARM_UNCHANGED) if writes else None
+    )
+    return JournalEntry(
+        ActorId(class_name, object_id),
+        partition_of(class_name, object_id, partitions),
+        Envelope(None, None, ""),
+        status="ok",
+        changes=changes,
+    )
+
+
+def _publisher(
+    nc: NatsClient, metrics: WorkerMetrics, *, partitions: int = 64, **options: Any
+) -> JournalPublisher:
+    return JournalPublisher(
+        nc,
+        prefix="ndo",
+        worker="w",
+        metrics=metrics,
+        max_age=60.0,
+        max_bytes=8 * 1024 * 1024,
+        partitions=partitions,
+        **options,
+    )
+
+
+def _written(record: JournalRecord) -> object:
+    assert record.writes is not None
+    return record.writes.put["n"]
+
+
+class TestPublisher:
+    """The publisher: one message per journal shard and flush, each acknowledged on its own, every
+    record counted as stored or lost; a full buffer drops, reads give way to writes."""
+
+    @pytest.mark.parametrize("partitions", [64, 8], ids=["shard-from-partition", "hashed"])
+    async def test_one_message_per_shard(
+        self, nats_server: Any, nc: NatsClient, partitions: int
+    ) -> None:
+        """600 records of two objects in two shards, buffered at once: two messages on the two
+        shard subjects, each holding its objects' records in order; all counted."""
+        a = "a"
+        b = _other_shard_id("C", a)
+        metrics = WorkerMetrics()
+        publisher = _publisher(nc, metrics, partitions=partitions)
+        assert await publisher.start()
+        for value in range(600):  # no await: one flush
+            publisher.record(_entry("C", a if value % 3 else b, value, partitions=partitions))
+        await publisher.stop()
+        assert publisher.pending == 0
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 600
+        messages = await _stream_messages(nc)
+        assert sorted(subject for _, subject, _ in messages) == sorted(
+            [
+                journal_subject("ndo", journal_shard("C", a)),
+                journal_subject("ndo", journal_shard("C", b)),
+            ]
         )
+        for _, subject, data in messages:
+            lines = decode_journal_message(data)
+            object_id = a if subject == journal_subject("ndo", journal_shard("C", a)) else b
+            expected = [v for v in range(600) if (v % 3 != 0) == (object_id == a)]
+            assert [number for number, _ in lines] == list(range(len(expected)))
+            assert [_written(record) for _, record in lines] == expected
+            assert {(r.class_name, r.object_id, r.worker) for _, r in lines} == {
+                ("C", object_id, "w")
+            }
+        read = await read_journal(nc, "ndo", "C", b)
+        [seq] = {position.seq for position, _ in read}
+        assert [position for position, _ in read] == [StepPosition(seq, i) for i in range(1, 201)]
+        assert [_written(record) for _, record in read] == list(range(0, 600, 3))
+
+    async def test_lost_messages_count_every_record(self, nats_server: Any, nc: NatsClient) -> None:
+        """With the stream gone, each message's failed acknowledgement counts all its records."""
+        b = _other_shard_id("C", "a")
+        metrics = WorkerMetrics()
+        publisher = _publisher(nc, metrics)
+        assert await publisher.start()
+        await nc.jetstream().delete_stream("NDO_JOURNAL")
+        for value in range(40):  # no await: one flush, two messages
+            publisher.record(_entry("C", "a" if value % 2 else b, value))
+        await publisher.stop()
+        assert publisher.pending == 0
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 0
+        failures = metrics.registry.get_sample_value(
+            "ndo_journal_failures_total", {"reason": "no_stream"}
+        )
+        assert failures == 40
+
+    async def test_unacknowledged_messages_count_every_record(
+        self, nats_server: Any, nats_url: str, nc: NatsClient
+    ) -> None:
+        """Messages nobody acknowledges (no stream, a plain subscriber takes them): every
+        record of each counts as a ``timeout`` failure."""
+        b = _other_shard_id("C", "a")
+        metrics = WorkerMetrics()
+        publisher = _publisher(nc, metrics, ack_timeout=0.2)
+        assert await publisher.start()
+        await nc.jetstream().delete_stream("NDO_JOURNAL")
+        swallowed: list[tuple[str, bytes]] = []
+        sink = await nats.connect(nats_url)
+        try:
+
+            async def swallow(msg: Any) -> None:
+                swallowed.append((msg.subject, msg.data))
+
+            await sink.subscribe(journal_wildcard("ndo"), cb=swallow)
+            await sink.flush()
+            for value in range(10):  # no await: one flush, two messages
+                publisher.record(_entry("C", "a" if value % 2 else b, value))
+
+            async def both_arrived() -> bool:
+                return len(swallowed) == 2
+
+            await _wait_for(both_arrived)
+            await publisher.stop(timeout=1.0)
+        finally:
+            await sink.close()
+        assert publisher.pending == 0
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 0
+        failures = metrics.registry.get_sample_value(
+            "ndo_journal_failures_total", {"reason": "timeout"}
+        )
+        assert failures == 10
+        values = sorted(
+            _written(r) for _, data in swallowed for _, r in decode_journal_message(data)
+        )
+        assert values == list(range(10))
+
+    async def test_split_at_the_message_size_limit(
+        self, make_nats_server: NatsServerFactory
+    ) -> None:
+        """Lines that do not fit one message (the server's max_payload) go out in several, in
+        order; a record larger than a message is journaled truncated."""
+        max_payload = 16 * 1024
+        server = await make_nats_server(max_payload=max_payload)
+        nc = await nats.connect(server.url)
+        try:
+            metrics = WorkerMetrics()
+            publisher = _publisher(nc, metrics)
+            assert await publisher.start()
+            values = [f"{i}:" + "x" * 2000 for i in range(30)]
+            for value in values:  # no await: one flush of about 65 KB
+                publisher.record(_entry("C", "big", value))
+            publisher.record(_entry("C", "big", "y" * 20_000))  # over the limit alone
+            await publisher.stop()
+            assert metrics.registry.get_sample_value("ndo_journal_records_total") == 31
+            messages = await _stream_messages(nc)
+            assert len(messages) >= 5
+            assert all(len(data) <= max_payload - 1024 for _, _, data in messages)
+            assert {subject for _, subject, _ in messages} == {
+                journal_subject("ndo", journal_shard("C", "big"))
+            }
+            records = [r for _, _, data in messages for _, r in decode_journal_message(data)]
+            assert [_written(r) for r in records[:30]] == values
+            assert not any(r.truncated for r in records[:30])
+            assert records[30].truncated and records[30].writes == JournalWrites()
+            read = await read_journal(nc, "ndo", "C", "big")
+            assert [record for _, record in read] == records
+            positions = [position for position, _ in read]
+            assert positions == sorted(positions)
+            for _, group in itertools.groupby(positions, key=lambda p: p.seq):
+                places = [p.place for p in group]
+                assert places == ([0] if len(places) == 1 else list(range(1, len(places) + 1)))
+        finally:
+            await nc.close()
 
     async def test_full_buffer_drops_and_counts(self, nats_server: Any, nc: NatsClient) -> None:
         """Entries beyond max_pending are dropped and counted; ``record`` never blocks."""
         metrics = WorkerMetrics()
-        publisher = self._publisher(nc, metrics, max_pending=10)
+        publisher = _publisher(nc, metrics, max_pending=10)
         assert await publisher.start()
-        for _ in range(25):  # no await: the sender cannot run in between
-            publisher.record(self._entry(writes=True))
+        for value in range(25):  # no await: the sender cannot run in between
+            publisher.record(_entry("C", "i", value))
         assert (
             metrics.registry.get_sample_value("ndo_journal_failures_total", {"reason": "dropped"})
             == 15
         )
         await publisher.stop()
         assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
+        [(_, _, data)] = await _stream_messages(nc)
+        assert [_written(r) for _, r in decode_journal_message(data)] == list(range(10))
 
     async def test_reads_give_way_to_writes(self, nats_server: Any, nc: NatsClient) -> None:
         """Past half full, records that changed nothing are shed; writes keep the other half."""
         metrics = WorkerMetrics()
-        publisher = self._publisher(nc, metrics, max_pending=10)
+        publisher = _publisher(nc, metrics, max_pending=10)
         assert await publisher.start()
         for _ in range(8):
-            publisher.record(self._entry(writes=False))
+            publisher.record(_entry("C", "i", writes=False))
         for _ in range(8):
-            publisher.record(self._entry(writes=True))
+            publisher.record(_entry("C", "i"))
 
         def failures(reason: str) -> float | None:
             return metrics.registry.get_sample_value(
@@ -689,56 +1177,9 @@ class TestJournalFailures:
         assert (failures("shed"), failures("dropped")) == (3, 3)  # 5 reads + 5 writes kept
         await publisher.stop()
         assert metrics.registry.get_sample_value("ndo_journal_records_total") == 10
-
-
-class TestBurstConfirmation:
-    """One acknowledgement confirms a burst of records: every record is counted either way."""
-
-    @staticmethod
-    async def _burst(
-        nc: NatsClient, count: int, *, delete_stream: bool, atomic: bool = True
-    ) -> WorkerMetrics:
-        metrics = WorkerMetrics()
-        publisher = JournalPublisher(
-            nc,
-            prefix="ndo",
-            worker="w",
-            metrics=metrics,
-            max_age=60.0,
-            max_bytes=1 << 20,
-            atomic_batches=atomic,
-        )
-        assert await publisher.start()
-        if delete_stream:
-            await nc.jetstream().delete_stream("NDO_JOURNAL")
-        for _ in range(count):  # no await: one burst
-            publisher.record(
-                JournalEntry(ActorId("C", "i"), 0, Envelope(None, None, ""), status="ok")
-            )
-        await publisher.stop()
-        assert publisher.pending == 0
-        return metrics
-
-    @pytest.mark.parametrize("atomic", [True, False], ids=["atomic-batches", "plain"])
-    async def test_stored_burst(self, nats_server: Any, nc: NatsClient, atomic: bool) -> None:
-        """600 records buffered at once go out in three bursts (256 + 256 + 88), each with one
-        acknowledgement: all counted, all in the stream."""
-        metrics = await self._burst(nc, 600, delete_stream=False, atomic=atomic)
-        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 600
-        info = await nc.jetstream().stream_info("NDO_JOURNAL")
-        assert info.state.messages == 600
-        assert info.config.allow_atomic
-        stored = await nc.jetstream().get_msg("NDO_JOURNAL", seq=info.state.first_seq)
-        assert ("Nats-Batch-Id" in (stored.headers or {})) is atomic
-
-    async def test_lost_burst(self, nats_server: Any, nc: NatsClient) -> None:
-        """With the stream gone, the burst's one failed acknowledgement counts every record."""
-        metrics = await self._burst(nc, 40, delete_stream=True)
-        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 0
-        failures = metrics.registry.get_sample_value(
-            "ndo_journal_failures_total", {"reason": "no_stream"}
-        )
-        assert failures == 40
+        [(_, _, data)] = await _stream_messages(nc)
+        kept = [r.writes is not None for _, r in decode_journal_message(data)]
+        assert kept == [False] * 5 + [True] * 5
 
 
 class TestTail:
@@ -747,7 +1188,8 @@ class TestTail:
     async def test_follows_with_wildcard(
         self, worker: Worker, client: ActorClient, nats_url: str
     ) -> None:
-        """Records of every matching object appear in order, one JSON object each."""
+        """Records of every matching object appear, each object's in order, one JSON object
+        each (objects of different journal shards go out in different messages)."""
         out = io.StringIO()
         ready = asyncio.Event()
         task = asyncio.create_task(
@@ -764,13 +1206,57 @@ class TestTail:
         await client.get(Store, "one").call(Store.get, key="k")
         assert await asyncio.wait_for(task, 10) == EXIT_OK
         lines = [json.loads(line) for line in out.getvalue().splitlines()]
-        assert [(line["id"], line["method"]) for line in lines] == [
+        assert sorted((line["id"], line["method"]) for line in lines) == [
+            ("one", "get"),
             ("one", "put"),
             ("two", "put"),
-            ("one", "get"),
         ]
-        assert lines[2]["reply"] == 1
-        assert lines[0]["seq"] < lines[1]["seq"] < lines[2]["seq"]
+        one = [line for line in lines if line["id"] == "one"]
+        assert [line["method"] for line in one] == ["put", "get"]
+        assert one[1]["reply"] == 1
+        assert [line["seq"] for line in lines] == sorted(line["seq"] for line in lines)
+        assert (one[0]["seq"], one[0]["place"]) < (one[1]["seq"], one[1]["place"])
+        for line in lines:
+            assert line["step"] == StepPosition(line["seq"], line["place"]).label
+
+    async def test_one_object_skips_its_shard_neighbours(
+        self, worker: Worker, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """Following one object prints its records only, with its own positions, though an object
+        of the same journal shard writes in the same messages."""
+        neighbour = _same_shard_id("Store", "x")
+        out = io.StringIO()
+        ready = asyncio.Event()
+        options = TailOptions(
+            class_name="Store", object_id="x", nats_url=nats_url, count=4, as_json=True
+        )
+        task = asyncio.create_task(run_tail(options, out=out, ready=ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        x, other = client.get(Store, "x"), client.get(Store, neighbour)
+        for n in range(4):  # concurrent: the neighbour's records share x's flush windows
+            await asyncio.gather(
+                other.call(Store.put, key=f"n{n}", value=n),
+                x.call(Store.put, key=f"k{n}", value=n),
+                other.call(Store.get, key="n0"),
+            )
+        assert await asyncio.wait_for(task, 10) == EXIT_OK
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [(line["id"], line["args"]) for line in lines] == [
+            ("x", {"key": f"k{n}", "value": n}) for n in range(4)
+        ]
+        shared = 0
+        for seq in dict.fromkeys(line["seq"] for line in lines):
+            printed = [line for line in lines if line["seq"] == seq]
+            message = await nc.jetstream().get_msg("NDO_JOURNAL", seq)
+            assert message.subject == journal_subject("ndo", journal_shard("Store", "x"))
+            assert message.data is not None
+            records = [record for _, record in decode_journal_message(message.data)]
+            mine = [r for r in records if r.object_id == "x"]
+            assert [r.args for r in mine] == [line["args"] for line in printed]
+            places = [0] if len(mine) == 1 else list(range(1, len(mine) + 1))
+            assert [line["place"] for line in printed] == places
+            shared += any(r.object_id == neighbour for r in records)
+        assert shared, "the neighbour's records were in x's messages"
 
     @pytest.mark.parametrize("since", ["0", "1"])
     async def test_since_the_beginning(
@@ -799,14 +1285,26 @@ class TestCommandLine:
     """Parsing of points, durations and sizes, and the commands' error exits."""
 
     def test_parse_point(self) -> None:
-        """Integers are sequences; ISO times, times of day and ages are times."""
+        """Integers and ``N.k`` are steps; ISO times, times of day and ages are times."""
         assert parse_point("42") == ("seq", 42)
         assert parse_point("2024-05-01T14:02:00Z") == ("time", 1714572120.0)
         assert parse_point("10m", now=1000.0) == ("time", 400.0)
         kind, _ = parse_point("14:02")
         assert kind == "time"
-        with pytest.raises(ValueError, match="sequence number"):
+        with pytest.raises(ValueError, match=r"as a step \(1234, 1234\.2\)"):
             parse_point("yesterday-ish")
+
+    def test_step_positions(self) -> None:
+        """``N.k`` is the k-th step of the object in message N: between N and N+1, in order, and
+        read back exactly as the position replay gives the step."""
+        assert parse_point("12.3") == ("seq", StepPosition(12, 3).value)
+        assert parse_point(StepPosition(12, 3).label) == parse_point("12.3")
+        assert (StepPosition(12, 3).label, StepPosition(12).label) == ("12.3", "12")
+        assert parse_point("12") == ("seq", StepPosition(12).value) == ("seq", 12)
+        values = [StepPosition(*where).value for where in ((12, 0), (12, 1), (12, 9), (12, 10))]
+        assert values == sorted(values) and len(set(values)) == 4
+        assert values[-1] < StepPosition(13).value
+        assert parse_point("7.12")[1] > parse_point("7.2")[1]  # places, not decimals
 
     def test_parse_duration_and_size(self) -> None:
         """Units as operators write them."""
@@ -817,8 +1315,9 @@ class TestCommandLine:
         with pytest.raises(ValueError, match="size"):
             parse_size("lots")
 
-    def test_serve_journal_flags(self) -> None:
-        """serve takes --no-journal and retention flags."""
+    def test_serve_journal_flags(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """serve takes --no-journal, --journal-reads (NDO_JOURNAL_READS) and retention flags."""
+        monkeypatch.delenv("NDO_JOURNAL_READS", raising=False)
         args = cli.build_parser().parse_args(
             ["serve", "--no-journal", "--journal-max-age", "12h", "--journal-max-bytes", "10G"]
         )
@@ -829,6 +1328,10 @@ class TestCommandLine:
         )
         defaults = cli.build_parser().parse_args(["serve"])
         assert defaults.journal and defaults.journal_max_age == 7 * 86400
+        assert not defaults.journal_reads
+        assert cli.build_parser().parse_args(["serve", "--journal-reads"]).journal_reads
+        monkeypatch.setenv("NDO_JOURNAL_READS", "1")
+        assert cli.build_parser().parse_args(["serve"]).journal_reads
 
     async def test_replay_without_stream_is_an_error(
         self, nats_url: str, capsys: pytest.CaptureFixture[str]

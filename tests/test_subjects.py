@@ -15,6 +15,7 @@ import pytest
 
 from ndo.subjects import (
     DEFAULT_PREFIX,
+    JOURNAL_SHARDS,
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,
     InvalidSubjectError,
@@ -26,8 +27,11 @@ from ndo.subjects import (
     forward_wildcard,
     id_from_name,
     is_valid_id,
+    journal_shard,
+    journal_shard_of_partition,
     journal_subject,
     journal_wildcard,
+    legacy_journal_subject,
     new_unique_id,
     parse_rpc_subject,
     partition_mapping,
@@ -201,9 +205,29 @@ class TestOtherSubjects:
         """Internal subjects live under <prefix>.sys."""
         assert sys_subject("ndo", "ctl", "ping") == "ndo.sys.ctl.ping"
         assert sys_subject("a.b") == "a.b.sys"
-        assert journal_subject("ndo", "C", "i") == "ndo.sys.journal.C.i"
-        assert journal_wildcard("ndo") == "ndo.sys.journal.*.*"
-        assert journal_wildcard("ndo", "C") == "ndo.sys.journal.C.*"
+        assert journal_subject("ndo", 3) == "ndo.sys.journal.3"
+        assert journal_subject("a.b", 15) == "a.b.sys.journal.15"
+        assert journal_subject("ndo") == "ndo.sys.journal.*"
+        assert legacy_journal_subject("ndo", "C", "i") == "ndo.sys.journal.C.i"
+        assert journal_wildcard("ndo") == "ndo.sys.journal.>"
+
+    def test_journal_shards(self) -> None:
+        """Every object has one of JOURNAL_SHARDS shards (its partition among 16); a worker can
+        take it from the object's partition when its partition count is a multiple of 16."""
+        assert JOURNAL_SHARDS == 16
+        objects = [(cls, f"id{i}") for cls in ("Counter", "Store", "C") for i in range(500)]
+        shards = {journal_shard(cls, oid) for cls, oid in objects}
+        assert shards == set(range(JOURNAL_SHARDS))  # in range, and all of them used
+        for cls, oid in objects:
+            assert journal_shard(cls, oid) == partition_of(cls, oid, JOURNAL_SHARDS)
+        for partitions in (16, 32, 64, 256, 1024):
+            for cls, oid in objects:
+                partition = partition_of(cls, oid, partitions)
+                shard = journal_shard_of_partition(partition, partitions)
+                assert shard == journal_shard(cls, oid), (cls, oid, partitions)
+        for partitions in (1, 8, 10, 24, 40, 100):
+            for partition in range(partitions):
+                assert journal_shard_of_partition(partition, partitions) is None
 
     def test_partition_and_forward_subjects(self) -> None:
         """Mapped requests arrive on <prefix>.part.<p>.<Class>.<id>.<method>; forwarded ones on
