@@ -1,4 +1,4 @@
-"""``ndo bench``: measure one ndo worker against the raw-NATS limit of the same machine.
+"""``ndo bench``: measure one ndo worker against an in-memory nats-py counter, on one machine.
 
 A subpackage of its own because it is a tool, not the runtime: it starts a whole process tree
 and reports numbers. Everything is relative to a baseline measured in the same run, never a
@@ -7,9 +7,12 @@ fixed speed, because this machine is small and noisy.
 The process tree (all on 127.0.0.1):
 
 * an embedded ``nats-server`` (random port, its own temporary directory);
-* a **baseline** responder: raw nats-py that decodes the JSON body with msgspec and encodes a
-  JSON reply, nothing else (``ndo.ops.bench._baseline``) — the practical limit of one Python
-  worker;
+* a **baseline** responder: an in-memory nats-py counter (``ndo.ops.bench._baseline``: one
+  subscription callback, a ``dict`` of counters, ``get`` and ``increment`` like the example
+  ``Counter``, not durable) — the practical limit of one Python worker. It runs the ``read``,
+  ``spread`` and ``hot`` scenarios with the same load and checks as the worker, and each ndo
+  row's ratios are against the baseline row of its scenario and level (``cold`` against
+  ``read``);
 * an **ndo worker** (``python -m ndo.ops.cli serve``, the bundled example objects), one fresh
   process per scenario, on a SQLite file the harness pre-populates directly (fast, big batches);
 * **load generators** (Node.js, or nats-py processes as a fallback), the same ones for the
@@ -46,10 +49,10 @@ mode's servers, connection, driver and data), ``_servers`` (one nats-server or a
 cluster), ``_driver`` (load over generator processes), ``_processes`` (starting and stopping
 workers and the baseline), ``_proc`` (CPU and memory readings), ``_load_kind`` (which
 generator), ``_objects``, ``_prepopulate`` and ``_log_loader`` (the objects and their stored
-values, in SQLite or in partition logs), ``_checks``, ``_rows``, ``_report``, ``_progress``; and
-what runs in other processes: ``_protocol``, ``_node_generator``, ``_python_generator``,
-``_baseline``. ``python -m tests.bench_replicated`` reuses ``_servers``, ``_log_loader`` and
-``_processes`` to time restore, hand-over and failover.
+values, in SQLite or in partition logs), ``_checks``, ``_rows`` (rows and their ratios),
+``_report``, ``_progress``; and what runs in other processes: ``_protocol``,
+``_node_generator``, ``_python_generator``, ``_baseline``. ``python -m tests.bench_replicated``
+reuses ``_servers``, ``_log_loader`` and ``_processes`` to time restore, hand-over and failover.
 """
 
 from ndo.ops.bench._checks import check_increments, check_reads

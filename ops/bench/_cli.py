@@ -29,7 +29,8 @@ from ndo.subjects import DEFAULT_PARTITIONS
 __all__ = ["add_bench_options", "add_bench_parser", "main", "plan_from_args", "run_bench"]
 
 _DESCRIPTION: Final = (
-    "``ndo bench``: measure one ndo worker against the raw-NATS limit of the same machine."
+    "``ndo bench``: measure one ndo worker against an in-memory nats-py counter (the practical "
+    "limit) on the same machine."
 )
 """The ``python -m ndo.ops.bench`` parser's description."""
 
@@ -38,10 +39,12 @@ def add_bench_parser(commands: Any) -> None:
     """Add the ``bench`` sub-command to the ``ndo`` parser's sub-parsers."""
     parser = commands.add_parser(
         "bench",
-        help="measure a worker against a raw NATS responder on this machine",
-        description="Start nats-server, a raw nats-py baseline responder and ndo workers, drive "
-        "them with the same load generators and report throughput, latency and worker CPU per "
-        "request relative to the baseline. Exits 1 when a correctness check fails.",
+        help="measure a worker against an in-memory nats-py counter on this machine",
+        description="Start nats-server, an in-memory nats-py counter responder (the baseline: "
+        "not durable, the practical limit) and ndo workers, drive "
+        "both with the same load generators on the same scenarios and report throughput, "
+        "latency and the worker's and nats-server's CPU per request, with ratios to the "
+        "baseline of the same scenario and level. Exits 1 when a correctness check fails.",
     )
     add_bench_options(parser)
 

@@ -1,29 +1,36 @@
 """One run end to end: the run directory, the process tree, the baseline and every scenario.
 
-This is where the parts meet: the harness starts nats-server and the baseline, starts one
-``Deployment`` per storage mode (its servers and pre-populated storage), runs each scenario in
-every mode in turn against fresh workers, fills in the ratios against the baseline (and, for the
-replicated modes, against local storage) and assembles the report.
+This is where the parts meet: the harness starts nats-server and the baseline responder, starts
+one ``Deployment`` per storage mode (its servers and pre-populated storage), runs the baseline's
+scenarios (``read``, ``spread``, ``hot``: the same runs and checks as the worker's), then each
+scenario in every mode in turn against fresh workers, then (``baseline_twice``) the baseline's
+again; fills in the ratios against the baseline (and, for the replicated modes, against local
+storage) and assembles the report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import nats
 import nats.errors
+from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import BenchError
 from ndo.ops.bench._checks import check_increments, check_reads
 from ndo.ops.bench._deployment import Deployment
 from ndo.ops.bench._driver import REQUEST_TIMEOUT_MS, LoadDriver, Outcome
 from ndo.ops.bench._objects import (
-    BASELINE_IDS,
     BASELINE_PREFIX,
     CLASS,
     COLD_IDS,
@@ -45,11 +52,40 @@ from ndo.ops.bench._processes import Child, Worker, start_baseline
 from ndo.ops.bench._progress import progress
 from ndo.ops.bench._protocol import ERROR_CODE_HEADER
 from ndo.ops.bench._report import describe_machine, evaluate_targets
-from ndo.ops.bench._rows import PROBLEMS_SHOWN, describe, make_row
+from ndo.ops.bench._rows import (
+    PROBLEMS_SHOWN,
+    BaselineKey,
+    apply_baseline_ratios,
+    apply_local_ratios,
+    as_baseline_row,
+    describe,
+    make_row,
+    merge_baseline_runs,
+    sort_rows,
+)
 from ndo.ops.bench._servers import NatsServers
 from ndo.ops.bench._storage_modes import storage_mode
 
 __all__ = ["Bench", "run_harness"]
+
+Record = Callable[[dict[str, Any]], None]
+"""Where a scenario's rows go as they are made (a progress line, the report)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a measured run drives: the baseline responder or an ndo worker."""
+
+    nc: NatsClient
+    """The harness's connection, for its own requests (values before and after a run)."""
+    prefix: str
+    """Subject prefix: ``<prefix>.rpc.Counter.<id>.<method>``."""
+    driver: LoadDriver
+    """The load generators reaching it."""
+    pid: int
+    """The responding process, whose CPU the rows' worker columns count."""
+    worker: Worker | None = None
+    """The ndo worker (its metrics are scraped around each run); ``None`` for the baseline."""
 
 
 class Bench:
@@ -59,12 +95,17 @@ class Bench:
         self.plan = plan
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = []
-        self.baseline_runs: dict[int, list[dict[str, Any]]] = {}
+        """The ndo rows while the run goes on; every row (baseline first) once it is done."""
+        self.baseline_runs: dict[BaselineKey, list[dict[str, Any]]] = {}
+        """The baseline's rows of each workload and level (two with ``baseline_twice``)."""
         self.server = NatsServers.single(run_dir / "nats", jetstream=plan.jetstream)
         self.deployments: list[Deployment] = []
         self.driver: LoadDriver | None = None
         """Drives the baseline responder, on the bench's own server."""
         self.baseline: Child | None = None
+        self._nc: NatsClient | None = None
+        """The harness's connection to the bench's server (the baseline's seed and values)."""
+        self._baseline_seeded = False
 
     async def run(self) -> list[dict[str, Any]]:
         """Start the process tree, run the baseline and the scenarios, return the rows."""
@@ -83,137 +124,112 @@ class Bench:
             if self.driver.choice.fallback is not None:
                 progress(self.driver.choice.fallback)
             progress(f"load generator: {self.driver.kind}, up to {plan.clients} processes")
-            self.baseline = await start_baseline(self.server.url, self.run_dir, plan.loop)
-            progress(f"baseline responder pid {self.baseline.pid}")
-            await self._baseline_pass()
+            workloads = plan.baseline_workloads()
+            if workloads:
+                self._nc = await nats.connect(self.server.client_url, connect_timeout=5)
+                self.baseline = await start_baseline(self.server.url, self.run_dir, plan.loop)
+                progress(f"baseline responder pid {self.baseline.pid}: {', '.join(workloads)}")
+                await self._baseline_pass(workloads)
             for scenario in plan.scenarios:
                 for deployment in self.deployments:
                     if scenario not in plan.scenarios_for(deployment.mode.name):
                         continue
                     await getattr(self, "_scenario_" + scenario.replace("-", "_"))(deployment)
-            if plan.baseline_twice:
-                await self._baseline_pass()
-            self._finish_baseline()
-            self._finish_storage()
+            if workloads and plan.baseline_twice:
+                await self._baseline_pass(workloads)
+            self._finish()
         finally:
             if self.baseline is not None:
                 await self.baseline.stop()
+            if self._nc is not None:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self._nc.close()
             for deployment in self.deployments:
                 await deployment.stop()
             await self.server.stop()
         return self.rows
 
+    def _finish(self) -> None:
+        """Average the baseline runs, fill in every row's ratios, put the rows in order."""
+        merged = merge_baseline_runs(self.baseline_runs)
+        apply_baseline_ratios(self.rows, merged)
+        apply_local_ratios(self.rows)
+        self.rows = sort_rows([*merged.values(), *self.rows])
+
     # Baseline
 
-    async def _baseline_pass(self) -> None:
-        assert self.driver is not None and self.baseline is not None
-        for level in self.plan.levels:
-            outcome = None
-            for duration in (self.plan.warmup, self.plan.duration):
-                if not duration:
-                    continue
-                outcome = await self.driver.run(
-                    subject=f"{BASELINE_PREFIX}.rpc.{CLASS}.{{id}}.increment",
-                    id_prefix=BASELINE_IDS,
-                    first=0,
-                    count=self.plan.objects,
-                    body=INCREMENT_BODY,
-                    inflight=level,
-                    mode="random",
-                    duration=duration,
-                    increasing=False,
-                    worker=None,
-                    worker_pid=self.baseline.pid,
-                )
-            assert outcome is not None
-            problems = [] if sum(outcome.obj_sum) == outcome.ok else ["baseline replies wrong"]
-            row = make_row("baseline", level, outcome, problems)
-            for key in ("transactions_per_s", "writes_per_s", "writes_per_tx"):
-                row[key] = None
-            self.baseline_runs.setdefault(level, []).append(row)
-            progress(describe(row) + f" (baseline pid {self.baseline.pid})")
+    def _baseline_target(self) -> Target:
+        assert self.driver is not None and self.baseline is not None and self._nc is not None
+        return Target(self._nc, BASELINE_PREFIX, self.driver, self.baseline.pid)
 
-    def _finish_baseline(self) -> None:
-        """Average the baseline runs of each level and fill in every row's ratios."""
-        merged: dict[int, dict[str, Any]] = {}
-        for level, runs in self.baseline_runs.items():
-            row = dict(runs[0])
-            if len(runs) > 1:
-                for key in ("rps", "cpu_us_per_req", "p50_ms", "p99_ms"):
-                    values = [r[key] for r in runs if r[key] is not None]
-                    row[key] = round(sum(values) / len(values), 3) if values else None
-                row["rps_runs"] = [r["rps"] for r in runs]
-                row["cpu_us_per_req_runs"] = [r["cpu_us_per_req"] for r in runs]
-                bad = [r["check"] for r in runs if r["check"] != "ok"]
-                row["check"] = "; ".join(bad) if bad else "ok"
-            row["ratio"] = 1.0
-            row["cpu_ratio"] = 1.0
-            merged[level] = row
-        for row in self.rows:
-            base = merged.get(row["inflight"])
-            if base is None or row["scenario"] == "idle-memory":
-                continue
-            if base["rps"]:
-                row["ratio"] = round(row["rps"] / base["rps"], 3)
-            if base["cpu_us_per_req"]:
-                row["cpu_ratio"] = round(row["cpu_us_per_req"] / base["cpu_us_per_req"], 3)
-            if base["p99_ms"] and row["p99_ms"] is not None:
-                row["p99_ratio"] = round(row["p99_ms"] / base["p99_ms"], 3)
-        self.rows[:0] = [merged[level] for level in sorted(merged)]
+    async def _baseline_pass(self, workloads: tuple[str, ...]) -> None:
+        """Run the baseline responder through ``workloads``, each at every level."""
+        target = self._baseline_target()
+        for workload in workloads:
+            record = functools.partial(self._record_baseline, workload)
+            if workload == "read":
+                await self._seed_baseline_reads(target)
+                await self._reads(target, record)
+            else:
+                await self._increments(target, workload, record)
 
-    def _finish_storage(self) -> None:
-        """Fill in each replicated row's ratios to the local row of its scenario and level."""
-        local = {
-            (row["scenario"], row["inflight"]): row
-            for row in self.rows
-            if row.get("storage") == "local"
-        }
-        for row in self.rows:
-            if row.get("storage") in (None, "local") or row["scenario"] == "idle-memory":
-                continue
-            ref = local.get((row["scenario"], row["inflight"]))
-            if ref is None:
-                continue
-            for key, ratio_key in (
-                ("rps", "local_ratio"),
-                ("p99_ms", "p99_local_ratio"),
-                ("cpu_us_per_req", "cpu_local_ratio"),
-            ):
-                if ref.get(key) and row.get(key) is not None:
-                    row[ratio_key] = round(row[key] / ref[key], 3)
+    async def _seed_baseline_reads(self, target: Target) -> None:
+        """Give the responder's ``read`` objects their stored values (once): it starts with
+        none, so one ``increment(by=stored value)`` each."""
+        if self._baseline_seeded:
+            return
+        count = self.plan.objects
+        bodies = [f'{{"by":{stored_value(n)}}}' for n in range(count)]
+        await self._call_all(target, "increment", READ_IDS, bodies)
+        self._baseline_seeded = True
 
-    # ndo scenarios
+    def _record_baseline(self, workload: str, row: dict[str, Any]) -> None:
+        row = as_baseline_row(workload, row)
+        self.baseline_runs.setdefault((workload, row["inflight"]), []).append(row)
+        assert self.baseline is not None
+        progress(describe(row) + f" (baseline pid {self.baseline.pid})")
 
-    async def _values(self, dep: Deployment, id_prefix: str, count: int) -> list[int]:
-        """Read ``count`` counters with ``get()`` (64 at a time); also activates them."""
-        nc = dep.nc
-        values = [0] * count
+    # Shared by the baseline and the worker
+
+    async def _call_all(
+        self, target: Target, method: str, id_prefix: str, bodies: list[str]
+    ) -> list[int]:
+        """Call ``method`` once on objects ``0..len(bodies)-1`` (64 at a time), object ``n``
+        with ``bodies[n]``; return the numeric replies.
+
+        Raises:
+            BenchError: a request failed or a reply was an error.
+        """
+        values = [0] * len(bodies)
         limit = asyncio.Semaphore(64)
 
-        async def read(number: int) -> None:
+        async def call(number: int) -> None:
             async with limit:
-                msg = await nc.request(
-                    f"{PREFIX}.rpc.{CLASS}.{id_prefix}{number}.get",
-                    b"",
+                msg = await target.nc.request(
+                    f"{target.prefix}.rpc.{CLASS}.{id_prefix}{number}.{method}",
+                    bodies[number].encode(),
                     timeout=REQUEST_TIMEOUT_MS / 1000,
                 )
             if msg.headers and msg.headers.get(ERROR_CODE_HEADER):
-                raise BenchError(f"get() of {id_prefix}{number} failed: {msg.data!r}")
+                raise BenchError(f"{method}() of {id_prefix}{number} failed: {msg.data!r}")
             values[number] = int(msgspec.json.decode(msg.data))
 
         try:
             async with asyncio.TaskGroup() as group:
-                for number in range(count):
-                    group.create_task(read(number))
+                for number in range(len(bodies)):
+                    group.create_task(call(number))
         except* (BenchError, nats.errors.Error) as errors:
             first = errors.exceptions[0]
             raise BenchError(f"{first} (and {len(errors.exceptions) - 1} more)") from None
         return values
 
+    async def _values(self, target: Target, id_prefix: str, count: int) -> list[int]:
+        """Read ``count`` counters with ``get()`` (64 at a time); also activates them."""
+        return await self._call_all(target, "get", id_prefix, [GET_BODY] * count)
+
     async def _drive(
         self,
-        dep: Deployment,
-        worker: Worker,
+        target: Target,
         *,
         method: str,
         id_prefix: str,
@@ -223,8 +239,8 @@ class Bench:
         mode: Literal["random", "once"],
         duration: float,
     ) -> Outcome:
-        return await dep.driver.run(
-            subject=f"{PREFIX}.rpc.{CLASS}.{{id}}.{method}",
+        return await target.driver.run(
+            subject=f"{target.prefix}.rpc.{CLASS}.{{id}}.{method}",
             id_prefix=id_prefix,
             first=first,
             count=count,
@@ -233,85 +249,107 @@ class Bench:
             mode=mode,
             duration=duration,
             increasing=method == "increment",
-            worker=worker,
-            worker_pid=worker.pid,
+            worker=target.worker,
+            worker_pid=target.pid,
         )
+
+    def _durations(self) -> list[float]:
+        """Each level's runs: the warm-up (unless 0 s) and the measured one; both are checked."""
+        return [d for d in (self.plan.warmup, self.plan.duration) if d]
+
+    async def _reads(self, target: Target, record: Record) -> None:
+        """The ``read`` scenario on ``target``: ``get()`` over its pre-populated objects at
+        every level; every reply must be the stored value."""
+        plan = self.plan
+        expected = [stored_value(i) for i in range(plan.objects)]
+        values = await self._values(target, READ_IDS, plan.objects)
+        problems = check_reads(expected, [1] * plan.objects, values)
+        for level in plan.levels:
+            outcome: Outcome | None = None
+            for duration in self._durations():
+                outcome = await self._drive(
+                    target,
+                    method="get",
+                    id_prefix=READ_IDS,
+                    first=0,
+                    count=plan.objects,
+                    inflight=level,
+                    mode="random",
+                    duration=duration,
+                )
+                problems += check_reads(expected, outcome.obj_n, outcome.obj_sum)
+            assert outcome is not None
+            record(make_row("read", level, outcome, problems))
+            problems = []
+
+    async def _increments(self, target: Target, scenario: str, record: Record) -> None:
+        """The ``spread`` (``increment()`` over ``plan.objects`` objects) or ``hot`` (one
+        object) scenario on ``target`` at every level; replies must be exactly the increments
+        (sum check), strictly increasing per object on each connection, and the value read
+        after each run the one before plus the acknowledged increments."""
+        plan = self.plan
+        id_prefix, count = (SPREAD_IDS, plan.objects) if scenario == "spread" else (HOT_IDS, 1)
+        base = await self._values(target, id_prefix, count)
+        for level in plan.levels:
+            problems: list[str] = []
+            outcome: Outcome | None = None
+            for duration in self._durations():
+                outcome = await self._drive(
+                    target,
+                    method="increment",
+                    id_prefix=id_prefix,
+                    first=0,
+                    count=count,
+                    inflight=level,
+                    mode="random",
+                    duration=duration,
+                )
+                final = await self._values(target, id_prefix, count)
+                problems += check_increments(base, outcome.obj_n, outcome.obj_sum, final)
+                base = final
+            assert outcome is not None
+            record(make_row(scenario, level, outcome, problems))
+
+    # ndo scenarios
+
+    @staticmethod
+    def _worker_target(dep: Deployment, worker: Worker) -> Target:
+        return Target(dep.nc, PREFIX, dep.driver, worker.pid, worker)
 
     def _record(self, row: dict[str, Any], worker: Worker, dep: Deployment) -> None:
         row["storage"] = dep.mode.name
         self.rows.append(row)
-        self._finish_storage()  # the ratio to local in the progress line, when local ran first
+        # The ratios so far, for the progress line (the baseline's first pass has run).
+        apply_baseline_ratios([row], merge_baseline_runs(self.baseline_runs))
+        apply_local_ratios(self.rows)
         progress(describe(row) + f" (worker pid {worker.pid})")
 
     async def _scenario_read(self, dep: Deployment) -> None:
-        plan = self.plan
         worker = await dep.worker("read")
         try:
-            expected = [stored_value(i) for i in range(plan.objects)]
-            values = await self._values(dep, READ_IDS, plan.objects)
-            problems = check_reads(expected, [1] * plan.objects, values)
-            for level in plan.levels:
-                outcomes = []
-                for duration in (plan.warmup, plan.duration):
-                    if not duration:
-                        continue
-                    outcome = await self._drive(
-                        dep,
-                        worker,
-                        method="get",
-                        id_prefix=READ_IDS,
-                        first=0,
-                        count=plan.objects,
-                        inflight=level,
-                        mode="random",
-                        duration=duration,
-                    )
-                    problems += check_reads(expected, outcome.obj_n, outcome.obj_sum)
-                    outcomes.append(outcome)
-                self._record(make_row("read", level, outcomes[-1], problems), worker, dep)
-                problems = []
+            record = functools.partial(self._record, worker=worker, dep=dep)
+            await self._reads(self._worker_target(dep, worker), record)
         finally:
             await worker.child.stop()
 
-    async def _increments(self, dep: Deployment, scenario: str, id_prefix: str, count: int) -> None:
-        plan = self.plan
+    async def _worker_increments(self, dep: Deployment, scenario: str) -> None:
         worker = await dep.worker(scenario)
         try:
-            base = await self._values(dep, id_prefix, count)
-            for level in plan.levels:
-                problems: list[str] = []
-                outcome: Outcome | None = None
-                for duration in (plan.warmup, plan.duration):
-                    if not duration:
-                        continue
-                    outcome = await self._drive(
-                        dep,
-                        worker,
-                        method="increment",
-                        id_prefix=id_prefix,
-                        first=0,
-                        count=count,
-                        inflight=level,
-                        mode="random",
-                        duration=duration,
-                    )
-                    final = await self._values(dep, id_prefix, count)
-                    problems += check_increments(base, outcome.obj_n, outcome.obj_sum, final)
-                    base = final
-                assert outcome is not None
-                self._record(make_row(scenario, level, outcome, problems), worker, dep)
+            record = functools.partial(self._record, worker=worker, dep=dep)
+            await self._increments(self._worker_target(dep, worker), scenario, record)
         finally:
             await worker.child.stop()
 
     async def _scenario_spread(self, dep: Deployment) -> None:
-        await self._increments(dep, "spread", SPREAD_IDS, self.plan.objects)
+        await self._worker_increments(dep, "spread")
 
     async def _scenario_hot(self, dep: Deployment) -> None:
-        await self._increments(dep, "hot", HOT_IDS, 1)
+        await self._worker_increments(dep, "hot")
 
     async def _scenario_cold(self, dep: Deployment) -> None:
         plan = self.plan
         worker = await dep.worker("cold", max_active=plan.cold_max_active)
+        target = self._worker_target(dep, worker)
         try:
             levels = plan.levels
             warm = min(plan.cold_objects // 10, 1_000)
@@ -328,8 +366,7 @@ class Bench:
                 first += size
             for start, size, level, is_warmup in slices:
                 outcome = await self._drive(
-                    dep,
-                    worker,
+                    target,
                     method="get",
                     id_prefix=COLD_IDS,
                     first=start,
@@ -361,14 +398,14 @@ class Bench:
         n = plan.idle_objects
         pings = len(ping_ids(plan.partitions))
         worker = await dep.worker("idle-memory", max_active=2 * n + IDLE_WARM_OBJECTS + pings + 100)
+        target = self._worker_target(dep, worker)
         try:
             samples: list[int] = []
             problems: list[str] = []
             first = 0
             for size in (IDLE_WARM_OBJECTS, n, n):
                 outcome = await self._drive(
-                    dep,
-                    worker,
+                    target,
                     method="get",
                     id_prefix=IDLE_IDS,
                     first=first,
@@ -399,6 +436,7 @@ class Bench:
                 "p99_ms": None,
                 "ratio": None,
                 "cpu_us_per_req": None,
+                "server_cpu_us_per_req": None,
                 "cpu_ratio": None,
                 "objects": n,
                 "rss_bytes": samples,

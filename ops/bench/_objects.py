@@ -11,7 +11,6 @@ from typing import Final
 from ndo.subjects import partition_of
 
 __all__ = [
-    "BASELINE_IDS",
     "BASELINE_PREFIX",
     "CLASS",
     "COLD_IDS",
@@ -31,7 +30,8 @@ __all__ = [
 PREFIX: Final = "ndo"
 """Subject prefix of the ndo workers."""
 BASELINE_PREFIX: Final = "ndobench"
-"""Subject prefix of the baseline responder (``<prefix>.rpc.>``)."""
+"""Subject prefix of the baseline responder (``<prefix>.rpc.Counter.<id>.<method>``); its
+scenarios use the same object ids as the worker's, in this namespace of their own."""
 CLASS: Final = "Counter"
 """The bundled example class every scenario calls."""
 VALUE_KEY: Final = "value"
@@ -48,14 +48,14 @@ SPREAD_IDS: Final = "s"
 HOT_IDS: Final = "h"
 COLD_IDS: Final = "c"
 IDLE_IDS: Final = "m"
-BASELINE_IDS: Final = "b"
 
 IDLE_WARM_OBJECTS: Final = 200
 """Objects ``idle-memory`` activates before its first RSS sample (warms caches and arenas)."""
 
 
 def stored_value(number: int) -> int:
-    """The counter value the loader stores for object number ``number`` (read and cold)."""
+    """The counter value the loader stores for object number ``number`` (read and cold; the
+    harness gives the baseline responder's ``read`` objects the same values)."""
     return number * 7 + 3
 
 

@@ -16,7 +16,15 @@ from ndo.ops._loop import resolve_loop
 from ndo.ops.bench._storage_modes import STORAGE_MODES, storage_mode
 from ndo.subjects import DEFAULT_PARTITIONS
 
-__all__ = ["FULL_PLAN", "LOCAL_ONLY_SCENARIOS", "QUICK_PLAN", "SCENARIOS", "BenchPlan", "LoadKind"]
+__all__ = [
+    "BASELINE_OF",
+    "FULL_PLAN",
+    "LOCAL_ONLY_SCENARIOS",
+    "QUICK_PLAN",
+    "SCENARIOS",
+    "BenchPlan",
+    "LoadKind",
+]
 
 SCENARIOS: Final = ("read", "spread", "hot", "cold", "idle-memory")
 """Scenario names, in the order they run."""
@@ -24,6 +32,12 @@ SCENARIOS: Final = ("read", "spread", "hot", "cold", "idle-memory")
 LOCAL_ONLY_SCENARIOS: Final = ("idle-memory",)
 """Scenarios measured with local storage only: what they measure (memory per idle object) does
 not depend on where partitions are durable."""
+
+BASELINE_OF: Final = {"read": "read", "spread": "spread", "hot": "hot", "cold": "read"}
+"""The baseline workload each scenario's ratios are against: the same scenario on the in-memory
+counter responder, except ``cold``, which has no in-memory counterpart (nothing is ever loaded
+from storage there) and compares with the baseline's ``read`` (a ``get()`` of a known counter)
+at the same level. ``idle-memory`` has no ratio."""
 
 LoadKind = Literal["auto", "node", "python"]
 """``--load``: which load generator drives the requests."""
@@ -62,7 +76,8 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
     """A ``node_modules`` folder holding the ``nats`` npm package, tried first; then
     ``$NDO_NODE_MODULES``, then ``./node_modules`` of the working directory."""
     baseline_twice: bool = True
-    """Measure the baseline before and after the scenarios and average (noise)."""
+    """Run the baseline's scenarios (``baseline_workloads``) before and after the ndo
+    scenarios and average the two runs of each scenario and level (noise)."""
     jetstream: bool = True
     """Run nats-server with JetStream, as deployed (workers may then use leases and a journal)."""
     loop: str = "auto"
@@ -107,6 +122,12 @@ class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
             return self.scenarios
         return tuple(s for s in self.scenarios if s not in LOCAL_ONLY_SCENARIOS)
 
+    def baseline_workloads(self) -> tuple[str, ...]:
+        """The scenarios the baseline responder runs (in ``SCENARIOS`` order): those of the
+        plan's scenarios that have a baseline (``BASELINE_OF``), ``read`` for ``cold``."""
+        wanted = {BASELINE_OF[s] for s in self.scenarios if s in BASELINE_OF}
+        return tuple(s for s in SCENARIOS if s in wanted)
+
 
 QUICK_PLAN: Final = BenchPlan(
     levels=(1, 64),
@@ -117,7 +138,8 @@ QUICK_PLAN: Final = BenchPlan(
     idle_objects=1_000,
     baseline_twice=False,
 )
-"""``--quick``: two levels, short runs, small object counts (well under a minute)."""
+"""``--quick``: two levels, short runs, small object counts, the baseline once (about 40 s on
+two cores)."""
 
 FULL_PLAN: Final = BenchPlan()
 """The default: every level, 5 s runs, 100,000 cold objects (a few minutes)."""

@@ -27,11 +27,23 @@ from ndo.ops.bench._objects import BASELINE_PREFIX, CLASS, PREFIX, ping_ids
 from ndo.ops.bench._plan import BenchPlan
 from ndo.ops.bench._protocol import ERROR_CODE_HEADER
 
-__all__ = ["WORKER_START_TIMEOUT", "Child", "Worker", "spawn", "start_baseline", "start_worker"]
+__all__ = [
+    "BASELINE_SUBJECT",
+    "WORKER_START_TIMEOUT",
+    "Child",
+    "Worker",
+    "spawn",
+    "start_baseline",
+    "start_worker",
+]
 
 WORKER_START_TIMEOUT: Final = 30.0
 """Seconds a worker (and the baseline responder) may take to serve, by default."""
 _PROCESS_STOP_TIMEOUT: Final = 15.0
+
+BASELINE_SUBJECT: Final = f"{BASELINE_PREFIX}.rpc.{CLASS}.*.*"
+"""What the baseline responder subscribes to: every ``Counter`` object and method (one
+subscription; the object id and the method are the subject's last two tokens)."""
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -127,14 +139,15 @@ async def spawn(
 
 
 async def start_baseline(url: str, run_dir: Path, loop: str) -> Child:
-    """Start the baseline responder on event loop ``loop`` and wait for its ``ready``.
+    """Start the baseline responder (in-memory counters on ``BASELINE_SUBJECT``) on event loop
+    ``loop`` and wait for its ``ready``.
 
     Raises:
         BenchError: it did not start.
     """
     child = await spawn(
         "baseline",
-        [sys.executable, "-m", "ndo.ops.bench._baseline", url, f"{BASELINE_PREFIX}.rpc.>"],
+        [sys.executable, "-m", "ndo.ops.bench._baseline", url, BASELINE_SUBJECT],
         run_dir,
         stdout=asyncio.subprocess.PIPE,
         env={"NDO_LOOP": loop},  # the workers' event loop
