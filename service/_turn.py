@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ndo.actors import (
     ActorError,
@@ -42,7 +42,14 @@ from ndo.storage import ObjectWrite
 if TYPE_CHECKING:
     from ndo.actors import Actor
 
-__all__ = ["DeadlineWatchdog", "TurnOutcome", "TurnRunner", "object_write", "turn_error"]
+__all__ = [
+    "DeadlineWatchdog",
+    "HandlerTask",
+    "TurnOutcome",
+    "TurnRunner",
+    "object_write",
+    "turn_error",
+]
 
 
 class TurnOutcome:
@@ -142,7 +149,7 @@ class TurnRunner:
     # Kept by the DeadlineWatchdog while a handler runs
     _deadline: float
     """``time.monotonic()`` by which the running handler must finish; 0.0 when none runs."""
-    _task: asyncio.Task[Any] | None
+    _task: HandlerTask | None
     """The task running the handler (cancelled when the deadline passes)."""
     _expired: bool
     """The watchdog cancelled the handler for its deadline."""
@@ -180,7 +187,7 @@ class TurnRunner:
         self.instance = None
         self.context = self.new_context()
 
-    async def run(self, envelope: Envelope, task: asyncio.Task[Any] | None = None) -> TurnOutcome:
+    async def run(self, envelope: Envelope, task: HandlerTask | None = None) -> TurnOutcome:
         """Run one turn: the method call or alarm delivery in ``envelope``.
 
         Never raises for anything the handler does (see the module doc); only a cancellation of
@@ -189,7 +196,8 @@ class TurnRunner:
         Args:
             envelope: the message.
             task: the task this runs in (the one the deadline cancels), when the caller has it
-                at hand; else it is looked up.
+                at hand (or what stands for it while the caller runs eagerly); else it is looked
+                up.
         """
         context = self.context  # a reload() while the handler runs must not mix two contexts
         storage = context.storage
@@ -279,6 +287,15 @@ def object_write(address: ActorId, partition: int, epoch: int, changes: TurnWrit
     )
 
 
+class HandlerTask(Protocol):
+    """What the deadline cancels: the task running a handler (an ``asyncio.Task``, or what
+    stands for the task a coroutine started eagerly will continue in)."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the handler's task (see ``asyncio.Task.cancel``)."""
+        ...
+
+
 class DeadlineWatchdog:
     """Enforces the handler deadline on every running handler of a process with one timer.
 
@@ -303,7 +320,7 @@ class DeadlineWatchdog:
         self._running = set()
         self._timer = None
 
-    def start(self, runner: TurnRunner, task: asyncio.Task[Any] | None) -> None:
+    def start(self, runner: TurnRunner, task: HandlerTask | None) -> None:
         """``runner``'s handler starts now, in ``task`` (cancelled if it runs too long)."""
         runner._deadline = time.monotonic() + self.timeout
         runner._task = task

@@ -29,6 +29,16 @@ class Slow(Actor):
         self.storage.put("slept", seconds)
         return "done"
 
+    @method
+    async def give_up_after(self, limit: float) -> str:
+        """Wait longer than ``limit`` inside the handler's own ``asyncio.timeout``."""
+        try:
+            async with asyncio.timeout(limit):
+                await asyncio.sleep(limit * 20)
+        except TimeoutError:
+            return "gave up"
+        return "waited"
+
 
 class Faulty(Actor):
     """Handlers that fail in different ways after writing, to prove nothing is half-written."""

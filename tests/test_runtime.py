@@ -214,6 +214,19 @@ class TestHandlerFailures:
         assert await client.get(Store, "late").call(Store.get, "slept") is None
         assert await slow.call(Slow.sleep, 0.0) == "done"
 
+    async def test_handler_timeout_of_its_own(self, worker: Worker, client: ActorClient) -> None:
+        """A handler's own ``asyncio.timeout`` cancels the handler, nothing else: the turn may
+        start inside ingress (an eager task on Python 3.12+), and a timeout armed against the
+        wrong task would cancel the subscription that delivers every object's requests."""
+        slow = client.get(Slow, "own-timeout")
+        results = await asyncio.gather(
+            *(slow.call(Slow.give_up_after, 0.05) for _ in range(3)),
+            *(client.get(Slow, f"other-{n}").call(Slow.read) for n in range(20)),
+        )
+        assert results[:3] == ["gave up"] * 3
+        assert results[3:] == [0] * 20
+        assert await client.get(Slow, "after").call(Slow.read) == 0
+
     async def test_unencodable_reply_and_value(self, worker: Worker, client: ActorClient) -> None:
         """Return values and stored values msgspec cannot encode fail the turn cleanly."""
         faulty = client.get(Faulty, "u")
