@@ -65,6 +65,7 @@ from ndo.service.journal import (
     encode_journal_record,
     journal_stream_name,
     journal_stream_subjects,
+    jsonable_args,
     jsonable_value,
     jsonable_writes,
 )
@@ -212,9 +213,15 @@ class JournalEntry:
         )
 
 
-def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False) -> JournalRecord:
+def journal_record(
+    entry: JournalEntry, worker: str, *, truncated: bool = False, checked: bool = True
+) -> JournalRecord:
     """Build the record of a finished turn, ready for ``encode_journal_record`` (its ``args``
-    and ``reply`` may hold a Struct and raw JSON; decode the encoded record to inspect it)."""
+    and ``reply`` may hold a Struct and raw JSON; decode the encoded record to inspect it).
+
+    ``checked=False`` skips the test-encode of every stored value (``jsonable_value``): faster,
+    but encoding the record may then fail for a value JSON cannot express; retry checked.
+    """
     envelope = entry.envelope
     headers: dict[str, str] = {}
     if envelope.idempotency_key is not None:
@@ -226,12 +233,12 @@ def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False)
     # JSON reply body is embedded as it was sent (it is valid JSON: the worker encoded it).
     args: Any = {}
     if envelope.args is not None and not truncated:
-        args = envelope.args
+        args = envelope.args if not checked else jsonable_args(envelope.args)
     delivery = envelope.alarm
     reply = None
     if entry.body is not None and entry.status in ("ok", "duplicate") and not truncated:
         if envelope.msgpack:
-            reply = jsonable_value(entry.body)
+            reply = jsonable_value(entry.body, checked=checked)
         elif entry.body:
             reply = msgspec.Raw(entry.body)
     error = entry.error
@@ -251,7 +258,7 @@ def journal_record(entry: JournalEntry, worker: str, *, truncated: bool = False)
         error=None
         if error is None
         else JournalError(code=error.code, type=error.type, message=error.message),
-        writes=jsonable_writes(entry.changes, truncated=truncated)
+        writes=jsonable_writes(entry.changes, truncated=truncated, checked=checked)
         if entry.advances_state and entry.changes is not None
         else None,
         time=entry.started,
@@ -585,11 +592,7 @@ class JournalPublisher:
             entry = self._queue.popleft()
             taken += 1
             try:
-                data = encode_journal_record(journal_record(entry, self._worker))
-                if len(data) > limit:
-                    data = encode_journal_record(
-                        journal_record(entry, self._worker, truncated=True)
-                    )
+                data = self._encode(entry, limit)
             except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
                 self._fail("encode_error", str(exc))
                 continue
@@ -605,6 +608,17 @@ class JournalPublisher:
             else:
                 lines.append(data)
         return shards
+
+    def _encode(self, entry: JournalEntry, limit: int) -> bytes:
+        """One entry's JSON line: unchecked first (one encode per value saved), checked when
+        a value JSON cannot express made that fail, truncated when over ``limit``."""
+        try:
+            data = encode_journal_record(journal_record(entry, self._worker, checked=False))
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+            data = encode_journal_record(journal_record(entry, self._worker))
+        if len(data) > limit:
+            data = encode_journal_record(journal_record(entry, self._worker, truncated=True))
+        return data
 
     def _messages(self, shards: dict[int, list[bytes]]) -> list[tuple[str, bytes, int]]:
         """Join each shard's lines into messages under the size limit: (subject, body, records)."""

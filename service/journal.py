@@ -38,6 +38,7 @@ __all__ = [
     "journal_builtins",
     "journal_stream_name",
     "journal_stream_subjects",
+    "jsonable_args",
     "jsonable_reply",
     "jsonable_value",
     "jsonable_writes",
@@ -242,18 +243,37 @@ def _base64(raw: bytes) -> dict[str, str]:
     return {"$msgpack": base64.b64encode(raw).decode("ascii")}
 
 
-def jsonable_value(raw: bytes) -> Any:
+def jsonable_value(raw: bytes, *, checked: bool = True) -> Any:
     """Decode a stored MessagePack value into JSON-able data.
 
     Bytes become base64 strings and non-string map keys strings (as JSON would write them); a
     value JSON cannot express at all (a MessagePack extension type) is kept as
-    ``{"$msgpack": "<base64 of the raw value>"}``.
+    ``{"$msgpack": "<base64 of the raw value>"}``. With ``checked=False`` the value is only
+    decoded, not test-encoded: encoding the record may then fail, and the caller retries with
+    ``checked=True`` (the worker does, to save an encode per value on the common path).
     """
     try:
         value = _MSGPACK_DECODER.decode(raw)
-        _RECORD_ENCODER.encode(value)
+        if checked:
+            _RECORD_ENCODER.encode(value)
     except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError, OverflowError):
         return _base64(raw)
+    return value
+
+
+def jsonable_args(args: Any) -> Any:
+    """Decoded call arguments (a Struct, a dict) as JSON-able data: a MessagePack extension
+    value anywhere in them becomes ``{"$msgpack": "<base64>"}``."""
+    return _without_extensions(_MSGPACK_DECODER.decode(msgspec.msgpack.encode(args)))
+
+
+def _without_extensions(value: Any) -> Any:
+    if isinstance(value, msgspec.msgpack.Ext):
+        return _base64(msgspec.msgpack.encode(value))
+    if isinstance(value, dict):
+        return {key: _without_extensions(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_extensions(item) for item in value]
     return value
 
 
@@ -267,15 +287,18 @@ def jsonable_reply(body: bytes, msgpack: bool) -> Any:
         return body.decode("utf-8", "replace")
 
 
-def jsonable_writes(changes: TurnWrites, *, truncated: bool = False) -> JournalWrites:
-    """Turn a committed write-set into its journal form (``put`` left empty when ``truncated``)."""
+def jsonable_writes(
+    changes: TurnWrites, *, truncated: bool = False, checked: bool = True
+) -> JournalWrites:
+    """Turn a committed write-set into its journal form (``put`` left empty when ``truncated``;
+    ``checked``: see ``jsonable_value``)."""
     put: dict[str, Any] = {}
     delete: list[str] = []
     for key, raw in changes.writes.items():
         if raw is None:
             delete.append(key)
         elif not truncated:
-            put[key] = jsonable_value(raw)
+            put[key] = jsonable_value(raw, checked=checked)
     alarm: float | UnsetType | None = UNSET if changes.alarm == ALARM_UNCHANGED else changes.alarm
     return JournalWrites(put=put, delete=sorted(delete), cleared=changes.cleared, alarm=alarm)
 

@@ -12,6 +12,7 @@ among the object's records in that message (``1234`` alone, ``1234.2`` when it s
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import itertools
 import json
@@ -215,6 +216,23 @@ class TestJournalRecords:
         assert "boom after writing" in failed.error.message
         assert written.status == "ok" and written.fresh  # rebuilt after the failure
         assert written.writes is not None and written.writes.put == {"n": 8}
+
+    async def test_value_json_cannot_express(self, worker: Worker, nc: NatsClient) -> None:
+        """A stored MessagePack extension value is journaled as ``{"$msgpack": base64}`` (the
+        publisher's unchecked encode fails for it and the checked one takes over), and the
+        records around it are unaffected."""
+        packed = msgspec.msgpack.encode({"key": "x", "value": msgspec.msgpack.Ext(5, b"\x01\x02")})
+        headers = {Header.CONTENT_TYPE.value: MSGPACK_CONTENT_TYPE}
+        for body in (msgspec.msgpack.encode({"key": "a", "value": 1}), packed):
+            await nc.request(rpc_subject("ndo", "Store", "ext", "put"), body, headers=headers)
+        await worker.stop()
+        plain, extension = [step.record for step in await _steps(nc, "Store", "ext")]
+        assert plain.writes is not None and plain.writes.put == {"a": 1}
+        raw = msgspec.msgpack.encode(msgspec.msgpack.Ext(5, b"\x01\x02"))
+        expected = {"$msgpack": base64.b64encode(raw).decode("ascii")}
+        assert extension.writes is not None and extension.writes.put == {"x": expected}
+        assert extension.args == {"key": "x", "value": expected}
+        assert _failures(worker, "encode_error") == 0
 
     async def test_stream_retention_created_and_updated(
         self, start_worker: WorkerFactory, nc: NatsClient
