@@ -9,7 +9,8 @@ order they ran.
 **Delivery overlaps the next commit.** Telling a batch's waiters (each sends its reply, events
 and journal record) takes a good part of a millisecond for a batch of tens; when the batch was
 committed in full, the next batch's transaction starts at once and the waiters are told
-meanwhile, by a delivery task that keeps batches in order. This is safe because a waiter of a
+meanwhile, by a delivery task; the next delivery waits for it, so batches are told in order and
+at most one delivery overlaps one commit. This is safe because a waiter of a
 clean commit only releases what is already durable. After a commit that failed or was fenced in
 part, the waiters are told before the next batch is taken: they reset their objects, and the
 next batch must see that (``commit_wanted``) so no write built on a failed one is committed.
@@ -167,18 +168,22 @@ class GroupCommitter:
                     self._wakeup.clear()
                     continue
                 outcomes, clean = await self._commit_next_batch()
-                previous = self._delivery
+                if self._delivery is not None:
+                    # At most one delivery overlaps one commit: a waiter stuck in commit_done
+                    # holds up the commits, as it did before deliveries were overlapped.
+                    await self._delivery
+                    self._delivery = None
                 if clean:
                     self._delivery = asyncio.create_task(
-                        _deliver(previous, outcomes), name="ndo-commit-delivery"
+                        _deliver(outcomes), name="ndo-commit-delivery"
                     )
                 else:
-                    self._delivery = None
-                    await _deliver(previous, outcomes)
+                    await _deliver(outcomes)
         finally:
             delivery, self._delivery = self._delivery, None
             if delivery is not None:
-                await delivery  # outcomes already durable: always told, even when cancelled
+                # Its outcomes are durable: it runs to the end even if this loop is cancelled.
+                await asyncio.shield(delivery)
 
     async def _commit_next_batch(
         self,
@@ -236,13 +241,8 @@ class GroupCommitter:
         return outcomes, not (abandoned or fenced or failed)
 
 
-async def _deliver(
-    previous: asyncio.Task[None] | None,
-    outcomes: list[tuple[PendingCommit, BaseException | None]],
-) -> None:
-    """Tell each waiter its outcome, in order, after the batch before (``previous``) was told."""
-    if previous is not None:
-        await previous
+async def _deliver(outcomes: list[tuple[PendingCommit, BaseException | None]]) -> None:
+    """Tell each waiter of one batch its outcome, in submission order."""
     for pending, error in outcomes:
         await _safe_done(pending, error)
 

@@ -15,6 +15,7 @@ from ndo.examples import Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.service import Worker, WorkerConfig
 from ndo.storage import ObjectWrite, SqliteStorage, StorageError
+from tests.helpers import eventually
 from tests.worker_fixtures import WorkerFactory
 
 
@@ -43,6 +44,24 @@ class FailingCommits(SqliteStorage):
         self.fail = 0
 
     async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        if self.fail:
+            self.fail -= 1
+            raise StorageError("disk full (simulated)")
+        return await super().commit(entries)
+
+
+class HeldFailingCommits(HeldCommits):
+    """Real SQLite whose commits can be held back (``release``) and whose next ``fail`` commits
+    raise once released, as a disk that stalls and then reports an error would."""
+
+    def __init__(self, path: Path, *, partitions: int) -> None:
+        super().__init__(path, partitions=partitions)
+        self.fail = 0
+
+    async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        if not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
         if self.fail:
             self.fail -= 1
             raise StorageError("disk full (simulated)")
@@ -162,3 +181,34 @@ class TestCommitFailure:
             assert worker.metrics.registry.get_sample_value("ndo_commit_failures_total") == 1
             assert await counter.call(Counter.get) == 1  # reloaded: the failed write is gone
             assert await counter.call(Counter.increment) == 2
+
+    async def test_turn_queued_behind_a_failed_commit_is_abandoned(
+        self, nats_server: EmbeddedNatsServer, data_dir: Path, nc: NatsClient
+    ) -> None:
+        """An increment runs on top of one whose commit is in flight; that commit fails. The
+        object is reset before the queued write is taken, so it is abandoned (object_reset)
+        instead of committing a value built on the failed one, and the counter stays at 1."""
+        storage = HeldFailingCommits(data_dir / "ndo.sqlite3", partitions=8)
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        async with Worker(config, [Counter], storage=storage) as worker:
+            counter = ActorClient(nc, retry=RetryPolicy(attempts=1)).get(Counter, "behind")
+            assert await counter.call(Counter.increment) == 1
+            storage.fail = 1
+            storage.release.clear()
+            try:
+                failing = asyncio.create_task(counter.call(Counter.increment))
+                await asyncio.wait_for(storage.held.wait(), 5)
+                behind = asyncio.create_task(counter.call(Counter.increment))
+                await eventually(lambda: worker.committer.queued == 1)  # its turn ran
+            finally:
+                storage.release.set()
+            with pytest.raises(UnavailableError) as failed:
+                await failing
+            assert failed.value.type == "storage_failure"
+            with pytest.raises(UnavailableError) as abandoned:
+                await behind
+            assert abandoned.value.type == "object_reset"
+            assert await counter.call(Counter.get) == 1  # reloaded: neither write is there
+            assert await counter.call(Counter.increment) == 2
+            stats = worker.committer.stats
+            assert (stats.failures, stats.write_sets) == (1, 2)

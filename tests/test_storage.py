@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import fcntl
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from ndo.storage import (
     IdempotentReply,
     InMemoryStorage,
     ObjectWrite,
+    PartialCommitError,
     PartitionCountError,
     PendingCommit,
     SqliteStorage,
@@ -387,6 +388,260 @@ class TestFencing:
             await second.close()
 
 
+async def _partition_rows(
+    storage: SqliteStorage,
+) -> tuple[list[tuple[int, str, str, str, bytes]], list[tuple[int, str, str, str, bytes, float]]]:
+    """Every kv and idempotency row, each with the partition it is stored under, sorted."""
+    kv: list[tuple[int, str, str, str, bytes]] = []
+    replies: list[tuple[int, str, str, str, bytes, float]] = []
+    for p in range(PARTITIONS):
+        snapshot = await storage.export_partition(p)
+        kv.extend((p, *row) for row in snapshot.kv)
+        replies.extend((p, *row) for row in snapshot.idempotency)
+    return sorted(kv), sorted(replies)
+
+
+class TestMultiRowStatements:
+    """SQLite writes a commit's kv and idempotency rows many to a statement (at most 960
+    parameters: 192 kv rows or 160 idempotency rows each) and reads the batch's fences as one
+    row; whatever the sizes, the stored rows are exactly the batch's."""
+
+    async def test_five_hundred_write_sets_and_four_hundred_replies(
+        self, sqlite: SqliteStorage
+    ) -> None:
+        """One commit of 500 objects' write-sets (1000 kv rows) with 400 idempotency replies:
+        every value and reply reads back, each row under its partition, nothing else."""
+        entries = [
+            _write(
+                f"o{i:03d}",
+                partition=i % PARTITIONS,
+                writes={"a": b"a%d" % i, "b\x00\U0001f600": _encode([i, "é"])},
+                idempotent_reply=(
+                    IdempotentReply(f"req-{i}", b"reply %d" % i, 1e12 + i) if i < 400 else None
+                ),
+            )
+            for i in range(500)
+        ]
+        assert await sqlite.commit(entries) == frozenset()
+        for i in range(500):
+            oid = f"o{i:03d}"
+            rows = await sqlite.read_range(
+                CLS, oid, start=None, end=None, limit=None, reverse=False
+            )
+            assert rows == [("a", b"a%d" % i), ("b\x00\U0001f600", _encode([i, "é"]))], i
+            reply = await sqlite.read_idempotent(CLS, oid, f"req-{i}", 0.0)
+            assert reply == (b"reply %d" % i if i < 400 else None), i
+            horizon = await sqlite.idempotency_horizon(CLS, oid, 0.0)
+            assert horizon == (1e12 + i if i < 400 else None), i
+        kv, replies = await _partition_rows(sqlite)
+        assert kv == sorted(
+            row
+            for i in range(500)
+            for row in (
+                (i % PARTITIONS, CLS, f"o{i:03d}", "a", b"a%d" % i),
+                (i % PARTITIONS, CLS, f"o{i:03d}", "b\x00\U0001f600", _encode([i, "é"])),
+            )
+        )
+        assert replies == sorted(
+            (i % PARTITIONS, CLS, f"o{i:03d}", f"req-{i}", b"reply %d" % i, 1e12 + i)
+            for i in range(400)
+        )
+
+    @pytest.mark.parametrize("count", [1, 159, 160, 161, 191, 192, 193, 320, 321, 384, 385])
+    async def test_row_counts_around_the_statement_size(
+        self, sqlite: SqliteStorage, count: int
+    ) -> None:
+        """Batches of exactly, one under and one over a statement's rows (and two statements'):
+        every kv and idempotency row is stored once."""
+        await sqlite.commit(
+            [
+                _write(
+                    f"o{i}",
+                    partition=i % PARTITIONS,
+                    writes={"k": b"%d" % i},
+                    idempotent_reply=IdempotentReply("r", b"%d" % i, 1e12),
+                )
+                for i in range(count)
+            ]
+        )
+        kv, replies = await _partition_rows(sqlite)
+        assert kv == sorted((i % PARTITIONS, CLS, f"o{i}", "k", b"%d" % i) for i in range(count))
+        assert replies == sorted(
+            (i % PARTITIONS, CLS, f"o{i}", "r", b"%d" % i, 1e12) for i in range(count)
+        )
+
+    async def test_upserts_replace_across_statements(self, sqlite: SqliteStorage) -> None:
+        """A 400-row batch over rows already stored replaces every value and reply in place."""
+        old = [
+            _write(
+                f"o{i}",
+                partition=i % PARTITIONS,
+                writes={"k": b"old"},
+                idempotent_reply=IdempotentReply("r", b"old", 10.0),
+            )
+            for i in range(400)
+        ]
+        await sqlite.commit(old)
+        new = [
+            _write(
+                f"o{i}",
+                partition=i % PARTITIONS,
+                writes={"k": b"new %d" % i},
+                idempotent_reply=IdempotentReply("r", b"new %d" % i, 20.0 + i),
+            )
+            for i in range(400)
+        ]
+        await sqlite.commit(new)
+        kv, replies = await _partition_rows(sqlite)
+        assert kv == sorted((i % PARTITIONS, CLS, f"o{i}", "k", b"new %d" % i) for i in range(400))
+        assert replies == sorted(
+            (i % PARTITIONS, CLS, f"o{i}", "r", b"new %d" % i, 20.0 + i) for i in range(400)
+        )
+
+    async def test_same_reply_key_twice_in_a_batch_keeps_the_later(
+        self, sqlite: SqliteStorage
+    ) -> None:
+        """Two write-sets of one object with the same idempotency key, 300 entries apart (so in
+        different statements) and right next to each other (one statement): the later wins."""
+        entries = [
+            _write("far", idempotent_reply=IdempotentReply("k", b"first", 100.0)),
+            _write("near", idempotent_reply=IdempotentReply("k", b"first", 100.0)),
+            _write("near", idempotent_reply=IdempotentReply("k", b"second", 200.0)),
+            *(
+                _write(f"f{i}", idempotent_reply=IdempotentReply("k", b"%d" % i, 50.0))
+                for i in range(300)
+            ),
+            _write("far", idempotent_reply=IdempotentReply("k", b"second", 200.0)),
+        ]
+        await sqlite.commit(entries)
+        for oid in ("far", "near"):
+            assert await sqlite.read_idempotent(CLS, oid, "k", 150.0) == b"second"
+            assert await sqlite.idempotency_horizon(CLS, oid, 0.0) == 200.0
+        _, replies = await _partition_rows(sqlite)
+        assert len(replies) == 302
+
+    async def test_puts_and_deletes_across_write_sets_keep_the_last(
+        self, sqlite: SqliteStorage
+    ) -> None:
+        """300 objects, each with keys already stored, get five rounds of puts, deletes and
+        clears of the same keys in one batch (several hundred upserts and deletes): each
+        object ends exactly as a dict model applying the write-sets in order."""
+        rng = random.Random(20261202)
+        keys = ["k", "l", "m\x00"]
+        model: dict[str, dict[str, bytes]] = {}
+        before: list[ObjectWrite] = []
+        for i in range(300):
+            model[f"o{i}"] = {k: b"before %s" % k.encode() for k in keys}
+            before.append(_write(f"o{i}", partition=i % PARTITIONS, writes=dict(model[f"o{i}"])))
+        await sqlite.commit(before)
+        batch: list[ObjectWrite] = []
+        for round_ in range(5):
+            for i in rng.sample(range(300), 300):
+                oid = f"o{i}"
+                cleared = rng.random() < 0.05
+                writes: dict[str, bytes | None] = {
+                    k: None if rng.random() < 0.4 else b"%d:%d" % (round_, i)
+                    for k in rng.sample(keys, rng.randint(1, 3))
+                }
+                batch.append(_write(oid, partition=i % PARTITIONS, writes=writes, cleared=cleared))
+                if cleared:
+                    model[oid].clear()
+                for k, v in writes.items():
+                    if v is None:
+                        model[oid].pop(k, None)
+                    else:
+                        model[oid][k] = v
+        assert await sqlite.commit(batch) == frozenset()
+        for i in range(300):
+            oid = f"o{i}"
+            rows = await sqlite.read_range(
+                CLS, oid, start=None, end=None, limit=None, reverse=False
+            )
+            assert rows == sorted(model[oid].items()), oid
+        kv, _ = await _partition_rows(sqlite)
+        assert kv == sorted(
+            (int(oid[1:]) % PARTITIONS, CLS, oid, k, v)
+            for oid, values in model.items()
+            for k, v in values.items()
+        )
+
+    async def test_fences_of_a_mixed_batch(self, tmp_path: Path) -> None:
+        """One batch over partitions with a fence and the right epoch, with a fence and another
+        epoch (older and newer), and without a fence: exactly the mismatched and unfenced
+        partitions are reported and skipped. Partitions 1 and 11, 2 and 12 test that
+        the fences read as one row are told apart."""
+        storage = await _open_sqlite(tmp_path / "f.db", partitions=16)
+        try:
+            assert await storage.claim_partitions([1], "w", 3) == {1: 3}
+            assert await storage.claim_partitions([11], "w", 12) == {11: 12}
+            assert await storage.claim_partitions([2, 12], "w") == {2: 1, 12: 1}
+            assert await storage.claim_partitions([0], "w", 10**12) == {0: 10**12}
+            assert await storage.claim_partitions([5], "w", 4) == {5: 4}
+            assert await storage.claim_partitions([5], "w") == {5: 5}  # re-claimed: 4 is old
+            writes = {
+                # partition: epoch the write carries
+                0: 10**12,  # fence matches
+                1: 3,  # fence matches (11's epoch is 12)
+                11: 12,  # fence matches (1's epoch is 3)
+                2: 1,  # fence matches
+                12: 2,  # fence is 1: newer than the fence does not match either
+                5: 4,  # fence moved on to 5
+                3: 3,  # no fence (1's epoch is 3)
+                13: 12,  # no fence (11's epoch is 12)
+                4: 0,  # no fence
+            }
+            entries = [
+                _write(
+                    f"p{p}",
+                    partition=p,
+                    epoch=epoch,
+                    writes={"k": b"%d" % p},
+                    idempotent_reply=IdempotentReply("r", b"%d" % p, 1e12),
+                )
+                for p, epoch in writes.items()
+            ]
+            fenced = await storage.commit(entries)
+            assert fenced == frozenset({12, 5, 3, 13, 4})
+            for p in writes:
+                expected = None if p in fenced else b"%d" % p
+                assert await storage.read(CLS, f"p{p}", "k") == expected, p
+                assert await storage.read_idempotent(CLS, f"p{p}", "r", 0.0) == expected, p
+            assert await storage.commit(
+                [_write("x", partition=p, epoch=1, writes={"k": b"x"}) for p in (6, 7, 8)]
+            ) == frozenset({6, 7, 8})  # no partition of the batch has a fence
+            assert await storage.read(CLS, "x", "k") is None
+        finally:
+            await storage.close()
+
+    async def test_fences_of_many_partitions(self, tmp_path: Path) -> None:
+        """A batch over 1024 partitions, all fenced, with epochs of one to ten digits, one in
+        ten of them stale: exactly the stale ones are fenced."""
+        partitions = 1024
+        storage = await _open_sqlite(tmp_path / "many.db", partitions=partitions)
+        try:
+            lengths = [1, 9, 10, 99, 100, 12_345, 10**9]
+            epochs = {p: lengths[p % len(lengths)] for p in range(partitions)}
+            for epoch in lengths:
+                group = [p for p, e in epochs.items() if e == epoch]
+                await storage.claim_partitions(group, f"w{epoch}", epoch)
+            stale = {p for p in range(partitions) if p % 10 == 3}
+            entries = [
+                _write(
+                    f"p{p}",
+                    partition=p,
+                    epoch=epochs[p] - 1 if p in stale else epochs[p],
+                    writes={"k": b"%d" % p},
+                )
+                for p in range(partitions)
+            ]
+            assert await storage.commit(entries) == frozenset(stale)
+            for p in range(partitions):
+                expected = None if p in stale else b"%d" % p
+                assert await storage.read(CLS, f"p{p}", "k") == expected, p
+        finally:
+            await storage.close()
+
+
 class TestSharedFile:
     """Processes sharing the file take turns at the write lock (``<db>.writelock``)."""
 
@@ -623,6 +878,339 @@ class TestGroupCommitter:
         with pytest.raises(RuntimeError):
             committer.start()
         await committer.stop()
+
+
+Outcomes = list[tuple[int, BaseException | None]]
+Log = list[tuple[str, int]]
+"""What happened, in order: ``("commit started", n)``, ``("commit ended", n)`` (the n-th call of
+``commit``), ``("asked", name)`` (``commit_wanted``) and ``("told", name)`` (``commit_done``)."""
+
+
+class _LoggedStorage(SqliteStorage):
+    """Real SQLite that logs when each commit starts and ends, and can hold a commit back
+    (while ``release`` is clear), fail the next ``fail`` commits, or fail ``partial_fail``
+    partitions of the next commit (committing the rest, as replicated storage can)."""
+
+    def __init__(self, path: Path, log: Log) -> None:
+        super().__init__(path, partitions=PARTITIONS)
+        self.log = log
+        self.commits = 0
+        self.release = asyncio.Event()
+        self.release.set()
+        self.held = asyncio.Event()
+        """Set once a commit waits for ``release``."""
+        self.fail = 0
+        self.partial_fail: frozenset[int] = frozenset()
+
+    async def commit(self, entries: Sequence[ObjectWrite]) -> frozenset[int]:
+        self.commits += 1
+        number = self.commits
+        self.log.append(("commit started", number))
+        try:
+            if not self.release.is_set():
+                self.held.set()
+                await self.release.wait()
+            if self.fail:
+                self.fail -= 1
+                raise StorageError("disk full (simulated)")
+            if self.partial_fail:
+                lost, self.partial_fail = self.partial_fail, frozenset()
+                fenced = await super().commit([e for e in entries if e.partition not in lost])
+                raise PartialCommitError(
+                    {p: StorageError(f"partition {p} lost (simulated)") for p in lost}, fenced
+                )
+            return await super().commit(entries)
+        finally:
+            self.log.append(("commit ended", number))
+
+
+@pytest.fixture(name="logged")
+async def _logged(db_path: Path) -> AsyncIterator[_LoggedStorage]:
+    """A _LoggedStorage on the test's SQLite file, every partition claimed with ``EPOCH``."""
+    storage = _LoggedStorage(db_path, [])
+    await storage.open()
+    try:
+        await storage.claim_partitions(range(PARTITIONS), "test", EPOCH)
+        yield storage
+    finally:
+        await storage.close()
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(eq=False)
+class _LoggedWaiter:
+    """A CommitWaiter that logs when it is asked and told. ``commit_done`` may block on
+    ``gate`` (``entered`` is set once it does) and yields to the loop, as sending a reply does,
+    before it calls ``on_done`` and records its outcome."""
+
+    name: int
+    log: Log
+    outcomes: Outcomes
+    gate: asyncio.Event | None = None
+    wanted: Callable[[], bool] = _always
+    on_done: Callable[[], None] | None = None
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def commit_wanted(self) -> bool:
+        self.log.append(("asked", self.name))
+        return self.wanted()
+
+    async def commit_done(self, error: BaseException | None) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if self.on_done is not None:
+            self.on_done()
+        self.outcomes.append((self.name, error))
+        self.log.append(("told", self.name))
+
+
+def _submit_logged(
+    committer: GroupCommitter, waiter: _LoggedWaiter, *, partition: int | None = None
+) -> None:
+    """Submit a write of ``n = name`` to object ``o<name>`` for ``waiter``."""
+    name = waiter.name
+    write = _write(
+        f"o{name}",
+        partition=name % PARTITIONS if partition is None else partition,
+        writes={"n": b"%d" % name},
+    )
+    committer.submit(PendingCommit(write, waiter))
+
+
+class TestGroupCommitterDelivery:
+    """A cleanly committed batch's waiters are told while the next batch commits, in order;
+    after a failed, fenced or abandoned write-set they are told before the next batch is taken;
+    ``stop()`` waits for every delivery."""
+
+    async def test_delivery_overlaps_the_next_commit(self, logged: _LoggedStorage) -> None:
+        """While the first batch's first waiter is stuck in commit_done, the second batch is
+        committed, and no more (one delivery overlaps one commit: a stuck waiter holds up
+        commits); once it is released every waiter is told once, in submission order."""
+        log = logged.log
+        outcomes: Outcomes = []
+        gate = asyncio.Event()
+        committer = GroupCommitter(logged)
+        committer.start()
+        try:
+            first = _LoggedWaiter(0, log, outcomes, gate=gate)
+            _submit_logged(committer, first)
+            _submit_logged(committer, _LoggedWaiter(1, log, outcomes))  # same batch
+            await asyncio.wait_for(first.entered.wait(), 5)
+            for name in (2, 3):  # the second batch, committed while waiter 0 is stuck
+                _submit_logged(committer, _LoggedWaiter(name, log, outcomes))
+            await eventually(lambda: ("commit ended", 2) in log)
+            assert await logged.read(CLS, "o3", "n") == b"3"
+            _submit_logged(committer, _LoggedWaiter(4, log, outcomes))  # the third
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert ("commit started", 3) not in log  # held until the first batch is told
+            assert outcomes == []  # nobody is told ahead of waiter 0
+            gate.set()
+            await committer.stop()
+        finally:
+            gate.set()
+            await committer.stop()
+        assert outcomes == [(i, None) for i in range(5)]  # each once, in submission order
+        assert log.index(("commit started", 2)) < log.index(("told", 0))
+        assert log.index(("told", 1)) < log.index(("commit started", 3))
+        assert await logged.read(CLS, "o4", "n") == b"4"
+        assert logged.commits == committer.stats.transactions == 3
+        assert committer.stats.write_sets == 5
+
+    async def test_order_across_batches_with_every_delivery_slow(
+        self, logged: _LoggedStorage
+    ) -> None:
+        """Every waiter yields in commit_done, batches keep coming: still told exactly once each,
+        strictly in submission order, and every write is stored."""
+        log = logged.log
+        outcomes: Outcomes = []
+        committer = GroupCommitter(logged)
+        committer.start()
+        name = 0
+        try:
+            for round_ in range(30):
+                for _ in range(round_ % 5 + 1):
+                    _submit_logged(committer, _LoggedWaiter(name, log, outcomes))
+                    name += 1
+                await asyncio.sleep(0)
+        finally:
+            await committer.stop()
+        assert outcomes == [(i, None) for i in range(name)]
+        assert committer.stats.write_sets == name
+        assert committer.stats.transactions > 1
+        for i in range(name):
+            assert await logged.read(CLS, f"o{i}", "n") == b"%d" % i
+
+    @pytest.mark.parametrize("kind", ["failed", "partial", "fenced", "abandoned"])
+    async def test_next_batch_is_taken_after_a_failed_batch_was_told(
+        self, logged: _LoggedStorage, kind: str
+    ) -> None:
+        """Waiter 0's write fails (the whole commit, its partition of it, its fence, or it was
+        abandoned); its commit_done resets its object. Waiter 2, queued while that commit ran,
+        asks commit_wanted only after that reset, so it is abandoned and nothing of it is
+        written. Waiter 1 shares the first batch on another partition."""
+        log = logged.log
+        outcomes: Outcomes = []
+        reset = False
+
+        def reset_object() -> None:
+            nonlocal reset
+            reset = True
+
+        if kind == "fenced":
+            await logged.claim_partitions([1], "newer")
+        elif kind == "failed":
+            logged.fail = 1
+        elif kind == "partial":
+            logged.partial_fail = frozenset({1})
+        logged.release.clear()
+        committer = GroupCommitter(logged)
+        committer.start()
+        try:
+            failing = _LoggedWaiter(
+                0, log, outcomes, wanted=lambda: kind != "abandoned", on_done=reset_object
+            )
+            _submit_logged(committer, failing, partition=1)
+            _submit_logged(committer, _LoggedWaiter(1, log, outcomes), partition=2)
+            await asyncio.wait_for(logged.held.wait(), 5)
+            _submit_logged(
+                committer,
+                _LoggedWaiter(2, log, outcomes, wanted=lambda: not reset),
+                partition=1,
+            )
+        finally:
+            logged.release.set()
+            await committer.stop()
+        assert [name for name, _ in outcomes] == [0, 1, 2]
+        errors = dict(outcomes)
+        expected_first = {
+            "failed": StorageError,
+            "partial": StorageError,
+            "fenced": FencedError,
+            "abandoned": CommitAbandonedError,
+        }[kind]
+        assert isinstance(errors[0], expected_first), errors[0]
+        if kind == "failed":
+            assert isinstance(errors[1], StorageError)
+            assert await logged.read(CLS, "o1", "n") is None
+        else:
+            assert errors[1] is None
+            assert await logged.read(CLS, "o1", "n") == b"1"
+        assert isinstance(errors[2], CommitAbandonedError)
+        assert await logged.read(CLS, "o2", "n") is None
+        assert log.index(("told", 1)) < log.index(("asked", 2))
+        assert log.count(("asked", 2)) == 1
+        assert logged.commits == 1  # the second batch had nothing left to write
+
+    async def test_failed_batch_is_told_after_a_clean_batch_still_being_told(
+        self, logged: _LoggedStorage
+    ) -> None:
+        """A clean batch's delivery is stuck when the next commit fails: the failed batch's
+        waiters are told after it, and the batch after them is taken only then (its write,
+        built on the failed one, is abandoned)."""
+        log = logged.log
+        outcomes: Outcomes = []
+        gate = asyncio.Event()
+        reset = False
+
+        def reset_object() -> None:
+            nonlocal reset
+            reset = True
+
+        committer = GroupCommitter(logged)
+        committer.start()
+        try:
+            stuck = _LoggedWaiter(0, log, outcomes, gate=gate)
+            _submit_logged(committer, stuck)
+            await asyncio.wait_for(stuck.entered.wait(), 5)
+            logged.fail = 1
+            _submit_logged(committer, _LoggedWaiter(1, log, outcomes, on_done=reset_object))
+            await eventually(lambda: ("commit ended", 2) in log)  # failed
+            _submit_logged(committer, _LoggedWaiter(2, log, outcomes, wanted=lambda: not reset))
+            for _ in range(20):  # the loop gets every chance to take waiter 2 early
+                await asyncio.sleep(0)
+            assert ("asked", 2) not in log
+            assert committer.queued == 1
+            assert outcomes == []
+            gate.set()
+        finally:
+            gate.set()
+            await committer.stop()
+        assert [name for name, _ in outcomes] == [0, 1, 2]
+        assert outcomes[0][1] is None
+        assert isinstance(outcomes[1][1], StorageError)
+        assert isinstance(outcomes[2][1], CommitAbandonedError)
+        assert log.index(("told", 1)) < log.index(("asked", 2))
+        assert await logged.read(CLS, "o0", "n") == b"0"
+        assert await logged.read(CLS, "o1", "n") is None
+        assert await logged.read(CLS, "o2", "n") is None
+
+    async def test_stop_waits_for_a_stuck_delivery(self, logged: _LoggedStorage) -> None:
+        """stop() is called while the first batch's delivery is stuck and the second batch's
+        waits behind it; another task releases it later. stop() returns only after both
+        batches' waiters were told."""
+        log = logged.log
+        outcomes: Outcomes = []
+        gate = asyncio.Event()
+        committer = GroupCommitter(logged)
+        committer.start()
+        stuck = _LoggedWaiter(0, log, outcomes, gate=gate)
+        _submit_logged(committer, stuck)
+        _submit_logged(committer, _LoggedWaiter(1, log, outcomes))
+        await asyncio.wait_for(stuck.entered.wait(), 5)
+        _submit_logged(committer, _LoggedWaiter(2, log, outcomes))
+        await eventually(lambda: ("commit ended", 2) in log)
+
+        async def release_later() -> None:
+            for _ in range(20):  # far more loop turns than stop() needs when it does not wait
+                await asyncio.sleep(0)
+            log.append(("released", 0))
+            gate.set()
+
+        releaser = asyncio.create_task(release_later())
+        try:
+            await committer.stop()
+            assert releaser.done()
+            assert outcomes == [(0, None), (1, None), (2, None)]
+            assert log.index(("released", 0)) < log.index(("told", 0))
+        finally:
+            gate.set()
+            await releaser
+            await committer.stop()
+
+    async def test_stop_flushes_the_queue_behind_a_stuck_delivery(
+        self, logged: _LoggedStorage
+    ) -> None:
+        """Write-sets queued when stop() is called are committed and told even while an
+        earlier delivery is stuck; everything is told, in order, before stop() returns."""
+        log = logged.log
+        outcomes: Outcomes = []
+        gate = asyncio.Event()
+        committer = GroupCommitter(logged)
+        committer.start()
+        stuck = _LoggedWaiter(0, log, outcomes, gate=gate)
+        _submit_logged(committer, stuck)
+        await asyncio.wait_for(stuck.entered.wait(), 5)
+        for name in range(1, 6):
+            _submit_logged(committer, _LoggedWaiter(name, log, outcomes))
+        stopping = asyncio.create_task(committer.stop())
+        try:
+            await eventually(lambda: ("commit ended", 2) in log)
+            assert await logged.read(CLS, "o5", "n") == b"5"
+            assert not stopping.done()
+            gate.set()
+            await stopping
+        finally:
+            gate.set()
+            await committer.stop()
+        assert outcomes == [(i, None) for i in range(6)]
+        with pytest.raises(StorageClosedError):
+            _submit_logged(committer, _LoggedWaiter(6, log, outcomes))
 
 
 def _actor_storage(backend: Storage, limits: StorageLimits | None = None) -> ActorStorage:
