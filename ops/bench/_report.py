@@ -74,8 +74,8 @@ def _storage(row: dict[str, Any]) -> str:
 
 
 def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Evaluate the targets of issue 5 (local storage) on the rows that exist, and those of
-    issue 11 when the run measured replicated storage."""
+    """Evaluate the targets of issues 5 and 16 (local storage) on the rows that exist, and
+    those of issue 11 when the run measured replicated storage."""
 
     def find(scenario: str, inflight: int | None, storage: str = "local") -> dict[str, Any] | None:
         for row in rows:
@@ -183,7 +183,7 @@ def render_table(report: dict[str, Any]) -> str:
         lines += _storage_comparison(rows, modes)
     lines.append("")
     lines.append(
-        "targets (issue 5"
+        "targets (issues 5 and 16"
         + (", issue 11" if "r1" in modes else "")
         + "; ratios against the baseline of the same scenario and level):"
     )
