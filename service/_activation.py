@@ -335,9 +335,10 @@ class Activation(TurnRunner):
         headers = MSGPACK_HEADERS if envelope.msgpack else None
         unchanged = changes.is_empty()
         journal = None
-        if services.journal.enabled and (
-            not unchanged or events or envelope.alarm is not None or services.journal.reads
-        ):
+        recorded = not unchanged or events or envelope.alarm is not None or services.journal.reads
+        if services.journal.enabled and (recorded or self._followed is not None):
+            # A read behind a pending write gets an entry too, kept only if that write fails
+            # and the read is aborted with it (every failed call is journaled).
             journal = JournalEntry(
                 self.address,
                 self.partition,
@@ -348,6 +349,7 @@ class Activation(TurnRunner):
                 started=outcome.started,
                 duration=outcome.duration,
                 fresh=outcome.fresh,
+                only_if_aborted=not recorded,
             )
         if self._followed is None and not events and envelope.alarm is None and unchanged:
             # Fast path: a read-only turn with no earlier write of this object in flight (output
@@ -529,7 +531,7 @@ class Activation(TurnRunner):
             if key is not None and self._idempotency is not None:
                 self._idempotency.update(key, stored_reply(current.body, envelope.msgpack), current)
             await self._send_reply(envelope, current.body, current.headers)
-            if current.journal is not None:
+            if current.journal is not None and not current.journal.only_if_aborted:
                 self._record(current.journal)
             if current.events:
                 await services.outbox.events(self.address.class_name, current.events)

@@ -123,6 +123,7 @@ class JournalEntry:
         "error",
         "fresh",
         "kind",
+        "only_if_aborted",
         "partition",
         "started",
         "status",
@@ -147,6 +148,9 @@ class JournalEntry:
     """Token of the activation that ran the turn (stamped when the record is released)."""
     write_count: int
     """State-changing records of that activation up to this one (stamped on release)."""
+    only_if_aborted: bool
+    """A read-only turn that is journaled only if the runtime aborts it (reads are not
+    journaled by default; every failed call is)."""
 
     def __init__(
         self,
@@ -162,6 +166,7 @@ class JournalEntry:
         started: float = 0.0,
         duration: float = 0.0,
         fresh: bool = False,
+        only_if_aborted: bool = False,
     ) -> None:
         """Describe one finished turn (``kind`` defaults from the envelope)."""
         self.address = address
@@ -179,6 +184,7 @@ class JournalEntry:
         self.fresh = fresh
         self.activation = ""
         self.write_count = 0
+        self.only_if_aborted = only_if_aborted
 
     @property
     def advances_state(self) -> bool:

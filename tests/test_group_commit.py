@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from ndo.actors import ActorClient, RetryPolicy, UnavailableError
+from ndo.actors import ActorClient, ActorId, RetryPolicy, UnavailableError
 from ndo.examples import Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
+from ndo.ops._replay import read_journal
 from ndo.service import Worker, WorkerConfig
 from ndo.storage import ObjectWrite, SqliteStorage, StorageError
 from tests.helpers import eventually
@@ -48,6 +49,13 @@ class FailingCommits(SqliteStorage):
             self.fail -= 1
             raise StorageError("disk full (simulated)")
         return await super().commit(entries)
+
+
+def _followers(worker: Worker, object_id: str) -> int:
+    """Turns waiting for the output gate behind the pending write of ``Counter/<object_id>``."""
+    activation = worker.catalog.get(ActorId("Counter", object_id))
+    leader = None if activation is None else activation._followed
+    return 0 if leader is None or leader.followers is None else len(leader.followers)
 
 
 class HeldFailingCommits(HeldCommits):
@@ -212,3 +220,34 @@ class TestCommitFailure:
             assert await counter.call(Counter.increment) == 2
             stats = worker.committer.stats
             assert (stats.failures, stats.write_sets) == (1, 2)
+
+    async def test_read_behind_a_failed_commit_is_journaled_as_aborted(
+        self, nats_server: EmbeddedNatsServer, data_dir: Path, nc: NatsClient
+    ) -> None:
+        """Reads are not journaled by default, but a read that waited behind a write whose
+        commit failed is a failed call: it is journaled as ``aborted``; a read behind a write
+        that commits is not journaled at all."""
+        storage = HeldFailingCommits(data_dir / "ndo.sqlite3", partitions=8)
+        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
+        async with Worker(config, [Counter], storage=storage) as worker:
+            counter = ActorClient(nc, retry=RetryPolicy(attempts=1)).get(Counter, "gate")
+            assert await counter.call(Counter.increment) == 1
+            for fail in (0, 1):  # a read behind a write that commits, then one that fails
+                storage.fail = fail
+                storage.release.clear()
+                storage.held.clear()
+                try:
+                    write = asyncio.create_task(counter.call(Counter.increment))
+                    await asyncio.wait_for(storage.held.wait(), 5)
+                    read = asyncio.create_task(counter.call(Counter.get))
+                    await eventually(lambda: _followers(worker, "gate") == 1)  # the read ran
+                finally:
+                    storage.release.set()
+                await asyncio.gather(write, read, return_exceptions=True)
+        steps = await read_journal(nc, "ndo", "Counter", "gate")
+        assert [(r.method, r.status) for _, r in steps] == [
+            ("increment", "ok"),
+            ("increment", "ok"),  # the read behind it succeeded: not journaled
+            ("increment", "aborted"),
+            ("get", "aborted"),
+        ]
