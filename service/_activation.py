@@ -198,9 +198,9 @@ class Activation(TurnRunner):
     """``time.monotonic()`` of the last message, for idle eviction."""
     _services: ActivationServices
     _mailbox: deque[Envelope] | None
-    _pump: asyncio.Task[None] | _EagerPump | None
-    """The pump while the mailbox has work (an ``_EagerPump`` while it runs inside ``enqueue``
-    before it first waits, then its task), else None."""
+    _pump: asyncio.Task[None] | None
+    """The pump task while the mailbox has work, else None (also while an eager pump task runs
+    inside ``enqueue`` before it first waits)."""
     _pending: int
     """Turns handed to the committer and not yet durable."""
     _followed: _Turn | None
@@ -262,13 +262,10 @@ class Activation(TurnRunner):
         if self._pump is None:
             # On Python 3.12+ the pump's task starts eagerly: it runs the turn right here until
             # it first waits (a cached read never does: it answers without a trip through the
-            # event loop). The pump may then even finish before start_eagerly returns.
-            eager = self._pump = _EagerPump()
-            task = self._services.tasks.start_eagerly(self._run_pump(), "ndo-pump")
-            if task is not None:
-                eager.task = task
-                if self._pump is eager:
-                    self._pump = task
+            # event loop), and None comes back when it already finished. Until then _pump is
+            # None, and the turn's deadline is armed against asyncio.current_task(), which an
+            # eager task already is.
+            self._pump = self._services.tasks.start_eagerly(self._run_pump(), "ndo-pump")
         return True
 
     def deactivate(self) -> None:
@@ -335,8 +332,10 @@ class Activation(TurnRunner):
         headers = MSGPACK_HEADERS if envelope.msgpack else None
         unchanged = changes.is_empty()
         journal = None
-        recorded = not unchanged or events or envelope.alarm is not None or services.journal.reads
-        if services.journal.enabled and (recorded or self._followed is not None):
+        recorded = services.journal.enabled and (
+            not unchanged or events or envelope.alarm is not None or services.journal.reads
+        )
+        if recorded or (services.journal.enabled and self._followed is not None):
             # A read behind a pending write gets an entry too, kept only if that write fails
             # and the read is aborted with it (every failed call is journaled).
             journal = JournalEntry(
@@ -580,21 +579,6 @@ class Activation(TurnRunner):
         if envelope.reply:
             body, headers = encode_error(error, envelope.msgpack)
             await services.outbox.reply(envelope.reply, body, headers)
-
-
-class _EagerPump:
-    """Stands for an object's pump while its task starts (eagerly, inside ``enqueue``), for the
-    deadline watchdog: a cancellation goes to the pump's task once ``start_eagerly`` returned it
-    (nothing can cancel it before: no other callback runs until the pump first waits)."""
-
-    __slots__ = ("task",)
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[None] | None = None
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        """Cancel the pump's task, if it has one yet."""
-        return self.task is not None and self.task.cancel(msg)
 
 
 def _follow(leader: _Turn, follower: _Turn) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ndo.actors import (
     ActorError,
@@ -42,14 +42,7 @@ from ndo.storage import ObjectWrite
 if TYPE_CHECKING:
     from ndo.actors import Actor
 
-__all__ = [
-    "DeadlineWatchdog",
-    "HandlerTask",
-    "TurnOutcome",
-    "TurnRunner",
-    "object_write",
-    "turn_error",
-]
+__all__ = ["DeadlineWatchdog", "TurnOutcome", "TurnRunner", "object_write", "turn_error"]
 
 
 class TurnOutcome:
@@ -149,7 +142,7 @@ class TurnRunner:
     # Kept by the DeadlineWatchdog while a handler runs
     _deadline: float
     """``time.monotonic()`` by which the running handler must finish; 0.0 when none runs."""
-    _task: HandlerTask | None
+    _task: asyncio.Task[Any] | None
     """The task running the handler (cancelled when the deadline passes)."""
     _expired: bool
     """The watchdog cancelled the handler for its deadline."""
@@ -187,7 +180,7 @@ class TurnRunner:
         self.instance = None
         self.context = self.new_context()
 
-    async def run(self, envelope: Envelope, task: HandlerTask | None = None) -> TurnOutcome:
+    async def run(self, envelope: Envelope, task: asyncio.Task[Any] | None = None) -> TurnOutcome:
         """Run one turn: the method call or alarm delivery in ``envelope``.
 
         Never raises for anything the handler does (see the module doc); only a cancellation of
@@ -196,8 +189,7 @@ class TurnRunner:
         Args:
             envelope: the message.
             task: the task this runs in (the one the deadline cancels), when the caller has it
-                at hand (or what stands for it while the caller runs eagerly); else it is looked
-                up.
+                at hand; else it is looked up.
         """
         context = self.context  # a reload() while the handler runs must not mix two contexts
         storage = context.storage
@@ -287,15 +279,6 @@ def object_write(address: ActorId, partition: int, epoch: int, changes: TurnWrit
     )
 
 
-class HandlerTask(Protocol):
-    """What the deadline cancels: the task running a handler (an ``asyncio.Task``, or what
-    stands for the task a coroutine started eagerly will continue in)."""
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        """Cancel the handler's task (see ``asyncio.Task.cancel``)."""
-        ...
-
-
 class DeadlineWatchdog:
     """Enforces the handler deadline on every running handler of a process with one timer.
 
@@ -320,7 +303,7 @@ class DeadlineWatchdog:
         self._running = set()
         self._timer = None
 
-    def start(self, runner: TurnRunner, task: HandlerTask | None) -> None:
+    def start(self, runner: TurnRunner, task: asyncio.Task[Any] | None) -> None:
         """``runner``'s handler starts now, in ``task`` (cancelled if it runs too long)."""
         runner._deadline = time.monotonic() + self.timeout
         runner._task = task
