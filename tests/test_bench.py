@@ -387,6 +387,33 @@ class TestNoSourceTree:
                 assert needle not in source, f"{module.name} contains {needle!r}"
 
 
+def _run_bench(tmp_path: Path, flags: list[str], *, timeout: float) -> dict[str, Any]:
+    """Run ``python -m ndo.ops.bench --quick --json`` with tiny counts and ``flags`` in the
+    empty ``tmp_path``, without PYTHONPATH (no source tree needed); its JSON report."""
+    argv = [
+        sys.executable,
+        "-m",
+        "ndo.ops.bench",
+        "--quick",
+        "--json",
+        "--duration=0.2",
+        "--warmup=0",
+        "--objects=20",
+        "--partitions=4",
+        *flags,
+        f"--work-dir={tmp_path}",
+    ]
+    if "--load=python" not in flags and (ROOT_NODE_MODULES / "nats").is_dir():
+        argv.append(f"--node-modules={ROOT_NODE_MODULES}")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NODE_MODULES_ENV)}
+    done = subprocess.run(
+        argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
 class TestSmoke:
     """`python -m ndo.ops.bench --quick --json` with tiny counts runs every scenario."""
 
@@ -399,31 +426,17 @@ class TestSmoke:
 
         It runs in an empty working directory without PYTHONPATH (no source tree needed) and
         leaves that directory empty."""
-        argv = [
-            sys.executable,
-            "-m",
-            "ndo.ops.bench",
-            "--quick",
-            "--json",
-            "--levels=4",
-            "--duration=0.2",
-            "--warmup=0",
-            "--objects=20",
-            "--cold-objects=100",
-            "--cold-max-active=20",
-            "--idle-objects=100",
-            "--partitions=4",
-            "--no-jetstream",
-            f"--work-dir={tmp_path}",
-        ]
-        if (ROOT_NODE_MODULES / "nats").is_dir():
-            argv.append(f"--node-modules={ROOT_NODE_MODULES}")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NODE_MODULES_ENV)}
-        done = subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=55, check=False
+        report = _run_bench(
+            tmp_path,
+            [
+                "--levels=4",
+                "--cold-objects=100",
+                "--cold-max-active=20",
+                "--idle-objects=100",
+                "--no-jetstream",
+            ],
+            timeout=55,
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout)
         assert set(report) >= {"results", "machine", "targets", "ok"}
         assert report["ok"] is True
         rows = report["results"]
@@ -450,30 +463,15 @@ class TestSmoke:
     def test_cold_alone_is_compared_with_the_baseline_read(self, tmp_path: Path) -> None:
         """``--scenarios=cold`` measures the baseline's read (whose objects the harness seeds
         itself) and nothing else of it, and the cold row's ratio is against that."""
-        argv = [
-            sys.executable,
-            "-m",
-            "ndo.ops.bench",
-            "--quick",
-            "--json",
+        flags = [
             "--scenarios=cold",
             "--levels=1,4",
-            "--duration=0.2",
-            "--warmup=0",
-            "--objects=20",
             "--cold-objects=100",
             "--cold-max-active=20",
-            "--partitions=4",
             "--no-jetstream",
             "--load=python",
-            f"--work-dir={tmp_path}",
         ]
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NODE_MODULES_ENV)}
-        done = subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=55, check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = json.loads(done.stdout)["results"]
+        rows = _run_bench(tmp_path, flags, timeout=55)["results"]
         labels = [(r["scenario"], r.get("workload"), r["inflight"]) for r in rows]
         assert labels == [
             ("baseline", "read", 1),
@@ -491,29 +489,8 @@ class TestSmoke:
         """``--storage all``: each scenario runs on local storage, replicated R1 and replicated
         R3 (the harness starts and stops the cluster), every check passes, and the replicated
         rows carry their ratio to local, which the table prints side by side."""
-        argv = [
-            sys.executable,
-            "-m",
-            "ndo.ops.bench",
-            "--quick",
-            "--json",
-            "--storage=all",
-            "--scenarios=read,spread",
-            "--levels=4",
-            "--duration=0.2",
-            "--warmup=0",
-            "--objects=20",
-            "--partitions=4",
-            f"--work-dir={tmp_path}",
-        ]
-        if (ROOT_NODE_MODULES / "nats").is_dir():
-            argv.append(f"--node-modules={ROOT_NODE_MODULES}")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NODE_MODULES_ENV)}
-        done = subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=110, check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout)
+        flags = ["--storage=all", "--scenarios=read,spread", "--levels=4"]
+        report = _run_bench(tmp_path, flags, timeout=110)
         rows = {(r["scenario"], r["storage"]): r for r in report["results"]}
         for scenario in ("read", "spread"):
             for storage in ("local", "r1", "r3"):

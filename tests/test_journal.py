@@ -94,6 +94,21 @@ async def _steps(nc: NatsClient, class_name: str, object_id: str) -> list[Journa
     return list(reconstruct(await read_journal(nc, "ndo", class_name, object_id)))
 
 
+def _plain_record() -> JournalRecord:
+    """A successful request record of object C/i (for tests of step selection)."""
+    return JournalRecord(
+        kind="request",
+        status="ok",
+        class_name="C",
+        object_id="i",
+        partition=0,
+        method="m",
+        time=100.0,
+        duration=0.0,
+        worker="w",
+    )
+
+
 async def _replay_json(url: str, **options: Any) -> tuple[int, list[dict[str, Any]], str]:
     out, err = io.StringIO(), io.StringIO()
     classes = options.pop("classes", ())
@@ -394,17 +409,7 @@ class TestReconstruction:
 
     def test_select_steps_window(self) -> None:
         """The step before the window is returned as the starting state of a re-execution."""
-        record = JournalRecord(
-            kind="request",
-            status="ok",
-            class_name="C",
-            object_id="i",
-            partition=0,
-            method="m",
-            time=100.0,
-            duration=0.0,
-            worker="w",
-        )
+        record = _plain_record()
         steps = [JournalStep(seq, record, {"s": seq}, None, False) for seq in (3, 5, 9)]
         chosen, before = select_steps(steps, since=("seq", 4), at=("seq", 9))
         assert [s.seq for s in chosen] == [5, 9]
@@ -413,17 +418,7 @@ class TestReconstruction:
 
     def test_select_steps_by_position(self) -> None:
         """Steps sharing a message: ``N.k`` picks one of them, a bare ``N`` all of them."""
-        record = JournalRecord(
-            kind="request",
-            status="ok",
-            class_name="C",
-            object_id="i",
-            partition=0,
-            method="m",
-            time=100.0,
-            duration=0.0,
-            worker="w",
-        )
+        record = _plain_record()
         where = [(3, 0), (7, 1), (7, 2), (7, 3), (9, 0)]
         steps = [JournalStep(seq, record, {}, None, False, 0, place) for seq, place in where]
         assert [s.position.label for s in steps] == ["3", "7.1", "7.2", "7.3", "9"]
