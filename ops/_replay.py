@@ -31,6 +31,7 @@ import contextlib
 import datetime as dt
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple, TextIO, TypeAlias
@@ -114,6 +115,7 @@ __all__ = [
     "shorten",
     "sorted_json",
     "step_json",
+    "step_positions",
 ]
 
 EXIT_OK: Final = 0
@@ -282,13 +284,24 @@ async def read_journal(
                 for _, record in lines
                 if record.class_name == class_name and record.object_id == object_id
             ]
-            several = len(mine) > 1
-            found.extend(
-                (StepPosition(seq, index if several else 0), record)
-                for index, record in enumerate(mine, start=1)
-            )
+            found.extend(step_positions(seq, mine))
     found.sort(key=lambda item: item[0])
     return found
+
+
+def step_positions(
+    seq: int, records: Sequence[JournalRecord]
+) -> list[tuple[StepPosition, JournalRecord]]:
+    """The positions of records read from journal message ``seq``, in order: each object's
+    records there are numbered 1, 2, ..., and an object's only record gets place 0."""
+    per_object = Counter((record.class_name, record.object_id) for record in records)
+    places: dict[tuple[str, str], int] = {}
+    positioned: list[tuple[StepPosition, JournalRecord]] = []
+    for record in records:
+        key = (record.class_name, record.object_id)
+        places[key] = places.get(key, 0) + 1
+        positioned.append((StepPosition(seq, places[key] if per_object[key] > 1 else 0), record))
+    return positioned
 
 
 async def _messages(

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import sys
-from collections import Counter
 from typing import Any, TextIO
 
 import msgspec
@@ -36,6 +35,7 @@ from ndo.ops._replay import (
     result_cell,
     shorten,
     sorted_json,
+    step_positions,
 )
 from ndo.service.journal import JournalRecord, decode_journal_message, journal_builtins
 from ndo.subjects import (
@@ -179,14 +179,9 @@ async def run_tail(
             except ValueError as exc:
                 err.write(f"ndo tail: journal message {seq} on {msg.subject}: {exc}\n")
                 continue
-            per_object = Counter((r.class_name, r.object_id) for r in records)
-            places: dict[tuple[str, str], int] = {}
-            for record in records:
+            for position, record in step_positions(seq, records):
                 if options.count is not None and shown >= options.count:
                     break
-                key = (record.class_name, record.object_id)
-                places[key] = places.get(key, 0) + 1
-                position = StepPosition(seq, places[key] if per_object[key] > 1 else 0)
                 if options.as_json:
                     out.write(_JSON.encode(record_json(position, record)).decode() + "\n")
                 else:
