@@ -31,6 +31,7 @@ from ndo.actors._errors import (
     HandlerError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     UnavailableError,
 )
 from ndo.actors._methods import method
@@ -52,6 +53,7 @@ __all__ = [
     "HandlerError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "RetryPolicy",
     "UnavailableError",
     "method",

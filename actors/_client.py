@@ -31,7 +31,14 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from ndo.actors._actor import Actor, Event
-from ndo.actors._errors import ActorError, CallTimeoutError, UnavailableError, error_from_wire
+from ndo.actors._errors import (
+    ActorError,
+    CallTimeoutError,
+    PermissionDeniedError,
+    UnavailableError,
+    error_from_wire,
+)
+from ndo.actors._permissions import PermissionWatch
 from ndo.subjects import DEFAULT_PREFIX, Header, event_wildcard, rpc_subject, validate_id
 
 __all__ = ["ActorClient", "ActorStub", "RetryPolicy"]
@@ -78,6 +85,8 @@ class ActorClient:
     _prefix: str
     _timeout: float
     _retry: RetryPolicy
+    _permissions: PermissionWatch
+    """Turns the server's permission violations into errors of the requests they concern."""
     # Reused decoders, by return type
     _decoders: dict[Any, msgspec.json.Decoder[Any]]
 
@@ -91,6 +100,10 @@ class ActorClient:
     ) -> None:
         """Create a client.
 
+        A request the server's permissions refuse fails at once with ``PermissionDeniedError``
+        naming the subject (for that, the client chains a watch in front of ``nc``'s error
+        callback; the callback still sees every error).
+
         Args:
             nc: a connected nats-py client.
             prefix: the deployment's subject prefix.
@@ -101,6 +114,7 @@ class ActorClient:
         self._prefix = prefix
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
+        self._permissions = PermissionWatch.of(nc)
         self._decoders = {}
 
     @overload
@@ -132,6 +146,8 @@ class ActorClient:
         Raises:
             ActorError: the worker answered with an error (a subclass per code).
             CallTimeoutError: no reply after every retry.
+            PermissionDeniedError: the server refused to let this connection publish to
+                ``subject`` or receive replies (no retry).
             UnavailableError: no worker answered after every retry.
         """
         headers = {Header.IDEMPOTENCY_KEY.value: idempotency_key or uuid.uuid4().hex}
@@ -140,9 +156,7 @@ class ActorClient:
         last: ActorError = UnavailableError("no attempt made")
         for attempt in range(1, policy.attempts + 1):
             try:
-                msg = await self._nc.request(
-                    subject, body, timeout=timeout or self._timeout, headers=headers
-                )
+                msg = await self._request_once(subject, body, timeout or self._timeout, headers)
                 return _check_reply(msg)
             except nats.errors.NoRespondersError:
                 last = UnavailableError(
@@ -162,6 +176,29 @@ class ActorClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, policy.max_backoff)
         raise last
+
+    async def _request_once(
+        self, subject: str, body: bytes, timeout: float, headers: dict[str, str]
+    ) -> Msg:
+        """One try; a permission violation for it raises ``PermissionDeniedError`` at once."""
+        watch = self._permissions
+        token = watch.expect(subject)
+        try:
+            return await self._nc.request(subject, body, timeout=timeout, headers=headers)
+        except asyncio.CancelledError:
+            denial = watch.denial(token)
+            task = asyncio.current_task()
+            if denial is None or task is None:
+                raise
+            task.uncancel()
+            raise PermissionDeniedError(
+                f"the NATS server does not allow this connection to {denial.describe()} "
+                f"(calling {subject}); ask for that permission, or see docs/security.md for "
+                "what a caller needs",
+                type="permission_denied",
+            ) from None
+        finally:
+            watch.forget(token)
 
 
 def _check_reply(msg: Msg) -> bytes:

@@ -10,6 +10,8 @@ into these exceptions on the client. A handler may raise any of them on purpose 
 
     ActorError                     base; .code, .type, .message, .retryable
     ├── BadRequestError        400 malformed body, wrong argument types, invalid id or key
+    ├── PermissionDeniedError  403 NATS permissions refuse the call, or the object refuses
+    │                              this caller
     ├── NotFoundError          404 unknown class or method
     ├── ConflictError          409 the object refuses the call in its current state
     ├── PayloadTooLargeError   413 request, reply, key or value over a limit
@@ -32,6 +34,7 @@ __all__ = [
     "HandlerError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "UnavailableError",
     "error_from_wire",
 ]
@@ -68,6 +71,15 @@ class BadRequestError(ActorError):
 
     code = 400
     default_type = "bad_request"
+
+
+class PermissionDeniedError(ActorError):
+    """The caller may not make this call: the NATS server's permissions refused the request
+    (raised by the client at once, naming the subject), or the object refused this caller
+    (a handler raises it after checking ``self.caller``). Deterministic."""
+
+    code = 403
+    default_type = "permission_denied"
 
 
 class NotFoundError(ActorError):
@@ -126,6 +138,7 @@ _BY_CODE: dict[int, type[ActorError]] = {
     cls.code: cls
     for cls in (
         BadRequestError,
+        PermissionDeniedError,
         NotFoundError,
         ConflictError,
         PayloadTooLargeError,

@@ -163,7 +163,10 @@ class EmbeddedNatsServer:
     _mappings: dict[str, str]
     _max_payload: int | None
     _websocket_port: int | None
+    _websocket_origins: tuple[str, ...]
+    _websocket_no_auth_user: str
     _cluster: ClusterSpec | None
+    _extra_config: str
     _binary: str | None
     _startup_timeout: float
 
@@ -184,7 +187,10 @@ class EmbeddedNatsServer:
         mappings: dict[str, str] | None = None,
         max_payload: int | None = None,
         websocket_port: int | None = None,
+        websocket_origins: tuple[str, ...] = (),
+        websocket_no_auth_user: str = "",
         cluster: ClusterSpec | None = None,
+        extra_config: str = "",
         binary: str | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
@@ -200,8 +206,15 @@ class EmbeddedNatsServer:
                 ``{"ndo.rpc.*.*.*": "ndo.part.{{partition(64,1,2)}}.{{wildcard(1)}}..."}``.
             max_payload: Largest message the server accepts, in bytes (server default 1 MiB).
             websocket_port: Also accept WebSocket clients (browsers, ``nats.ws``) on this port,
-                on ``host``, without TLS (for local development).
+                on ``host``, without TLS (for local development). Browsers are held to the same
+                origin (a page served from this host and port) and ``websocket_origins``.
+            websocket_origins: further page origins allowed to open WebSockets, e.g.
+                ``("http://127.0.0.1:8000",)`` (scheme, host and port must match).
+            websocket_no_auth_user: the user (defined in ``extra_config``) WebSocket clients
+                that send no credentials become; empty: the server-wide ``no_auth_user``.
             cluster: Join a cluster of servers (routes to the others); see ``ClusterSpec``.
+            extra_config: nats-server configuration text appended to the generated file
+                (``accounts { ... }``, ``authorization { ... }``, ``tls { ... }``).
             binary: Path of the ``nats-server`` executable; default
                 :func:`find_nats_server_binary`.
             startup_timeout: Seconds to wait for the server to listen before giving up.
@@ -226,7 +239,10 @@ class EmbeddedNatsServer:
         self._mappings = dict(mappings) if mappings else {}
         self._max_payload = max_payload
         self._websocket_port = websocket_port
+        self._websocket_origins = tuple(websocket_origins)
+        self._websocket_no_auth_user = websocket_no_auth_user
         self._cluster = cluster
+        self._extra_config = extra_config
         self._binary = binary
         self._startup_timeout = startup_timeout
         self._status = _Status.STOPPED
@@ -359,14 +375,27 @@ class EmbeddedNatsServer:
                 "websocket {",
                 f"  listen: {json.dumps(f'{_format_host(self._host)}:{self._websocket_port}')}",
                 "  no_tls: true",
-                "}",
             ]
+            if self._websocket_origins:
+                # same_origin and allowed_origins must both pass when both are set, so the
+                # listener's own origin is listed instead.
+                own = f"http://{_format_host(self._host)}:{self._websocket_port}"
+                allowed = dict.fromkeys((own, *self._websocket_origins))
+                origins = ", ".join(json.dumps(origin) for origin in allowed)
+                lines.append(f"  allowed_origins: [{origins}]")
+            else:
+                lines.append("  same_origin: true")
+            if self._websocket_no_auth_user:
+                lines.append(f"  no_auth_user: {json.dumps(self._websocket_no_auth_user)}")
+            lines.append("}")
         if self._mappings:
             lines.append("mappings {")
             lines += [
                 f"  {json.dumps(src)}: {json.dumps(dst)}" for src, dst in self._mappings.items()
             ]
             lines.append("}")
+        if self._extra_config:
+            lines.append(self._extra_config)
         return "\n".join(lines) + "\n"
 
     async def _spawn_and_wait(self) -> None:

@@ -30,12 +30,14 @@ from typing import Any, Final, Literal, get_args, get_origin
 import msgspec
 
 from ndo.ops._errors import ConfigFileError
-from ndo.service import WORKER_OPTIONS, WorkerConfig
+from ndo.service import WORKER_OPTIONS, NatsAuth, WorkerConfig
 
 __all__ = [
+    "AUTH_OPTIONS",
     "CliOption",
     "add_options",
     "argument_type",
+    "auth_from_args",
     "build_worker_config",
     "check_file_keys",
     "env_name",
@@ -66,6 +68,54 @@ class CliOption(msgspec.Struct, frozen=True, kw_only=True):
     """Allowed flag values; empty: any."""
     flag: str = ""
     """The flag; empty: ``--<dest-with-dashes>``."""
+
+
+AUTH_OPTIONS: Final = (
+    CliOption(
+        dest="nats_creds",
+        type=Path,
+        help="JWT credentials file (.creds) of the NATS user (operator/JWT mode)",
+    ),
+    CliOption(dest="nats_nkey", type=Path, help="file holding the NATS user's NKey seed (SU...)"),
+    CliOption(dest="nats_token", help="NATS authentication token"),
+    CliOption(
+        dest="nats_user",
+        help="NATS user name (with --nats-password; or put both in the URL: nats://u:p@host)",
+    ),
+    CliOption(dest="nats_password", help="password of --nats-user"),
+    CliOption(
+        dest="tls_ca",
+        type=Path,
+        help="PEM file of the CA that signed the NATS server's certificate (a private CA)",
+    ),
+    CliOption(
+        dest="tls_cert",
+        type=Path,
+        help="PEM client certificate, for servers that verify clients (with --tls-key)",
+    ),
+    CliOption(dest="tls_key", type=Path, help="PEM private key of --tls-cert"),
+)
+"""How every command authenticates to NATS: the fields of ``NatsAuth``, as options."""
+
+
+def auth_from_args(args: argparse.Namespace) -> NatsAuth:
+    """The ``NatsAuth`` of parsed arguments that include ``AUTH_OPTIONS``.
+
+    Raises:
+        ValueError: contradictory settings or a missing file (the message names the option).
+    """
+    auth = NatsAuth(
+        creds=args.nats_creds,
+        nkey=args.nats_nkey,
+        token=args.nats_token or "",
+        user=args.nats_user or "",
+        password=args.nats_password or "",
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    auth.check()
+    return auth
 
 
 def flag_name(option: CliOption) -> str:
@@ -218,4 +268,5 @@ def build_worker_config(args: argparse.Namespace) -> WorkerConfig:
         ValueError: a value ``WorkerConfig`` refuses; the message says how to fix it.
     """
     values = {option.field: getattr(args, option.field) for option in WORKER_OPTIONS}
+    values["auth"] = auth_from_args(args)
     return WorkerConfig(**{name: value for name, value in values.items() if value is not None})

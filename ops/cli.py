@@ -1,6 +1,6 @@
 """The ``ndo`` command line: ``serve`` runs a worker, ``call`` calls an object, ``replay`` and
-``tail`` read objects' journals, ``status`` and ``mapping`` describe a deployment, ``bench``
-measures it.
+``tail`` read objects' journals, ``status`` and ``mapping`` describe a deployment,
+``permissions`` prints the NATS permissions each role needs, ``bench`` measures it.
 
 Every option can also come from an ``NDO_<OPTION>`` environment variable (``--nats-url`` ->
 ``NDO_NATS_URL``); a flag on the command line wins over the environment. ``ndo serve``'s worker
@@ -29,6 +29,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ndo.actors import ActorClient, ActorError, RetryPolicy
+from ndo.ops._browser_access import browser_access
 from ndo.ops._config_file import ConfigFileError, load_config_file
 from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ndo.ops._errors import OpsError
@@ -38,12 +39,21 @@ from ndo.ops._loop import LOOP_CHOICES, resolve_loop
 from ndo.ops._loop import run as run_on_loop
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.ops._options import (
+    AUTH_OPTIONS,
     CliOption,
     add_options,
     argument_type,
+    auth_from_args,
     build_worker_config,
     check_file_keys,
     worker_options,
+)
+from ndo.ops._permissions import (
+    ROLES,
+    caller_permissions,
+    render_user,
+    tools_permissions,
+    worker_permissions,
 )
 from ndo.ops._replay import EXIT_ERROR, ReplayOptions, parse_point, run_replay
 from ndo.ops._status import (
@@ -60,6 +70,7 @@ from ndo.service import (
     Worker,
     WorkerConfig,
     mapping_snippet,
+    redact_url,
     server_mapping,
 )
 from ndo.storage import StorageError
@@ -77,6 +88,17 @@ _SERVE_OPTIONS: Final = (
         help="embedded server also accepts WebSocket clients (browsers: "
         "examples/drawing_board.html) on this port, without TLS",
     ),
+    CliOption(
+        dest="websocket_allowed_origin",
+        help="with --websocket-port: further web page origins that may connect, comma-separated "
+        "(e.g. http://127.0.0.1:8000); default: only pages of the listener's own origin",
+    ),
+    CliOption(
+        dest="websocket_user",
+        help="with --websocket-port: browsers must log in as this user (with "
+        "--websocket-password) to call objects; default: any page of an allowed origin may",
+    ),
+    CliOption(dest="websocket_password", help="password of --websocket-user"),
     CliOption(dest="metrics_port", type=int, help="serve Prometheus metrics on this port"),
     CliOption(dest="metrics_host", default="127.0.0.1", help="address of the metrics endpoint"),
     CliOption(
@@ -105,28 +127,52 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"NDO_{name.upper()}", default)
 
 
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--nats-url",
-        default=_env("nats_url", None),
-        help="NATS server URL; several servers of one cluster separated by commas "
-        f"[env NDO_NATS_URL; default {DEFAULT_NATS_URL}]",
-    )
-    parser.add_argument(
-        "--prefix",
-        default=_env("prefix", DEFAULT_PREFIX),
-        help=f"subject prefix [env NDO_PREFIX; default {DEFAULT_PREFIX}]",
+_CONNECTION_OPTIONS: Final = (
+    CliOption(
+        dest="nats_url",
+        help="NATS server URL; several servers of one cluster separated by commas",
+        default_text=DEFAULT_NATS_URL,
+    ),
+    CliOption(dest="prefix", default=DEFAULT_PREFIX, help="subject prefix"),
+    *AUTH_OPTIONS,
+)
+"""How ``call``, ``status``, ``replay`` and ``tail`` reach a deployment."""
+
+
+def _add_connection_options(
+    parser: argparse.ArgumentParser, file_values: Mapping[str, Any]
+) -> None:
+    """Add ``--config``, ``--nats-url``, ``--prefix`` and the credentials options; of a config
+    file's keys (``file_values``) only these options' are used."""
+    _add_config_option(parser, "the connection settings (nats-url, prefix, nats-creds, ...)")
+    dests = {option.dest for option in _CONNECTION_OPTIONS}
+    add_options(
+        parser,
+        _CONNECTION_OPTIONS,
+        {key: value for key, value in file_values.items() if key in dests},
     )
 
 
-def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+def _add_config_option(parser: argparse.ArgumentParser, used: str) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_env("config", None),
+        metavar="FILE",
+        help=f"TOML file of options by flag name (ndo serve's file); {used} are taken from "
+        "it; flags and NDO_* variables win over it [env NDO_CONFIG]",
+    )
+
+
+def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
     """Build the argument parser of the ``ndo`` command.
 
-    ``serve_defaults`` (from ``--config``) replace the built-in defaults of ``ndo serve``
-    options that have no ``NDO_*`` variable set; command-line flags still win.
+    ``file_values`` (from ``--config``) replace the built-in defaults of options that have no
+    ``NDO_*`` variable set: all of ``ndo serve``'s, the connection options of the other
+    commands; command-line flags still win.
 
     Raises:
-        ConfigFileError: ``serve_defaults`` names an option ``ndo serve`` does not have.
+        ConfigFileError: ``file_values`` names an option ``ndo serve`` does not have.
     """
     parser = argparse.ArgumentParser(
         prog="ndo", description="NATS Durable Objects: stateful actors over NATS and SQLite."
@@ -145,16 +191,9 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         metavar="MODULE",
         help="module (or module:Class) with Actor subclasses; default: the bundled examples",
     )
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=_env("config", None),
-        metavar="FILE",
-        help='TOML file of serve options by flag name (data-dir = "/srv/ndo"), plus '
-        "modules = [...]; flags and NDO_* variables win over it [env NDO_CONFIG]",
-    )
+    _add_config_option(serve, 'all options (data-dir = "/srv/ndo") and modules = [...]')
     options = serve_options()
-    file_values = dict(serve_defaults or {})
+    file_values = dict(file_values or {})
     check_file_keys(file_values, options, extra={"modules"})
     if "modules" in file_values:
         serve.set_defaults(modules=file_values.pop("modules"))
@@ -171,7 +210,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     )
     replay.add_argument("class_name", metavar="CLASS")
     replay.add_argument("object_id", metavar="ID")
-    _add_connection_options(replay)
+    _add_connection_options(replay, file_values)
     replay.add_argument(
         "--at",
         type=argument_type(parse_point),
@@ -214,7 +253,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
     )
     tail.add_argument("class_name", metavar="CLASS")
     tail.add_argument("object_id", metavar="ID", nargs="?", default="*")
-    _add_connection_options(tail)
+    _add_connection_options(tail, file_values)
     tail.add_argument(
         "--since",
         type=argument_type(parse_point),
@@ -231,7 +270,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         description="Read the deployment's lease bucket: live workers, the partitions each "
         "holds, and every partition's holder and fencing epoch.",
     )
-    _add_connection_options(status)
+    _add_connection_options(status, file_values)
     status.add_argument(
         "--brief", action="store_true", help="workers only, without the per-partition table"
     )
@@ -260,6 +299,40 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         "--account", help="wrap the mapping in an account block (accounts { NAME: { ... } })"
     )
 
+    permissions = commands.add_parser(
+        "permissions",
+        help="print the least NATS permissions a worker, a caller or the tools need",
+        description="Print a nats-server `users` entry with the least permissions ROLE needs "
+        "(docs/security.md explains each subject). worker: `ndo serve`; caller: a client "
+        "calling some classes and methods; tools: `ndo status`, `replay` and `tail`.",
+    )
+    permissions.add_argument("role", choices=ROLES, metavar="ROLE", help="worker, caller or tools")
+    permissions.add_argument(
+        "--prefix",
+        default=_env("prefix", DEFAULT_PREFIX),
+        help=f"subject prefix [env NDO_PREFIX; default {DEFAULT_PREFIX}]",
+    )
+    permissions.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="caller: a class it may call (repeatable; default: every class)",
+    )
+    permissions.add_argument(
+        "--method",
+        dest="methods",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="caller: a method it may call (repeatable; default: every method)",
+    )
+    permissions.add_argument(
+        "--events", action="store_true", help="caller: may also subscribe to the classes' events"
+    )
+    permissions.add_argument("--user", help="user name in the entry (default: the role)")
+
     call = commands.add_parser(
         "call",
         help="call an object method and print the reply",
@@ -275,7 +348,7 @@ def build_parser(serve_defaults: Mapping[str, Any] | None = None) -> argparse.Ar
         metavar="JSON",
         help="keyword arguments as a JSON object, e.g. '{\"by\": 2}'",
     )
-    _add_connection_options(call)
+    _add_connection_options(call, file_values)
     call.add_argument(
         "--timeout",
         type=float,
@@ -291,18 +364,18 @@ def serve_options() -> tuple[CliOption, ...]:
 
     ``--nats-url`` has no default here: without it, ``ndo serve`` starts an embedded server.
     """
-    return (*_SERVE_OPTIONS, *worker_options(unset={"nats_url"}))
+    return (*_SERVE_OPTIONS, *worker_options(unset={"nats_url"}), *AUTH_OPTIONS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ndo`` command; return the process exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "serve" and args.config is not None:
+    if getattr(args, "config", None) is not None:
         try:
             values = load_config_file(args.config)
             args = build_parser(values).parse_args(argv)
         except ConfigFileError as exc:
-            print(f"ndo serve: config file {args.config}: {exc}", file=sys.stderr)
+            print(f"ndo {args.command}: config file {args.config}: {exc}", file=sys.stderr)
             return 2
     if args.command == "serve":
         return _serve(args)
@@ -316,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "status":
         return asyncio.run(_status(args))
+    if args.command == "permissions":
+        return _permissions(args)
     if args.command == "mapping":
         print(mapping_snippet(args.prefix, args.partitions, args.account))
         return 0
@@ -327,11 +402,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        if args.nats_url is not None and args.websocket_port is not None:
+        websocket_options = (
+            args.websocket_port,
+            args.websocket_allowed_origin,
+            args.websocket_user,
+            args.websocket_password,
+        )
+        if args.nats_url is not None and any(value is not None for value in websocket_options):
             raise ValueError(
-                "--websocket-port configures the embedded nats-server; with --nats-url, enable "
-                "websocket { port: N, no_tls: true } in your server's configuration instead"
+                "the --websocket-* options configure the embedded nats-server; with --nats-url, "
+                "configure websocket { ... } in your server (docs/security.md shows how)"
             )
+        if args.websocket_port is None and any(v is not None for v in websocket_options[1:]):
+            raise ValueError("--websocket-allowed-origin/-user/-password need --websocket-port")
+        if (args.websocket_user is None) != (args.websocket_password is None):
+            raise ValueError("--websocket-user and --websocket-password go together")
         configure_logging(args.log_format, args.log_level)
         classes = load_actor_classes(args.modules or list(DEFAULT_MODULES))
         config = build_worker_config(args)
@@ -370,12 +455,7 @@ async def _run_service(
     try:
         if args.nats_url is None:
             # Started with the partition mapping: requests go straight to their partition's worker.
-            embedded = EmbeddedNatsServer(
-                store_dir=config.data_dir / "nats",
-                port=args.port,
-                mappings=dict([server_mapping(config.prefix, config.partitions)]),
-                websocket_port=args.websocket_port,
-            )
+            embedded = _embedded_server(config, args)
             await embedded.start()
             config = msgspec.structs.replace(config, nats_url=embedded.url)
             _log.info(
@@ -389,7 +469,7 @@ async def _run_service(
         async with Worker(config, classes, registry=registry):
             _log.info(
                 "serving; press Ctrl-C to stop",
-                nats_url=config.nats_url,
+                nats_url=redact_url(config.nats_url),
                 classes=sorted(c.__name__ for c in classes),
                 loop=loop_name,
             )
@@ -403,14 +483,60 @@ async def _run_service(
     return 0
 
 
+# permissions
+
+
+def _permissions(args: argparse.Namespace) -> int:
+    try:
+        if args.role == "worker":
+            granted = worker_permissions(args.prefix)
+        elif args.role == "caller":
+            granted = caller_permissions(
+                args.prefix, args.classes, args.methods, events=args.events
+            )
+        else:
+            granted = tools_permissions(args.prefix)
+    except InvalidSubjectError as exc:
+        print(f"ndo permissions: {exc}", file=sys.stderr)
+        return 2
+    print(f"# ndo permissions {args.role}: one entry of authorization {{ users = [ ... ] }}")
+    print(render_user(granted, user=args.user or args.role))
+    return 0
+
+
+def _embedded_server(config: WorkerConfig, args: argparse.Namespace) -> EmbeddedNatsServer:
+    """``ndo serve``'s own nats-server: the partition mapping, and the WebSocket listener held to
+    its origins and to caller rights (``ops/_browser_access.py``)."""
+    access = None
+    origins: tuple[str, ...] = ()
+    if args.websocket_port is not None:
+        access = browser_access(
+            config.prefix, user=args.websocket_user or "", password=args.websocket_password or ""
+        )
+        origins = tuple(
+            origin.strip()
+            for origin in (args.websocket_allowed_origin or "").split(",")
+            if origin.strip()
+        )
+    return EmbeddedNatsServer(
+        store_dir=config.data_dir / "nats",
+        port=args.port,
+        mappings=dict([server_mapping(config.prefix, config.partitions)]),
+        websocket_port=args.websocket_port,
+        websocket_origins=origins,
+        websocket_no_auth_user="" if access is None else access.websocket_no_auth_user,
+        extra_config="" if access is None else access.config,
+    )
+
+
 # status
 
 
 async def _status(args: argparse.Namespace) -> int:
     url = args.nats_url or DEFAULT_NATS_URL
     try:
-        nc = await connect_once(url)
-    except CannotConnectError as exc:
+        nc = await connect_once(url, auth_from_args(args), name="ndo status")
+    except (CannotConnectError, ValueError) as exc:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
     try:
@@ -474,8 +600,13 @@ async def _call(args: argparse.Namespace) -> int:
             print("ndo call: arguments must be a JSON object, e.g. '{\"by\": 2}'", file=sys.stderr)
             return 2
     try:
-        nc = await connect_once(url, hint="is `ndo serve` running? (or pass --nats-url)")
-    except CannotConnectError as exc:
+        nc = await connect_once(
+            url,
+            auth_from_args(args),
+            hint="is `ndo serve` running? (or pass --nats-url)",
+            name="ndo call",
+        )
+    except (CannotConnectError, ValueError) as exc:
         print(f"ndo call: {exc}", file=sys.stderr)
         return 1
     try:

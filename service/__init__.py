@@ -14,6 +14,7 @@ from ndo.service._config import (
     WorkerOption,
     split_servers,
 )
+from ndo.service._connection import NatsAuth, redact_url
 from ndo.service._discovery import SERVICE_NAME
 from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
@@ -53,6 +54,7 @@ __all__ = [
     "LeaseRecord",
     "LeaseView",
     "MemberRecord",
+    "NatsAuth",
     "OwnershipError",
     "PartitionLog",
     "ReplicatedStorage",
@@ -79,6 +81,7 @@ __all__ = [
     "parse_size",
     "partitions_text",
     "read_bucket",
+    "redact_url",
     "server_mapping",
     "snapshot_bucket",
     "split_servers",

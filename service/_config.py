@@ -20,8 +20,16 @@ from typing import Any, Final, Literal
 import msgspec
 
 from ndo.actors.runtime import StorageLimits
+from ndo.service._connection import NatsAuth
 from ndo.service._units import parse_duration, parse_size
-from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, validate_prefix
+from ndo.subjects import (
+    DEFAULT_PARTITIONS,
+    DEFAULT_PREFIX,
+    DEFAULT_REPLY_PREFIXES,
+    InvalidSubjectError,
+    parse_reply_prefixes,
+    validate_prefix,
+)
 
 __all__ = [
     "HIDDEN_WORKER_FIELDS",
@@ -43,8 +51,14 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     nats_url: str = "nats://127.0.0.1:4222"
     """NATS server(s) to connect to; several servers of one cluster are separated by commas."""
+    auth: NatsAuth = NatsAuth()
+    """Credentials and TLS files for the connection (set by the connection options every
+    command shares, ``--nats-creds`` ... ``--tls-key``)."""
     prefix: str = DEFAULT_PREFIX
     """Subject prefix: requests arrive on ``<prefix>.rpc.<Class>.<id>.<method>``."""
+    reply_prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
+    """The only subjects answers, forwards and errors are published to: inboxes. A request whose
+    reply subject lies elsewhere is dropped and counted (``ndo_rejected_total``)."""
     data_dir: Path = Path("ndo-data")
     """Directory of the SQLite database."""
     partitions: int = DEFAULT_PARTITIONS
@@ -166,6 +180,17 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
                 "storage='replicated' shares partitions through JetStream leases: drop "
                 "ownership='standalone' (--ownership standalone)"
             )
+        if parse_reply_prefixes(self.reply_prefixes) != self.reply_prefixes:
+            raise ValueError(
+                "reply_prefixes must be inbox prefixes ending with '.', e.g. "
+                f"('_INBOX.', '_R_.'), got {self.reply_prefixes!r}"
+            )
+        if any(p.startswith(self.prefix + ".") for p in self.reply_prefixes):
+            raise ValueError(
+                f"reply prefixes must not lie under the subject prefix {self.prefix!r}: "
+                "answers would reach the workers' own subjects"
+            )
+        self.auth.check()
         if not self.nats_servers():
             raise ValueError("nats_url must name at least one server, e.g. nats://127.0.0.1:4222")
 
@@ -200,6 +225,13 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
         field="nats_url", help="NATS server URL; several servers of one cluster separated by commas"
     ),
     WorkerOption(field="prefix", help="subject prefix"),
+    WorkerOption(
+        field="reply_prefixes",
+        help="inbox prefixes answers may go to (comma-separated); requests naming any other "
+        "reply subject are dropped",
+        parse=parse_reply_prefixes,
+        default_text=",".join(DEFAULT_REPLY_PREFIXES),
+    ),
     WorkerOption(
         field="data_dir",
         help="directory for SQLite and JetStream data",
@@ -277,8 +309,10 @@ HIDDEN_WORKER_FIELDS: Final = frozenset(
         "alarm_max_attempts",
         "journal_max_pending",
         "append_timeout",
+        "auth",
         "max_keys_per_call",
         "scan_interval",
     }
 )
-"""Internal tuning knobs with no flag, variable or file key: set by code (``WorkerConfig(...)``)."""
+"""Fields with no option of their own: internal tuning knobs set by code (``WorkerConfig(...)``),
+and ``auth``, which the connection options every command shares set (``ops/_options.py``)."""

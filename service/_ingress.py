@@ -256,6 +256,8 @@ class Ingress:
         await self._take(msg, routed=True)
 
     async def _take(self, msg: Msg, *, routed: bool) -> None:
+        if msg.reply and not self._outbox.may_answer(msg.reply, request=msg.subject):
+            return  # not run, not forwarded: its answer would be written somewhere not an inbox
         headers = msg.headers
         msgpack = bool(headers) and headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE  # type: ignore[union-attr]
         try:

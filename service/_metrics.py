@@ -65,6 +65,13 @@ class WorkerMetrics:
         )
         self._counters = {}
         self._histograms = {}
+        self.rejected = Counter(
+            "ndo_rejected_total",
+            "Messages dropped without an answer, by reason (reply_subject: the request named a "
+            "reply subject outside the allowed inbox prefixes).",
+            ["reason"],
+            registry=r,
+        )
         self.active_objects = Gauge(
             "ndo_active_objects", "Objects currently in memory.", registry=r
         )

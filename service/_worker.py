@@ -39,7 +39,6 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.micro.service import Service
 from prometheus_client import CollectorRegistry
 
 from ndo.actors import Actor
@@ -49,7 +48,8 @@ from ndo.service._alarms import AlarmScheduler
 from ndo.service._catalog import Catalog
 from ndo.service._cluster import resolve_replicas
 from ndo.service._config import WorkerConfig
-from ndo.service._discovery import start_discovery
+from ndo.service._connection import redact_url
+from ndo.service._discovery import Discovery, start_discovery
 from ndo.service._ingress import Ingress
 from ndo.service._journal import JOURNAL_OFF, JournalPublisher
 from ndo.service._leases import open_ownership
@@ -127,7 +127,7 @@ class Worker:
     _ingress: Ingress | None
     _partitions: LocalPartitions | None
     _ownership: Ownership
-    _discovery: Service | None
+    _discovery: Discovery | None
     # State
     state: WorkerState
     """Where the worker is in its lifecycle."""
@@ -161,7 +161,7 @@ class Worker:
             self.storage, observer=self._observe_commit, on_failure=self._commit_failed
         )
         self._deadlines = DeadlineWatchdog(config.handler_timeout)
-        self._outbox = Outbox(self.metrics)
+        self._outbox = Outbox(self.metrics, reply_prefixes=config.reply_prefixes)
         self._tasks = TaskSet()
         self._ownership = NOT_SERVING
         self.alarms = AlarmScheduler(
@@ -277,6 +277,7 @@ class Worker:
                 reconnected_cb=self._on_reconnect,
                 allow_reconnect=True,
                 connect_timeout=5,
+                **config.auth.connect_options(),
             )
             self._outbox.attach(nc)
             self.replicas = resolve_replicas(config.replicas, nc)
@@ -318,7 +319,7 @@ class Worker:
             await ownership.start()
             _log.info("routing", mode=mode.value, leases=ownership.member_id is not None)
             self._discovery = await start_discovery(
-                nc, worker=self.name, prefix=config.prefix, classes=self._classes
+                nc, self._outbox, worker=self.name, prefix=config.prefix, classes=self._classes
             )
             await nc.flush()
             self._tasks.spawn(ingress.follow_routing(), "ndo-routing-check")
@@ -333,7 +334,7 @@ class Worker:
         _log.info(
             "worker started",
             worker=self.name,
-            nats_url=config.nats_url,
+            nats_url=redact_url(config.nats_url),
             prefix=config.prefix,
             storage=config.storage,
             replicas=self.replicas,
@@ -451,7 +452,15 @@ class Worker:
                 await self.storage.purge_idempotency(time.time(), 5_000)
 
     async def _on_nats_error(self, error: Exception) -> None:
-        _log.warning("nats error", error=str(error))
+        text = str(error)
+        if "Permissions Violation" in text:
+            _log.error(
+                "the worker's NATS user lacks a permission; grant what docs/security.md lists "
+                "(`ndo permissions worker` prints it)",
+                error=text,
+            )
+        else:
+            _log.warning("nats error", error=text)
 
     async def _on_disconnect(self) -> None:
         if self.state is WorkerState.RUNNING:  # at shutdown, closing the connection is the point

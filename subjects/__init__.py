@@ -37,10 +37,12 @@ from ndo.subjects._partition import (
     journal_shard_of_partition,
     partition_of,
 )
+from ndo.subjects._replies import DEFAULT_REPLY_PREFIXES, is_reply_subject, parse_reply_prefixes
 
 __all__ = [
     "DEFAULT_PARTITIONS",
     "DEFAULT_PREFIX",
+    "DEFAULT_REPLY_PREFIXES",
     "JOURNAL_SHARDS",
     "MAX_ID_LENGTH",
     "MAX_NAME_LENGTH",
@@ -54,6 +56,7 @@ __all__ = [
     "forward_subject",
     "forward_wildcard",
     "id_from_name",
+    "is_reply_subject",
     "is_valid_id",
     "journal_shard",
     "journal_shard_of_partition",
@@ -62,6 +65,7 @@ __all__ = [
     "legacy_journal_subject",
     "log_subject",
     "new_unique_id",
+    "parse_reply_prefixes",
     "parse_rpc_subject",
     "partition_mapping",
     "partition_of",

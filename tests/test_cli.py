@@ -253,7 +253,7 @@ class TestServe:
             "--data-dir", str(tmp_path),
         )  # fmt: skip
         assert result.returncode == 2
-        assert "enable websocket" in result.stderr
+        assert "configure websocket" in result.stderr
 
     def test_bad_config_value(self, tmp_path: Path) -> None:
         """An invalid setting exits 2 with a fix-it message."""
@@ -536,7 +536,9 @@ class TestConfigFile:
 # Options generated from WorkerConfig
 
 SERVE_ONLY = {
-    "port", "websocket_port", "metrics_port", "metrics_host", "log_format", "log_level", "loop",
+    "port", "websocket_port", "websocket_allowed_origin", "websocket_user", "websocket_password",
+    "metrics_port", "metrics_host", "log_format", "log_level", "loop", "nats_creds", "nats_nkey",
+    "nats_token", "nats_user", "nats_password", "tls_ca", "tls_cert", "tls_key",
 }  # fmt: skip
 """``ndo serve`` options that are not ``WorkerConfig`` fields (``--config`` aside)."""
 
@@ -589,7 +591,10 @@ class TestWorkerOptions:
             "--max-payload", "--max-mailbox", "--drain-timeout", "--idempotency-window",
             "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-reads",
             "--journal-max-age", "--journal-max-bytes", "--worker-name", "--lease-ttl",
-            "--ownership", "--storage", "--replicas", "--snapshot-every",
+            "--ownership", "--storage", "--replicas", "--snapshot-every", "--reply-prefixes",
+            "--websocket-allowed-origin", "--websocket-user", "--websocket-password",
+            "--nats-creds", "--nats-nkey", "--nats-token", "--nats-user", "--nats-password",
+            "--tls-ca", "--tls-cert", "--tls-key",
         }  # fmt: skip
 
     @pytest.mark.parametrize("option", WORKER_OPTIONS, ids=lambda option: option.field)

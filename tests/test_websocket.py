@@ -23,14 +23,16 @@ class _WebSocket:
         self.buffer = b""
 
     @classmethod
-    async def connect(cls, port: int) -> _WebSocket:
+    async def connect(cls, port: int, origin: str | None = None) -> _WebSocket:
+        """Open the WebSocket as a page of ``origin`` would (default: the listener's own)."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
                 f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\nOrigin: null\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\nOrigin: {origin or f'http://127.0.0.1:{port}'}"
+                "\r\n\r\n"
             ).encode()
         )
         response = await reader.readuntil(b"\r\n\r\n")
