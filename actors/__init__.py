@@ -20,7 +20,7 @@ The same names are re-exported by ``ndo`` itself. What the runtime needs to host
 (class descriptions, the per-object context, write-sets) is in ``ndo.actors.runtime``.
 """
 
-from ndo.actors._actor import Actor, ActorId, AlarmInfo, Event
+from ndo.actors._actor import Actor, ActorId, AlarmInfo, Caller, Event
 from ndo.actors._client import ActorClient, ActorStub, RetryPolicy
 from ndo.actors._errors import (
     ActorError,
@@ -47,6 +47,7 @@ __all__ = [
     "AlarmInfo",
     "BadRequestError",
     "CallTimeoutError",
+    "Caller",
     "ConflictError",
     "DeadlineExceededError",
     "Event",

@@ -11,7 +11,7 @@ from ndo.actors._errors import BadRequestError
 from ndo.actors._storage import ActorStorage
 from ndo.subjects import InvalidSubjectError, event_subject
 
-__all__ = ["Actor", "ActorContext", "ActorId", "AlarmInfo", "Event"]
+__all__ = ["Actor", "ActorContext", "ActorId", "AlarmInfo", "Caller", "Event"]
 
 _JSON = msgspec.json.Encoder()
 
@@ -42,6 +42,23 @@ class AlarmInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent the current request, as the NATS server vouches for it.
+
+    Present only when the deployment shares it: the request reached the workers through a
+    service import with ``share: true`` and the workers run with ``--caller-info``
+    (``docs/security.md``). ``None`` otherwise, and for alarms.
+    """
+
+    account: str
+    """The caller's NATS account (name, or public key in operator mode)."""
+    user: str = ""
+    """The caller's user (name, or NKey public key), when the server knows one."""
+    name: str = ""
+    """The client connection's name (``nats.connect(name=...)``), when it set one."""
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """An event emitted by an object, published on ``<prefix>.evt.<Class>.<id>.<topic>``."""
 
@@ -52,7 +69,7 @@ class Event:
 class ActorContext:
     """What the runtime gives one object: identity, storage, and the turn's event outbox."""
 
-    __slots__ = ("_events", "id", "partition", "prefix", "storage")
+    __slots__ = ("_events", "caller", "id", "partition", "prefix", "storage")
 
     id: ActorId
     """The object's identity."""
@@ -62,6 +79,8 @@ class ActorContext:
     """Subject prefix of the deployment."""
     storage: ActorStorage
     """The object's storage view."""
+    caller: Caller | None
+    """Who sent the message of the current turn (set by the runtime for each turn)."""
     _events: list[Event] | None
 
     def __init__(self, object_id: ActorId, partition: int, prefix: str, storage: ActorStorage):
@@ -70,6 +89,7 @@ class ActorContext:
         self.partition = partition
         self.prefix = prefix
         self.storage = storage
+        self.caller = None
         self._events = None
 
     def emit(self, topic: str, data: Any) -> None:
@@ -113,6 +133,14 @@ class Actor:
     def storage(self) -> ActorStorage:
         """This object's transactional key-value storage."""
         return self.__ndo_context__.storage
+
+    @property
+    def caller(self) -> Caller | None:
+        """Who sent the request this turn handles (account, user, client name) when the
+        deployment shares it; ``None`` otherwise and in ``alarm``. Use it to authorise per
+        caller: ``if self.caller is None or self.caller.account != "BILLING": raise
+        PermissionDeniedError(...)``."""
+        return self.__ndo_context__.caller
 
     def emit(self, topic: str, data: Any) -> None:
         """Publish ``data`` (JSON-encoded unless bytes) on this object's ``topic`` after the

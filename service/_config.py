@@ -56,6 +56,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     command shares, ``--nats-creds`` ... ``--tls-key``)."""
     prefix: str = DEFAULT_PREFIX
     """Subject prefix: requests arrive on ``<prefix>.rpc.<Class>.<id>.<method>``."""
+    caller_info: bool = False
+    """Tell handlers who called (``Actor.caller``) from the ``Nats-Request-Info`` header the
+    server adds on service imports that share it. Any client can put that header on a request
+    it publishes directly, so turn this on only where every request reaches the workers
+    through such an import (workers in an account of their own: ``docs/security.md``)."""
     reply_prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
     """The only subjects answers, forwards and errors are published to: inboxes. A request whose
     reply subject lies elsewhere is dropped and counted (``ndo_rejected_total``)."""
@@ -225,6 +230,11 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
         field="nats_url", help="NATS server URL; several servers of one cluster separated by commas"
     ),
     WorkerOption(field="prefix", help="subject prefix"),
+    WorkerOption(
+        field="caller_info",
+        help="give handlers the caller's account and user (self.caller) from the header the "
+        "server adds on shared service imports; only where all requests arrive through one",
+    ),
     WorkerOption(
         field="reply_prefixes",
         help="inbox prefixes answers may go to (comma-separated); requests naming any other "

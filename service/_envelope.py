@@ -10,9 +10,10 @@ import time
 
 import msgspec
 
+from ndo.actors import Caller
 from ndo.actors.runtime import MethodSpec
 
-__all__ = ["AlarmDelivery", "Envelope"]
+__all__ = ["AlarmDelivery", "Envelope", "parse_request_info"]
 
 
 class AlarmDelivery(msgspec.Struct):
@@ -24,10 +25,41 @@ class AlarmDelivery(msgspec.Struct):
     """1 on the first delivery, 2 on the first retry, ..."""
 
 
+class _RequestInfo(msgspec.Struct):
+    """The fields of the server's ``Nats-Request-Info`` header that ndo passes on."""
+
+    acc: str = ""
+    user: str = ""
+    name: str = ""
+
+
+_REQUEST_INFO: msgspec.json.Decoder[_RequestInfo] = msgspec.json.Decoder(_RequestInfo)
+
+
+def parse_request_info(text: str | None) -> Caller | None:
+    """The ``Caller`` in a ``Nats-Request-Info`` header; ``None`` when absent or unreadable."""
+    if not text:
+        return None
+    try:
+        info = _REQUEST_INFO.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return Caller(info.acc, info.user, info.name) if info.acc else None
+
+
 class Envelope:
     """One message waiting in a mailbox: a request, or an alarm delivery."""
 
-    __slots__ = ("alarm", "args", "idempotency_key", "msgpack", "received", "reply", "spec")
+    __slots__ = (
+        "alarm",
+        "args",
+        "caller",
+        "idempotency_key",
+        "msgpack",
+        "received",
+        "reply",
+        "spec",
+    )
 
     spec: MethodSpec | None
     """The method called (``None`` for an alarm delivery)."""
@@ -41,6 +73,8 @@ class Envelope:
     """The request's ``Idempotency-Key`` (or ``Nats-Msg-Id``)."""
     alarm: AlarmDelivery | None
     """The delivery, for an alarm envelope."""
+    caller: Caller | None
+    """Who sent the request, when the deployment shares it (``WorkerConfig.caller_info``)."""
     received: float
     """``time.perf_counter()`` when the envelope was built (request latency starts here)."""
 
@@ -53,6 +87,7 @@ class Envelope:
         msgpack: bool = False,
         idempotency_key: str | None = None,
         alarm: AlarmDelivery | None = None,
+        caller: Caller | None = None,
     ) -> None:
         """Create a request envelope (``spec`` and ``args``) or an alarm one (``alarm``)."""
         self.spec = spec
@@ -61,6 +96,7 @@ class Envelope:
         self.msgpack = msgpack
         self.idempotency_key = idempotency_key
         self.alarm = alarm
+        self.caller = caller
         self.received = time.perf_counter()
 
     @property

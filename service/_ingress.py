@@ -34,7 +34,7 @@ from ndo.actors import (
 from ndo.actors.runtime import ActorClassInfo, MethodSpec
 from ndo.service._catalog import Catalog
 from ndo.service._codec import encode_error
-from ndo.service._envelope import AlarmDelivery, Envelope
+from ndo.service._envelope import AlarmDelivery, Envelope, parse_request_info
 from ndo.service._errors import RoutingError
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
@@ -81,6 +81,7 @@ class Ingress:
     _prefix: str
     _partitions: int
     _max_payload: int
+    _caller_info: bool
     _classes: dict[str, ActorClassInfo]
     # Collaborators
     _nc: NatsClient
@@ -107,6 +108,7 @@ class Ingress:
         prefix: str,
         partitions: int,
         max_payload: int,
+        caller_info: bool = False,
         classes: dict[str, ActorClassInfo],
         catalog: Catalog,
         outbox: Outbox,
@@ -120,6 +122,7 @@ class Ingress:
             prefix: the deployment's subject prefix.
             partitions: the deployment's partition count.
             max_payload: largest request body accepted.
+            caller_info: pass the server's ``Nats-Request-Info`` on to handlers.
             classes: the served classes by name.
             catalog: the worker's activations.
             outbox: where error replies go.
@@ -128,6 +131,7 @@ class Ingress:
         self._prefix = prefix
         self._partitions = partitions
         self._max_payload = max_payload
+        self._caller_info = caller_info
         self._classes = classes
         self._nc = nc
         self._router = Router(
@@ -342,4 +346,7 @@ class Ingress:
                     f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters",
                     type="invalid_idempotency_key",
                 )
-        return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key)
+        caller = None
+        if self._caller_info and headers:
+            caller = parse_request_info(headers.get(Header.REQUEST_INFO.value))
+        return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key, caller=caller)

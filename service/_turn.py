@@ -202,6 +202,7 @@ class TurnRunner:
             instance = self.instance or await self._start_instance(context)
             if alarm is not None:
                 storage.alarm_fired(alarm.due)
+            context.caller = envelope.caller
             deadlines.start(self, task or asyncio.current_task())
             try:
                 if alarm is not None:

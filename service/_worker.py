@@ -293,6 +293,7 @@ class Worker:
                 prefix=config.prefix,
                 partitions=config.partitions,
                 max_payload=min(config.max_payload, nc.max_payload),
+                caller_info=config.caller_info,
                 classes=self._classes,
                 catalog=self.catalog,
                 outbox=self._outbox,

@@ -76,6 +76,9 @@ class Header(StrEnum):
     """HTTP-like error code on an error reply (400, 404, 409, 413, 500, 503, 504)."""
     ERROR = "Nats-Service-Error"
     """Human-readable error description on an error reply."""
+    REQUEST_INFO = "Nats-Request-Info"
+    """Who sent a request, added by the server on a service import that shares it (JSON with
+    ``acc``, ``user``, ``name``, ...); read only with ``WorkerConfig.caller_info``."""
 
 
 MSGPACK_CONTENT_TYPE: Final = "application/msgpack"

@@ -592,6 +592,7 @@ class TestWorkerOptions:
             "--max-value-bytes", "--max-key-bytes", "--no-journal", "--journal-reads",
             "--journal-max-age", "--journal-max-bytes", "--worker-name", "--lease-ttl",
             "--ownership", "--storage", "--replicas", "--snapshot-every", "--reply-prefixes",
+            "--caller-info",
             "--websocket-allowed-origin", "--websocket-user", "--websocket-password",
             "--nats-creds", "--nats-nkey", "--nats-token", "--nats-user", "--nats-password",
             "--tls-ca", "--tls-cert", "--tls-key",

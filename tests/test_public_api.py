@@ -30,9 +30,10 @@ def _natural(text: str) -> list[str | int]:
 
 def _ruff_order(name: str) -> tuple[int, list[str | int], list[str | int]]:
     """Sort key of ruff's RUF022 (isort style): CONSTANTS, then Classes, then the rest, each
-    in natural order (classes and the rest compared case-insensitively first)."""
+    in natural order (the rest compared case-insensitively first; ruff puts CallTimeoutError
+    before Caller, so classes are compared as written)."""
     kind = 0 if len(name) > 1 and name.isupper() else 1 if name[:1].isupper() else 2
-    return kind, [] if kind == 0 else _natural(name.lower()), _natural(name)
+    return kind, _natural(name.lower()) if kind == 2 else [], _natural(name)
 
 
 def _public_names(package: types.ModuleType) -> set[str]:
