@@ -18,8 +18,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
+import nats.errors
 
-__all__ = ["NatsAuth", "redact_url"]
+__all__ = ["NatsAuth", "is_refusal", "redact_url", "refusal_hint"]
 
 _HIDDEN: Final = "***"
 """What a secret is shown as."""
@@ -153,6 +154,33 @@ class NatsAuth(msgspec.Struct, frozen=True, kw_only=True):
                     f"client certificate ({exc}); both must be PEM and the key must match"
                 ) from None
         return context
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether a connect ``error`` is a server refusing us (credentials, TLS), which no retry
+    can fix, rather than a server that is not there."""
+    text = str(error).lower()
+    return (
+        isinstance(error, nats.errors.AuthorizationError | ssl.SSLError)
+        or "authorization violation" in text
+        or "authentication" in text
+        or "tls" in text
+        or "certificate" in text
+    )
+
+
+def refusal_hint(error: BaseException) -> str:
+    """What to do about a refusal: fix the credentials, or the TLS files."""
+    text = str(error).lower()
+    if isinstance(error, ssl.SSLError) or "tls" in text or "certificate" in text:
+        return (
+            "the TLS handshake failed: pass --tls-ca with the CA that signed the server's "
+            "certificate, and --tls-cert/--tls-key if the server verifies clients"
+        )
+    return (
+        "the server refused these credentials: check --nats-creds, --nats-nkey, --nats-token "
+        "or --nats-user/--nats-password (or the user:password in the URL)"
+    )
 
 
 def redact_url(url: str) -> str:

@@ -48,8 +48,9 @@ from ndo.service._alarms import AlarmScheduler
 from ndo.service._catalog import Catalog
 from ndo.service._cluster import resolve_replicas
 from ndo.service._config import WorkerConfig
-from ndo.service._connection import redact_url
+from ndo.service._connection import is_refusal, redact_url, refusal_hint
 from ndo.service._discovery import Discovery, start_discovery
+from ndo.service._errors import ServiceError
 from ndo.service._ingress import Ingress
 from ndo.service._journal import JOURNAL_OFF, JournalPublisher
 from ndo.service._leases import open_ownership
@@ -267,18 +268,7 @@ class Worker:
         try:
             await self.storage.open()
             self.committer.start()
-            nc = self._nc = await nats.connect(
-                servers=config.nats_servers(),
-                name=f"ndo-worker {self.name}",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=self._on_nats_error,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-                allow_reconnect=True,
-                connect_timeout=5,
-                **config.auth.connect_options(),
-            )
+            nc = self._nc = await self._connect()
             self._outbox.attach(nc)
             self.replicas = resolve_replicas(config.replicas, nc)
             if isinstance(self.storage, ReplicatedStorage):
@@ -451,6 +441,56 @@ class Worker:
             await asyncio.sleep(max(1.0, min(60.0, self.config.idempotency_window / 4)))
             with contextlib.suppress(Exception):
                 await self.storage.purge_idempotency(time.time(), 5_000)
+
+    async def _connect(self) -> NatsClient:
+        """Connect to NATS, retrying for as long as it takes while no server answers (a worker
+        may start before its server), but failing at once when a server refuses the worker's
+        credentials or TLS: retrying cannot fix those.
+
+        Raises:
+            ServiceError: the connection settings are wrong or a server refused them.
+        """
+        config = self.config
+        try:
+            auth_options = config.auth.connect_options()
+        except ValueError as exc:
+            raise ServiceError(f"cannot connect to NATS: {exc}") from None
+        nc = NatsClient()
+        starting = asyncio.current_task()
+        refusals: list[Exception] = []
+
+        async def on_error(error: Exception) -> None:
+            if not nc.is_connected and starting is not None and is_refusal(error):
+                if not refusals:
+                    starting.cancel()
+                refusals.append(error)
+            await self._on_nats_error(error)
+
+        try:
+            await nc.connect(
+                servers=config.nats_servers(),
+                name=f"ndo-worker {self.name}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps a float
+                error_cb=on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+                allow_reconnect=True,
+                connect_timeout=5,
+                **auth_options,
+            )
+        except asyncio.CancelledError:
+            if not refusals or starting is None:
+                raise
+            starting.uncancel()
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise ServiceError(
+                f"NATS at {redact_url(config.nats_url)} refused the worker: {refusals[0]}; "
+                + refusal_hint(refusals[0])
+            ) from None
+        starting = None  # from now on a refusal (a reconnect) is only logged
+        return nc
 
     async def _on_nats_error(self, error: Exception) -> None:
         text = str(error)
