@@ -148,20 +148,23 @@ def tools_permissions(prefix: str) -> Permissions:
 
 
 def render_user(permissions: Permissions, *, user: str, password: str = "") -> str:
-    """One entry of a nats-server ``users = [...]`` list, with ``permissions`` (an empty list
-    becomes ``deny: [">"]``: nats-server reads an empty ``allow`` as no restriction)."""
+    """One entry of a nats-server ``users = [...]`` list, with ``permissions``, one subject per
+    line (an empty list becomes ``deny: [">"]``: nats-server reads an empty ``allow`` as no
+    restriction)."""
 
-    def rule(subjects: Iterable[str]) -> str:
-        listed = ", ".join(json.dumps(subject) for subject in subjects)
-        return f"{{ allow: [{listed}] }}" if listed else '{ deny: [">"] }'
+    def rule(kind: str, subjects: Sequence[str]) -> list[str]:
+        if not subjects:
+            return [f'    {kind}: {{ deny: [">"] }}']
+        listed = [f"        {json.dumps(subject)}" for subject in subjects]
+        return [f"    {kind}: {{ allow: [", *listed, "    ] }"]
 
     lines = [
         "{",
         f"  user: {json.dumps(user)}",
         f"  password: {json.dumps(password or 'CHANGE-ME')}",
         "  permissions: {",
-        f"    publish: {rule(permissions.publish)}",
-        f"    subscribe: {rule(permissions.subscribe)}",
+        *rule("publish", permissions.publish),
+        *rule("subscribe", permissions.subscribe),
         "  }",
         "}",
     ]
