@@ -4,6 +4,9 @@ A separate module because it is read-only tooling: it reads the bucket the worke
 with one snapshot (``ndo.service.read_bucket``, the same view the workers keep) and never
 writes. Tests use ``fetch_status`` to
 wait for hand-overs the way an operator would watch them.
+
+A value in the bucket that ndo did not write (another client on the bus) never stops the
+report: its partition's row says ``(unreadable)`` and a note under the members says why.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ndo.service import (
     PartitionLog,
     SnapshotStore,
     lease_bucket,
+    lease_key,
     partitions_text,
     read_bucket,
 )
@@ -76,6 +80,9 @@ class PartitionStatus(msgspec.Struct, frozen=True, kw_only=True):
     """With replicated storage: the last log record the holder reported applied."""
     snapshot_seq: int | None = None
     """With replicated storage: the log record the latest snapshot covers (None: none)."""
+    unreadable: str | None = None
+    """Why the lease's value cannot be read (not written by ndo); the workers treat such a
+    lease as free and take it over. None: readable or absent."""
 
     @property
     def behind(self) -> int | None:
@@ -99,7 +106,8 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     storage: str = "local"
     """Where the deployment's partitions are durable: ``local`` or ``replicated``."""
     problems: list[str] = []
-    """Bucket entries that could not be read (foreign or corrupt values), one note each."""
+    """What could not be read, one note each: bucket entries (``key: why``; foreign or corrupt
+    values) and, with replicated storage, partition logs and snapshots (``partition p: why``)."""
 
     def holders(self) -> dict[int, str]:
         """Partition -> member id of every held partition."""
@@ -191,7 +199,8 @@ async def fetch_status(
     for partition in range(config.partitions):
         lease = view.leases.get(partition)
         if lease is None:
-            rows.append(PartitionStatus(partition=partition))
+            unreadable = view.unreadable.get(lease_key(partition))
+            rows.append(PartitionStatus(partition=partition, unreadable=unreadable))
             continue
         if lease.owner in held:
             held[lease.owner].append(partition)
@@ -252,9 +261,13 @@ async def _with_replication(
         except StorageError as exc:
             problems.append(f"partition {row.partition}: {exc}")
             return row
-        return msgspec.structs.replace(
-            row, log_seq=log_seq, snapshot_seq=None if info is None else info.seq
-        )
+        if info is not None and not info.readable:
+            problems.append(
+                f"partition {row.partition}: the snapshot object is not one ndo wrote (its "
+                "holder replaces it at its next snapshot)"
+            )
+        snapshot_seq = None if info is None or not info.readable else info.seq
+        return msgspec.structs.replace(row, log_seq=log_seq, snapshot_seq=snapshot_seq)
 
     return list(await asyncio.gather(*(one(row) for row in rows)))
 
@@ -298,8 +311,12 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
         lines.append(
             "held by workers that left (expiring): " + partitions_text(p.partition for p in dead)
         )
-    for problem in status.problems:
-        lines.append(f"unreadable bucket entry (ignored by the workers): {problem}")
+    lines += [f"unreadable: {problem}" for problem in status.problems]
+    if any(problem.startswith(("leases.", "members.")) for problem in status.problems):
+        lines.append(
+            "  (values in the lease bucket that ndo did not write: the workers take such a "
+            "lease over at a new epoch, and do not count such a member)"
+        )
     if partitions and status.storage == "replicated":
         lines.append("")
         lines += _table(
@@ -307,7 +324,7 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
             [
                 (
                     str(p.partition),
-                    p.owner or "-",
+                    _holder(p),
                     str(p.epoch) if p.owner else "-",
                     _number(p.log_seq),
                     _number(p.applied),
@@ -324,7 +341,7 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
             [
                 (
                     str(p.partition),
-                    p.owner or "-",
+                    _holder(p),
                     str(p.epoch) if p.owner else "-",
                     str(p.revision) if p.owner else "-",
                 )
@@ -332,6 +349,12 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
             ],
         )
     return "\n".join(lines)
+
+
+def _holder(row: PartitionStatus) -> str:
+    if row.owner is not None:
+        return row.owner
+    return "(unreadable)" if row.unreadable is not None else "-"
 
 
 def _number(value: int | None) -> str:

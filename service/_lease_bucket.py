@@ -16,6 +16,14 @@ The JetStream KV bucket ``<prefix>-leases`` (``lease_bucket``) holds:
 
 A lease acquired at KV revision ``r`` has epoch ``B + r`` (see ``service._leases``).
 
+Values are decoded defensively (the bucket sits on a shared bus, and anyone allowed to publish on
+``$KV.<bucket>.>`` can write anything there): a value that is not a record ndo writes is
+*unreadable*. ``BucketView`` treats an unreadable lease as free (to be taken over with a
+compare-and-set on its revision, which gives the new holder a fresh, higher epoch) and an
+unreadable member as absent, and notes each in ``BucketView.unreadable``. An unreadable ``config``
+cannot be repaired safely (nothing else knows the partition count): ``open`` refuses to start
+with a one-line ``OwnershipError`` that says how to fix it.
+
 ``LeaseBucket`` does the I/O (every write is a compare-and-set); ``BucketView`` is what a watch
 of the bucket shows (members, leases, deleted leases); ``read_bucket`` takes one snapshot of it
 for tools. The state machine that acts on it is ``service._leases``.
@@ -24,8 +32,8 @@ for tools. The state machine that acts on it is ``service._leases``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Final, TypeVar
 
 import msgspec
 import nats.js.errors
@@ -45,6 +53,7 @@ __all__ = [
     "LeaseRecord",
     "LeaseView",
     "MemberRecord",
+    "decode_lease",
     "encode_record",
     "entry_value",
     "is_cas_conflict",
@@ -63,13 +72,19 @@ _MARKER_TTL: Final = 60.0
 _EXPECTED_LAST: Final = "Nats-Expected-Last-Subject-Sequence"
 _CAS_CONFLICT: Final = (10071, 10164)
 """JetStream error codes of a failed compare-and-set (wrong last sequence)."""
+_REASON_LENGTH: Final = 160
+"""Longest reason kept for an unreadable value (a foreign value's error can quote it)."""
+
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+_Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The ``config`` key: facts fixed for the life of a deployment."""
 
-    partitions: int
-    epoch_base: int
+    partitions: _Positive
+    epoch_base: _NonNegative
     """Added to a lease's KV revision to form its fencing epoch."""
     created: float = 0.0
     """Epoch seconds when the bucket was set up."""
@@ -81,7 +96,8 @@ class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
 class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A ``members.<id>`` value: one live worker."""
 
-    id: str
+    id: _Name
+    """The member id (the key's last token)."""
     name: str
     host: str = ""
     pid: int = 0
@@ -93,13 +109,13 @@ class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
 class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A ``leases.<p>`` value."""
 
-    owner: str
+    owner: _Name
     """Member id of the holder."""
     name: str = ""
     """Worker name of the holder (for people)."""
-    epoch: int = 0
+    epoch: _NonNegative = 0
     """Fencing epoch; 0 in the acquiring write itself, whose epoch is ``epoch_base + revision``."""
-    applied: int = -1
+    applied: Annotated[int, msgspec.Meta(ge=-1)] = -1
     """With replicated storage: the last log record the holder had applied at its latest
     renewal (-1: not reported)."""
 
@@ -113,6 +129,15 @@ _LEASE_DECODER: Final = msgspec.json.Decoder(LeaseRecord)
 def encode_record(record: DeploymentRecord | MemberRecord | LeaseRecord) -> bytes:
     """The JSON value of a bucket record."""
     return _ENCODER.encode(record)
+
+
+def decode_lease(value: bytes) -> LeaseRecord:
+    """Read a ``leases.<p>`` value.
+
+    Raises:
+        ValueError: it is not a lease record (a foreign or corrupt value); the message is short.
+    """
+    return _decode(_LEASE_DECODER, value)
 
 
 def lease_bucket(prefix: str) -> str:
@@ -150,13 +175,19 @@ class LeaseView:
     applied: int = -1
     """With replicated storage: the last log record the holder had applied at its latest
     renewal (-1: not reported)."""
+    seen: float = field(default=0.0, compare=False)
+    """``time.monotonic()`` when this view first saw ``revision`` (how long nobody renewed it)."""
 
 
 class BucketView:
     """Members and leases as a watch of the bucket shows them (values decoded, deletes applied).
 
-    ``apply`` takes one watch entry; a malformed value raises ``ValueError`` and changes nothing,
-    so the caller can log it and go on.
+    ``apply`` takes one watch entry. A value that is not a record ndo writes (a foreign client
+    wrote it, or it is corrupt) never raises: an unreadable lease is *free* — its revision
+    becomes the expected last revision of the next acquisition, exactly like a deleted one, so
+    the partition is taken over through the normal compare-and-set — and an unreadable member is
+    not a member. Each such key is listed in ``unreadable`` (with a short reason) until a
+    readable value or a delete replaces it.
     """
 
     # Configuration
@@ -168,8 +199,10 @@ class BucketView:
     leases: dict[int, LeaseView]
     """Held leases by partition."""
     tombstones: dict[int, int]
-    """Deleted or expired leases: partition -> revision of the deletion (the expected last
-    revision of the next acquisition)."""
+    """Free leases (deleted, expired, or unreadable): partition -> revision of the last write
+    (the expected last revision of the next acquisition)."""
+    unreadable: dict[str, str]
+    """Keys whose value is not a record ndo writes -> why (short)."""
 
     def __init__(self, epoch_base: int) -> None:
         """An empty view of a deployment whose epoch base is ``epoch_base``."""
@@ -177,57 +210,87 @@ class BucketView:
         self.members = {}
         self.leases = {}
         self.tombstones = {}
+        self.unreadable = {}
 
     def clear(self) -> None:
         """Forget everything (before a new watch replays the bucket)."""
         self.members.clear()
         self.leases.clear()
         self.tombstones.clear()
+        self.unreadable.clear()
 
     def apply(self, key: str, revision: int, value: bytes | None) -> bool:
-        """Apply one entry (``value`` None: deleted, purged or expired).
+        """Apply one entry (``value`` None: deleted, purged or expired); keys that are neither
+        members nor leases are ignored.
 
         Returns:
             Whether the member set or a lease's holder changed (the assignment may differ).
-
-        Raises:
-            ValueError: the key or value is not one a worker writes.
         """
         if key.startswith(_MEMBER_PREFIX):
-            return self._apply_member(key[len(_MEMBER_PREFIX) :], value)
+            return self._apply_member(key, revision, value)
         if key.startswith(_LEASE_PREFIX):
             try:
                 partition = int(key[len(_LEASE_PREFIX) :])
+                if lease_key(partition) != key:  # "leases.03", "leases.+3": not one of ours
+                    raise ValueError(key)
             except ValueError:
-                raise ValueError(f"lease key {key!r} does not name a partition") from None
+                if value is None:
+                    self.unreadable.pop(key, None)
+                else:
+                    self._note(key, value, "the key does not name a partition")
+                return False
             return self.set_lease(partition, revision, value)
         return False
 
     def set_lease(self, partition: int, revision: int, value: bytes | None) -> bool:
         """Record what the bucket holds for ``partition`` at ``revision``; True if its holder
-        changed.
-
-        Raises:
-            ValueError: ``value`` is not a lease record.
-        """
-        if value is None:
+        changed. An unreadable value makes the lease free (see the class doc)."""
+        key = lease_key(partition)
+        record: LeaseRecord | None = None
+        if value is not None:
+            try:
+                record = decode_lease(value)
+            except ValueError as exc:
+                self._note(key, value, str(exc))
+        if record is None:
+            if value is None:
+                self.unreadable.pop(key, None)
             self.tombstones[partition] = revision
             return self.leases.pop(partition, None) is not None
-        record = _decode(_LEASE_DECODER, value)
+        self.unreadable.pop(key, None)
         previous = self.leases.get(partition)
         epoch = record.epoch or self.epoch_base + revision
+        seen = time.monotonic()
+        if previous is not None and previous.revision == revision:
+            seen = previous.seen
         self.leases[partition] = LeaseView(
-            record.owner, record.name, epoch, revision, record.applied
+            record.owner, record.name, epoch, revision, record.applied, seen
         )
         return previous is None or previous.owner != record.owner
 
-    def _apply_member(self, member: str, value: bytes | None) -> bool:
-        if value is None:
+    def _apply_member(self, key: str, revision: int, value: bytes | None) -> bool:
+        member = key[len(_MEMBER_PREFIX) :]
+        record: MemberRecord | None = None
+        if value is not None:
+            try:
+                record = _decode(_MEMBER_DECODER, value)
+            except ValueError as exc:
+                self._note(key, value, str(exc))
+            else:
+                if record.id != member:
+                    self._note(key, value, f"the record names member {record.id!r}")
+                    record = None
+        if record is None:
+            if value is None:
+                self.unreadable.pop(key, None)
             return self.members.pop(member, None) is not None
-        record = _decode(_MEMBER_DECODER, value)
+        self.unreadable.pop(key, None)
         fresh = member not in self.members
         self.members[member] = record
         return fresh
+
+    def _note(self, key: str, value: bytes, reason: str) -> None:
+        self.unreadable[key] = f"{reason[:_REASON_LENGTH]} ({len(value)} bytes)"
 
 
 _T = TypeVar("_T")
@@ -413,12 +476,23 @@ class LeaseBucket:
 
 
 def _config(raw: bytes, bucket: str) -> DeploymentRecord:
+    """Decode the deployment record, or refuse with a one-line fix.
+
+    An unreadable record is not repaired: the partition count and storage mode it held are known
+    nowhere else (a worker rewriting it with its own flags could silently change the partition
+    count, and every object would hash elsewhere). Deleting it is safe when the workers are
+    restarted with the deployment's usual flags: the next one writes a fresh record whose epoch
+    base is the current time, above the old one, so fencing epochs still only grow.
+    """
     try:
         return _CONFIG_DECODER.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        reason = str(exc)[:_REASON_LENGTH]
         raise OwnershipError(
             f"the deployment record ({CONFIG_KEY!r}) in lease bucket {bucket!r} is unreadable "
-            f"({exc}); delete that key (nats kv del {bucket} {CONFIG_KEY}) and restart"
+            f"({reason}; {len(raw)} bytes): something other than ndo wrote it. Delete it (nats "
+            f"kv del {bucket} {CONFIG_KEY}) and restart the workers with the deployment's usual "
+            "--partitions and --storage; the first one writes a fresh record"
         ) from None
 
 
@@ -435,7 +509,8 @@ async def read_bucket(
     """One snapshot of a deployment's bucket, for tools (``ndo status``).
 
     Returns:
-        The deployment record, the view, and a note per entry that could not be read.
+        The deployment record, the view, and a note per entry that could not be read (the
+        view's ``unreadable``, as ``key: reason``).
 
     Raises:
         nats.js.errors.BucketNotFoundError: no worker with this prefix ever ran with leases.
@@ -448,16 +523,13 @@ async def read_bucket(
         raise OwnershipError(f"lease bucket {bucket.name!r} has no deployment record yet")
     config = _config(raw, bucket.name)
     view = BucketView(config.epoch_base)
-    problems: list[str] = []
     watch = await bucket.watch()
     try:
         async for entry in watch:
             if entry is None:
                 break
-            try:
-                view.apply(entry.key, entry.revision or 0, entry_value(entry))
-            except ValueError as exc:
-                problems.append(f"{entry.key}: {exc}")
+            view.apply(entry.key, entry.revision or 0, entry_value(entry))
     finally:
         await watch.stop()  # type: ignore[no-untyped-call]
+    problems = [f"{key}: {reason}" for key, reason in sorted(view.unreadable.items())]
     return config, view, problems

@@ -21,6 +21,16 @@ SERVING → DRAINING (new messages get 503 "moving", queued turns and commits fi
 (objects dropped, lease deleted). A lease whose holder died expires after ``lease_ttl``. Locally
 a worker stops serving a partition as soon as its own clock says the lease may have expired
 (``accepts``), and drops it when a renewal finds the lease taken.
+
+Foreign values (anything not written by ndo: the bucket sits on a shared bus): an unreadable
+lease is free (``BucketView``), so whoever the assignment gives it to takes it over with a
+compare-and-set on its revision, at a new epoch (``B`` + the new revision, above every epoch
+issued before); its holder's next renewal fails the compare-and-set, finds the unreadable value
+and drops the partition, to take it up again the same way. A lease nobody renews that never
+expires (a readable value written without a TTL, whose owner is not a member) is taken over
+after ``2 * lease_ttl + 1`` seconds. Each unreadable key is logged at most once a minute. A
+partition whose claim fails (its storage refuses it) is not claimed again for a growing pause
+(up to one lease TTL), so a partition that cannot be served does not spin.
 """
 
 from __future__ import annotations
@@ -43,12 +53,15 @@ from nats.js.kv import KeyValue
 
 from ndo.service._assignment import assign_partitions
 from ndo.service._config import WorkerConfig
+from ndo.service._connection import redact_url
 from ndo.service._errors import OwnershipError
 from ndo.service._lease_bucket import (
     BucketView,
     LeaseBucket,
     LeaseRecord,
+    LeaseView,
     MemberRecord,
+    decode_lease,
     encode_record,
     entry_value,
     is_cas_conflict,
@@ -69,8 +82,14 @@ _DRAIN_POLL: Final = 0.02
 _TRANSIENT = (nats.errors.Error, OSError, TimeoutError)
 """Failures a later step may not see again (server restarting, network)."""
 
+_WARN_INTERVAL: Final = 60.0
+"""Seconds between two warnings about the same unreadable bucket key."""
+_WARNED_KEYS: Final = 1024
+"""Most keys remembered for ``_WARN_INTERVAL`` (beyond it, the expired ones are forgotten)."""
+_CLAIM_BACKOFF: Final = 0.25
+"""Seconds before a partition whose claim failed is claimed again (doubling up to the TTL)."""
+
 _MEMBER_DECODER: Final = msgspec.json.Decoder(MemberRecord)
-_LEASE_DECODER: Final = msgspec.json.Decoder(LeaseRecord)
 
 
 class LeaseState(Enum):
@@ -128,6 +147,8 @@ class LeaseOwnership:
     _member_rev: int | None
     _member_deadline: float
     _leaving: bool
+    _claim_failures: dict[int, tuple[int, float]]
+    """Partitions whose last claim failed: consecutive failures, and when to try again."""
     # What we see
     _view: BucketView
     _watch: KeyValue.KeyWatcher | None
@@ -136,6 +157,8 @@ class LeaseOwnership:
     _caught_up: asyncio.Event
     _restart_watch: bool
     _assignment: tuple[frozenset[str], dict[int, str]]
+    _warned: dict[str, float]
+    """Unreadable keys logged lately, and when."""
     # Loop
     _task: asyncio.Task[None] | None
     _wakeup: asyncio.Event
@@ -196,6 +219,7 @@ class LeaseOwnership:
         self._member_rev = None
         self._member_deadline = 0.0
         self._leaving = False
+        self._claim_failures = {}
         self._view = BucketView(epoch_base=0)
         self._watch = None
         self._watch_task = None
@@ -203,6 +227,7 @@ class LeaseOwnership:
         self._caught_up = asyncio.Event()
         self._restart_watch = True
         self._assignment = (frozenset(), {})
+        self._warned = {}
         self._task = None
         self._wakeup = asyncio.Event()
         self._next_renew = 0.0
@@ -363,6 +388,7 @@ class LeaseOwnership:
                 + [lease.deadline for lease in self._held.values()]
                 + [now + _DRAIN_POLL for lease in self._held.values() if _draining(lease)]
                 + list(self._released.values())
+                + [at for _, at in self._claim_failures.values() if at > now]
             )
             if wake > now:
                 with contextlib.suppress(TimeoutError):
@@ -373,6 +399,12 @@ class LeaseOwnership:
     @property
     def _renew_interval(self) -> float:
         return self._ttl / 3
+
+    @property
+    def _abandon_after(self) -> float:
+        """Seconds a lease of a non-member may stay unrenewed before it is taken over (a lease
+        ndo wrote expires after one TTL, and its holder renews it every third of one)."""
+        return 2.0 * self._ttl + 1.0
 
     @property
     def _margin(self) -> float:
@@ -427,14 +459,25 @@ class LeaseOwnership:
             if partition not in desired and lease.state is LeaseState.SERVING:
                 self._begin_drain(partition, lease)
         leases = self._view.leases
+        now = time.monotonic()
         for partition in desired:
             if partition in self._held or partition in self._acquiring:
                 continue
+            if self._claim_failures.get(partition, (0, 0.0))[1] > now:
+                continue  # its claim failed a moment ago: try again after a pause
             view = leases.get(partition)
             if view is None:
                 last = self._view.tombstones.get(partition, 0)
             elif view.owner == self._member_id:
                 last = view.revision  # ours from an earlier tenure: take it up with a new epoch
+            elif self._abandoned(view, now):
+                _log.warning(
+                    "taking over a lease nobody renews (written without a TTL?)",
+                    partition=partition,
+                    owner=view.owner,
+                    unrenewed=round(now - view.seen, 1),
+                )
+                last = view.revision
             else:
                 continue  # held by someone else: they release it, or it expires
             self._acquiring[partition] = asyncio.create_task(
@@ -452,6 +495,11 @@ class LeaseOwnership:
                 self._acquiring[partition] = asyncio.create_task(
                     self._free(partition, view.revision), name=f"ndo-free-{partition}"
                 )
+
+    def _abandoned(self, view: LeaseView, now: float) -> bool:
+        """Whether a lease of another worker is one nobody renews and nothing will expire: its
+        owner is not a member and its revision has not moved for ``_abandon_after``."""
+        return view.owner not in self._view.members and now - view.seen > self._abandon_after
 
     # Acquire
 
@@ -488,12 +536,15 @@ class LeaseOwnership:
                     partition=partition,
                     epoch=epoch,
                 )
+                self._claim_failed(partition)
                 await self._give_up(partition, lease)
                 return
             except Exception as exc:  # storage failed (or a bug): never keep an unserved lease
                 _log.warning("claiming a partition failed", partition=partition, error=repr(exc))
+                self._claim_failed(partition)
                 await self._give_up(partition, lease)
                 return
+            self._claim_failures.pop(partition, None)
             if self._held.get(partition) is not lease or lease.state is not LeaseState.ACQUIRING:
                 return
             lease.state = LeaseState.SERVING
@@ -508,6 +559,12 @@ class LeaseOwnership:
         finally:
             self._acquiring.pop(partition, None)
             self._wakeup.set()
+
+    def _claim_failed(self, partition: int) -> None:
+        """Pause before claiming ``partition`` again: 0.25 s, doubling, up to one lease TTL."""
+        failures = self._claim_failures.get(partition, (0, 0.0))[0] + 1
+        pause = min(float(self._ttl), _CLAIM_BACKOFF * 2 ** min(failures - 1, 16))
+        self._claim_failures[partition] = (failures, time.monotonic() + pause)
 
     async def _give_up(self, partition: int, lease: _Lease) -> None:
         if self._held.get(partition) is lease:
@@ -575,9 +632,14 @@ class LeaseOwnership:
         except _TRANSIENT:
             return  # find out next time; the local deadline still bounds serving
         try:
-            record = None if raw is None else _LEASE_DECODER.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            record = None  # a foreign value: the lease is not ours any more
+            record = None if raw is None else decode_lease(raw)
+        except ValueError as exc:
+            # A foreign value where our lease was: stop serving, and take it over again through
+            # the compare-and-set on its revision (a new revision: a new, higher epoch).
+            self._view.set_lease(partition, current, raw)
+            self._warn_unreadable(lease_key(partition), str(exc), "re-acquiring the partition")
+            self._drop(partition, lease, "lease overwritten by an unreadable value")
+            return
         if (
             record is None
             or record.owner != self._member_id
@@ -725,26 +787,48 @@ class LeaseOwnership:
                 self._caught_up.set()
                 self._wakeup.set()
                 continue
-            try:
-                changed = self._view.apply(entry.key, entry.revision or 0, entry_value(entry))
-            except ValueError as exc:
-                _log.warning(
-                    "ignoring a malformed lease bucket entry", key=entry.key, error=str(exc)
-                )
-                continue
+            changed = self._view.apply(entry.key, entry.revision or 0, entry_value(entry))
+            reason = self._view.unreadable.get(entry.key)
+            if reason is not None:
+                self._warn_unreadable(entry.key, reason, _unreadable_action(entry.key))
+                changed = True  # a lease may have become free
             if changed:
                 self._wakeup.set()
 
     async def _refresh_lease(self, partition: int) -> None:
         revision, raw = await self._bucket.read(lease_key(partition))
-        try:
-            self._view.set_lease(partition, revision, raw)
-        except ValueError:
-            self._view.set_lease(partition, revision, None)  # a foreign value: treat it as free
+        self._view.set_lease(partition, revision, raw)  # an unreadable value reads as free
+
+    def _warn_unreadable(self, key: str, reason: str, action: str) -> None:
+        """Log an unreadable bucket value, at most once per key every ``_WARN_INTERVAL``."""
+        now = time.monotonic()
+        last = self._warned.get(key)
+        if last is not None and now - last < _WARN_INTERVAL:
+            return
+        if len(self._warned) >= _WARNED_KEYS:
+            self._warned = {k: t for k, t in self._warned.items() if now - t < _WARN_INTERVAL}
+            if len(self._warned) >= _WARNED_KEYS:
+                self._warned.clear()
+        self._warned[key] = now
+        _log.warning(
+            "unreadable value in the lease bucket (not written by ndo?)",
+            key=key,
+            reason=reason,
+            action=action,
+        )
 
 
 def _draining(lease: _Lease) -> bool:
     return lease.state is LeaseState.DRAINING
+
+
+def _unreadable_action(key: str) -> str:
+    """What the workers do about an unreadable value at ``key`` (for the log line)."""
+    if key.startswith("leases."):
+        return "treated as a free lease: taken over at a new epoch"
+    if key.startswith("members."):
+        return "not counted as a member"
+    return "ignored"
 
 
 async def open_ownership(
@@ -771,12 +855,13 @@ async def open_ownership(
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
         if config.storage == "replicated":
             raise OwnershipError(
-                f"--storage replicated keeps partitions in JetStream, which {config.nats_url} "
-                "does not offer; enable JetStream on the servers (or use --storage local)"
+                "--storage replicated keeps partitions in JetStream, which "
+                f"{redact_url(config.nats_url)} does not offer; enable JetStream on the servers "
+                "(or use --storage local)"
             ) from exc
         if config.ownership == "leases":
             raise OwnershipError(
-                f"ownership='leases' needs JetStream, which {config.nats_url} does not "
+                f"ownership='leases' needs JetStream, which {redact_url(config.nats_url)} does not "
                 "offer; enable JetStream on the server (or run one worker, standalone)"
             ) from exc
         _log.warning(

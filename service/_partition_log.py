@@ -8,9 +8,12 @@ tenure's epoch, the partition and ``prev``, so an append retried after a lost ac
 (a stream leader died mid-way) is answered with the first one's sequence instead of landing
 twice or being refused.
 
-A holder reads its partition's log to the end before it serves (``last``, ``read``) and purges
-it below a snapshot (``purge_below``). Records are decoded defensively: a foreign message on a
-log subject raises ``StorageError`` naming it, and is never applied.
+A holder reads its partition's log to the end before it serves (``last``, ``entries``) and
+purges it below a snapshot (``purge_below``). Messages are decoded defensively: ``entries`` and
+``entry_after`` give a ``LogEntry`` whose ``record`` is None for a message that is not a log
+record (someone else published on the subject), and ``ReplicatedStorage`` decides whether it
+may skip it; ``read`` and ``first_after`` (for tools and tests) refuse such a message with a
+``StorageError`` naming it. Nothing undecodable is ever applied.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import nats.errors
@@ -41,6 +45,7 @@ __all__ = [
     "MAX_BATCH",
     "AppendOutcomeUnknownError",
     "LogConflictError",
+    "LogEntry",
     "PartitionLog",
     "log_stream_name",
 ]
@@ -63,6 +68,8 @@ _FETCH_UNREADY_RETRIES: Final = 10
 """Pulls retried while a fresh consumer answers 503 (about 5 s in all)."""
 _RETRY_WAIT: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Seconds between attempts of an append whose outcome is unknown (then every second)."""
+_REASON_LENGTH: Final = 160
+"""Longest reason kept for a message that is not a log record."""
 _TRANSIENT: Final = (nats.errors.Error, OSError, TimeoutError)
 """Failures of a publish or read that a retry may not see (no stream response during a
 leader election, a reconnect, a timeout). JetStream API errors are handled before these."""
@@ -80,6 +87,20 @@ class LogConflictError(StorageError):
 class AppendOutcomeUnknownError(StorageError):
     """No acknowledgement came for an append within the append timeout: the record may or may
     not be in the log. The writer must re-read the log before it appends again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One message of a partition's log, decoded defensively."""
+
+    seq: int
+    """Its stream sequence."""
+    record: LogRecord | None
+    """The record; None when the message is not a log record (``problem`` says why)."""
+    problem: str = ""
+    """Why the message is not a log record (empty when it is one)."""
+    msg_id: str = ""
+    """Its ``Nats-Msg-Id`` header: every ndo append carries ``<epoch>.<partition>.<prev>``."""
 
 
 def log_stream_name(prefix: str) -> str:
@@ -377,6 +398,16 @@ class PartitionLog:
         Raises:
             StorageError: the stream did not answer, or the message is not a log record.
         """
+        entry = await self.entry_after(partition, seq)
+        return None if entry is None else (entry.seq, self._record(partition, entry))
+
+    async def entry_after(self, partition: int, seq: int) -> LogEntry | None:
+        """The first message of ``partition``'s log after sequence ``seq`` (None: there is none),
+        whatever it holds.
+
+        Raises:
+            StorageError: the stream did not answer.
+        """
         try:
             msg = await self._nc.jetstream().get_msg(
                 self.stream, seq=seq + 1, subject=log_subject(self._prefix, partition), next=True
@@ -385,8 +416,24 @@ class PartitionLog:
             return None
         except (nats.js.errors.APIError, *_TRANSIENT) as exc:
             raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
-        found = int(msg.seq or 0)
-        return found, self._decode(partition, found, msg.data or b"")
+        return _entry(int(msg.seq or 0), msg.data or b"", msg.headers)
+
+    async def holds(self, partition: int, seq: int) -> bool:
+        """Whether message ``seq`` of the stream is still there, on ``partition``'s log (it was
+        not purged: every later message of the partition is there too).
+
+        Raises:
+            StorageError: the stream did not answer.
+        """
+        if seq <= 0:
+            return False
+        try:
+            msg = await self._nc.jetstream().get_msg(self.stream, seq=seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.js.errors.APIError, *_TRANSIENT) as exc:
+            raise StorageError(f"cannot read partition {partition}'s log: {exc!r}") from None
+        return msg.subject == log_subject(self._prefix, partition)
 
     async def read(
         self, partition: int, after: int, until: int
@@ -396,6 +443,18 @@ class PartitionLog:
 
         Raises:
             StorageError: the stream did not answer, or a message is not a log record.
+        """
+        async for batch in self.entries(partition, after, until):
+            yield [(entry.seq, self._record(partition, entry)) for entry in batch]
+
+    async def entries(
+        self, partition: int, after: int, until: int
+    ) -> AsyncIterator[list[LogEntry]]:
+        """Yield ``partition``'s messages after ``after`` up to ``until``, oldest first, in
+        batches, each decoded defensively (``LogEntry.record`` None: not a log record).
+
+        Raises:
+            StorageError: the stream did not answer.
         """
         js = self._nc.jetstream()
         config = js_api.ConsumerConfig(
@@ -431,12 +490,12 @@ class PartitionLog:
                     raise StorageError(
                         f"reading partition {partition}'s log stopped at {at} of {until}: {exc!r}"
                     ) from None
-                batch: list[tuple[int, LogRecord]] = []
+                batch: list[LogEntry] = []
                 for msg in msgs:
                     seq = msg.metadata.sequence.stream
                     if seq > until:
                         break
-                    batch.append((seq, self._decode(partition, seq, msg.data)))
+                    batch.append(_entry(seq, msg.data, msg.headers))
                     at = seq
                 if batch:
                     yield batch
@@ -461,14 +520,22 @@ class PartitionLog:
         """The stream's info (for status)."""
         return await self._nc.jetstream().stream_info(self.stream)
 
-    def _decode(self, partition: int, seq: int, data: bytes) -> LogRecord:
-        try:
-            return decode_log_record(data)
-        except ValueError as exc:
+    def _record(self, partition: int, entry: LogEntry) -> LogRecord:
+        if entry.record is None:
             raise StorageError(
-                f"message {seq} of {self.stream} on partition {partition}'s log is not a log "
-                f"record ({exc}); something other than ndo published there"
-            ) from None
+                f"message {entry.seq} of {self.stream} on partition {partition}'s log is not a "
+                f"log record ({entry.problem}); something other than ndo published there"
+            )
+        return entry.record
+
+
+def _entry(seq: int, data: bytes, headers: dict[str, str] | None) -> LogEntry:
+    """A log message decoded defensively."""
+    msg_id = (headers or {}).get("Nats-Msg-Id", "")
+    try:
+        return LogEntry(seq, decode_log_record(data), msg_id=msg_id)
+    except ValueError as exc:
+        return LogEntry(seq, None, str(exc)[:_REASON_LENGTH], msg_id)
 
 
 def _ids(partition: int, record: LogRecord) -> dict[str, str]:

@@ -26,6 +26,23 @@ Claim (taking up a partition)
 Snapshots
     Every ``snapshot_every`` records, the holder stores a copy of the partition (its rows and
     log position) in the object store and purges the log below it, so streams stay bounded.
+
+Foreign messages (something other than ndo published on a log subject)
+    Every ndo append is fenced on the subject's last sequence, so an ndo record's ``prev`` is
+    the sequence of the message right before it on the subject, whatever that message is, and
+    its ``Nats-Msg-Id`` ends with that ``prev``. A message right after the copy's position that
+    does not decode (or decodes but cannot sit there: its ``prev`` is before the position or
+    not before itself) is therefore no ndo append: it is skipped, logged, and the position
+    moves onto it (an empty step), so the next record, whose ``prev`` names it, follows. "Right
+    after" must be proven, or records purged below a snapshot could hide behind it: the
+    position's own message is still in the stream (purges only cut a prefix), or, for an empty
+    copy, no snapshot was ever stored (so nothing was ever purged); otherwise the snapshot must
+    cover the message. A message that does not decode but carries ndo's id for this place (an
+    ndo of another version appended it) is never skipped: the claim fails, loudly, and the
+    partition answers 503 until an ndo that reads it takes over. A holder whose append is
+    refused because a foreign message landed after its last record skips it the same way and
+    appends again, keeping its tenure (the fence still holds: any record of another tenure in
+    between makes the refusal stand).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import asyncio
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Final
 
@@ -45,6 +63,7 @@ from ndo.service._partition_log import (
     MAX_BATCH,
     AppendOutcomeUnknownError,
     LogConflictError,
+    LogEntry,
     PartitionLog,
 )
 from ndo.service._snapshots import SnapshotStore
@@ -71,6 +90,27 @@ _APPLY_BATCH: Final = 512
 """Log records applied to the local copy per transaction while catching up."""
 _RECORD_HEADROOM: Final = 4096
 """Bytes kept free under the server's max_payload for headers and framing."""
+_SKIP_ROUNDS: Final = 3
+"""Times one append skips foreign messages and tries again before it counts as fenced."""
+_SKIP_AT_ONCE: Final = 64
+"""Most foreign messages a holder skips in place; beyond it the partition is re-claimed."""
+_SKIP_NOTES: Final = 5
+"""Foreign messages logged one by one per catch-up (the rest are counted)."""
+_CHAIN_ROUNDS: Final = 3
+"""Attempts to find where a copy continues on the log (a snapshot restore takes one)."""
+
+
+class _Verdict(Enum):
+    """What a log message right after a copy's position is (``_verdict``)."""
+
+    RECORD = "record"
+    """An ndo record that follows the position: apply it."""
+    FOREIGN = "foreign"
+    """No ndo append could be there: skip it (once the position is proven to precede it)."""
+    GAP = "gap"
+    """An ndo record that follows a later position: the records between are missing."""
+    UNREADABLE = "unreadable"
+    """Its id says ndo appended it after the position, but this version cannot decode it."""
 
 
 @dataclass(slots=True)
@@ -369,16 +409,12 @@ class ReplicatedStorage(Storage):
     ) -> list[AppliedRecord]:
         """Append one partition's share as one record (several when it exceeds the server's
         payload limit), in order."""
-        log_stream, _ = self._parts()
         chunks = self._chunks(share)
         applied: list[AppliedRecord] = []
         for i, chunk in enumerate(chunks):
-            record = LogRecord(
-                prev=tenure.last_seq, epoch=tenure.epoch, writer=self.writer, writes=chunk
-            )
             started = time.perf_counter()
             try:
-                seq = await log_stream.append(partition, record)
+                record, seq = await self._append_past_foreign(partition, tenure, chunk, applied)
             except LogConflictError:
                 self._metrics.count(self._metrics.log_appends, "fenced")
                 raise
@@ -399,6 +435,77 @@ class ReplicatedStorage(Storage):
             tenure.since_snapshot += 1
             applied.append(AppliedRecord(partition, record.prev, seq, tenure.epoch, chunk))
         return applied
+
+    async def _append_past_foreign(
+        self,
+        partition: int,
+        tenure: _Tenure,
+        chunk: list[ObjectWrite],
+        applied: list[AppliedRecord],
+    ) -> tuple[LogRecord, int]:
+        """Append one record; when it is refused because only foreign messages landed after
+        the tenure's last record, skip them (an empty step each in ``applied``) and append
+        again.
+
+        Raises:
+            LogConflictError: another tenure appended (or the log could not be checked).
+        """
+        log_stream, _ = self._parts()
+        for rounds in range(_SKIP_ROUNDS + 1):
+            record = LogRecord(
+                prev=tenure.last_seq, epoch=tenure.epoch, writer=self.writer, writes=chunk
+            )
+            try:
+                return record, await log_stream.append(partition, record)
+            except LogConflictError:
+                if rounds == _SKIP_ROUNDS:
+                    raise
+                try:
+                    skipped_to = await self._skip_foreign(partition, tenure.last_seq)
+                except StorageError as exc:
+                    _log.warning(
+                        "cannot check why an append was refused",
+                        partition=partition,
+                        error=str(exc),
+                    )
+                    raise LogConflictError(partition, "the log could not be checked") from None
+                if skipped_to is None:
+                    raise
+            applied.append(AppliedRecord(partition, tenure.last_seq, skipped_to, tenure.epoch, []))
+            tenure.last_seq = skipped_to
+        raise AssertionError("unreachable")  # the last round returns or raises
+
+    async def _skip_foreign(self, partition: int, last_seq: int) -> int | None:
+        """After a refused append: the sequence of the last message the log gained after
+        ``last_seq`` (this tenure's last record) if all of them are foreign; None if any is
+        not (another tenure appended: the refusal stands), or if there are too many.
+
+        Raises:
+            StorageError: the log could not be read.
+        """
+        log_stream, _ = self._parts()
+        if not await log_stream.holds(partition, last_seq):
+            return None  # our own record was purged: someone else took a snapshot
+        at = last_seq
+        for _ in range(_SKIP_AT_ONCE):
+            entry = await log_stream.entry_after(partition, at)
+            if entry is None:
+                return None if at == last_seq else at
+            if _verdict(partition, entry, at) is not _Verdict.FOREIGN:
+                return None
+            self._note_skip(partition, entry, at)
+            at = entry.seq
+        return None
+
+    def _note_skip(self, partition: int, entry: LogEntry, at: int) -> None:
+        _log.warning(
+            "skipping a message on a partition log that ndo did not append",
+            partition=partition,
+            seq=entry.seq,
+            after=at,
+            reason=entry.problem or _misplaced(entry, at),
+            stream=self._parts()[0].stream,
+        )
 
     def _chunks(self, share: list[ObjectWrite]) -> list[list[ObjectWrite]]:
         """Split a share into records under the payload limit; one write-set stays whole.
@@ -492,14 +599,15 @@ class ReplicatedStorage(Storage):
         )
 
     async def catch_up(self, partition: int) -> tuple[int, int]:
-        """Bring the local copy of ``partition`` to the end of its log.
+        """Bring the local copy of ``partition`` to the end of its log, skipping messages that
+        ndo did not append (see the module doc).
 
         Returns:
             The copy's log position and the epoch of the last record applied.
 
         Raises:
-            StorageError: the log or the snapshot store could not be read, or they do not
-                cover the copy's gap.
+            StorageError: the log or the snapshot store could not be read, they do not cover
+                the copy's gap, or the log holds a record this version cannot read.
         """
         log_stream, _ = self._parts()
         positions = await self.local.log_positions()
@@ -514,39 +622,133 @@ class ReplicatedStorage(Storage):
                 "Move this data directory aside to serve from what the log holds"
             )
         started = time.monotonic()
-        first = await log_stream.first_after(partition, at)
-        if first is not None and first[1].prev != at:
-            if first[1].prev < at:
-                raise StorageError(
-                    f"partition {partition}'s local copy (at log record {at}) is not on the "
-                    f"log's chain (record {first[0]} follows {first[1].prev}); move this data "
-                    "directory aside to serve from what the log holds"
-                )
-            at, epoch = await self._restore_snapshot(partition, at, first[1].prev)
-        restored = 0
-        async for batch in log_stream.read(partition, at, tail):
-            for start in range(0, len(batch), _APPLY_BATCH):
-                chunk = batch[start : start + _APPLY_BATCH]
-                applied = [
-                    AppliedRecord(partition, r.prev, seq, r.epoch, r.writes) for seq, r in chunk
-                ]
-                broken = await self.local.apply_records(applied)
-                if broken:
-                    raise StorageError(f"partition {partition}: {broken[partition]}")
-                at, epoch = chunk[-1][0], chunk[-1][1].epoch
-                restored += len(chunk)
-                self._metrics.restored_records.inc(len(chunk))
+        at, epoch = await self._chain_start(partition, at, epoch)
+        restored = skipped = unapplied = 0
+        pending: list[AppliedRecord] = []
+        async for batch in log_stream.entries(partition, at, tail):
+            for entry in batch:
+                verdict = _verdict(partition, entry, at)
+                if verdict is _Verdict.RECORD and entry.record is not None:
+                    record = entry.record
+                    pending.append(
+                        AppliedRecord(partition, at, entry.seq, record.epoch, record.writes)
+                    )
+                    epoch = record.epoch
+                    restored += 1
+                    unapplied += 1
+                elif verdict is _Verdict.FOREIGN:
+                    if skipped < _SKIP_NOTES:
+                        self._note_skip(partition, entry, at)
+                    pending.append(AppliedRecord(partition, at, entry.seq, epoch, []))
+                    skipped += 1
+                else:
+                    raise self._unfollowable(partition, entry, at, verdict)
+                at = entry.seq
+                if len(pending) >= _APPLY_BATCH:
+                    await self._apply_caught_up(partition, pending, unapplied)
+                    pending, unapplied = [], 0
+        await self._apply_caught_up(partition, pending, unapplied)
         self._restored += restored
         if at != tail:
             raise StorageError(f"partition {partition}'s log ended at {at}, expected {tail}")
+        if skipped > _SKIP_NOTES:
+            _log.warning(
+                "skipped messages on a partition log that ndo did not append",
+                partition=partition,
+                count=skipped,
+            )
         _log.info(
             "partition caught up from its log",
             partition=partition,
             records=restored,
+            skipped=skipped,
             position=at,
             seconds=round(time.monotonic() - started, 3),
         )
         return at, epoch
+
+    async def _apply_caught_up(
+        self, partition: int, pending: list[AppliedRecord], records: int
+    ) -> None:
+        """Apply what a catch-up read (``records`` of them are log records, the rest skips)."""
+        if not pending:
+            return
+        broken = await self.local.apply_records(pending)
+        if broken:
+            raise StorageError(f"partition {partition}: {broken[partition]}")
+        self._metrics.restored_records.inc(records)
+
+    async def _chain_start(self, partition: int, at: int, epoch: int) -> tuple[int, int]:
+        """Where the copy continues on the log: ``(at, epoch)`` when the message after ``at``
+        follows it (or is a foreign message proven to come right after it), else the position
+        of the snapshot restored to cover the gap.
+
+        Raises:
+            StorageError: nothing covers the gap, or the message after ``at`` is a record this
+                version cannot read.
+        """
+        log_stream, _ = self._parts()
+        for _ in range(_CHAIN_ROUNDS):
+            first = await log_stream.entry_after(partition, at)
+            if first is None:
+                return at, epoch
+            verdict = _verdict(partition, first, at)
+            if verdict is _Verdict.RECORD:
+                return at, epoch
+            if verdict is _Verdict.UNREADABLE:
+                raise self._unfollowable(partition, first, at, verdict)
+            if verdict is _Verdict.GAP and first.record is not None:
+                at, epoch = await self._restore_snapshot(partition, at, first.record.prev)
+                continue
+            # Foreign: skippable only if it comes right after ``at`` (nothing purged between).
+            if await self._contiguous(partition, at):
+                return at, epoch
+            if first.record is not None and first.record.prev < at:
+                raise StorageError(
+                    f"partition {partition}'s local copy (at log record {at}) is not on the "
+                    f"log's chain (record {first.seq} follows {first.record.prev}); move this "
+                    "data directory aside to serve from what the log holds"
+                )
+            at, epoch = await self._restore_snapshot(partition, at, first.seq)
+        raise StorageError(
+            f"partition {partition}'s log does not continue its snapshot at {at}; move the "
+            "data directory aside, or restore the log"
+        )
+
+    async def _contiguous(self, partition: int, at: int) -> bool:
+        """Whether the log's next message after position ``at`` is the one that followed it
+        when appended: nothing after ``at`` was purged (``at``'s own message is still there;
+        for an empty copy, no snapshot was ever stored, and ndo purges only below one)."""
+        log_stream, snapshots = self._parts()
+        if at == 0:
+            return await snapshots.info(partition) is None
+        return await log_stream.holds(partition, at)
+
+    def _unfollowable(
+        self, partition: int, entry: LogEntry, at: int, verdict: _Verdict
+    ) -> StorageError:
+        """The error (logged) for a message the copy cannot get past."""
+        stream = self._parts()[0].stream
+        if verdict is _Verdict.UNREADABLE:
+            message = (
+                f"message {entry.seq} of {stream} on partition {partition}'s log carries ndo's "
+                f"append id ({entry.msg_id}) but is not a record this version reads "
+                f"({entry.problem}); written by another ndo version? The partition is not "
+                "served until a worker that reads it claims it"
+            )
+            _log.error(
+                "a partition log record cannot be read; not serving the partition",
+                partition=partition,
+                seq=entry.seq,
+                reason=entry.problem,
+            )
+        else:
+            prev = entry.record.prev if entry.record is not None else "?"
+            message = (
+                f"partition {partition}'s log skips from {at} to {prev} before record "
+                f"{entry.seq} (purged meanwhile?)"
+            )
+        return StorageError(message)
 
     async def _restore_snapshot(self, partition: int, at: int, needed: int) -> tuple[int, int]:
         """Load the partition's snapshot: the log no longer holds the records after ``at``;
@@ -554,7 +756,7 @@ class ReplicatedStorage(Storage):
         _, snapshots = self._parts()
         snapshot = await snapshots.get(partition)
         if snapshot is None or snapshot.seq < needed:
-            have = "no snapshot" if snapshot is None else f"a snapshot at {snapshot.seq}"
+            have = "no readable snapshot" if snapshot is None else f"a snapshot at {snapshot.seq}"
             raise StorageError(
                 f"partition {partition} cannot be restored: the local copy is at log record "
                 f"{at}, the log resumes after {needed}, and the store has {have}"
@@ -597,8 +799,15 @@ class ReplicatedStorage(Storage):
             appended = tenure.since_snapshot
             snapshot = await self.local.export_partition(partition)
             stored = await snapshots.info(partition)
-            if stored is not None and stored.seq >= snapshot.seq:
-                return stored.seq
+            if stored is not None and stored.readable and stored.seq >= snapshot.seq:
+                if stored.seq <= await log_stream.last(partition):
+                    return stored.seq  # a newer tenure's (we are stale), or ours already
+                _log.warning(
+                    "replacing a snapshot that claims a log position past the log's end "
+                    "(not written by ndo?)",
+                    partition=partition,
+                    claimed=stored.seq,
+                )
             size = await snapshots.put(snapshot)
             if self._tenures.get(partition) is not tenure:
                 return None  # given up meanwhile: the new holder purges
@@ -615,6 +824,31 @@ class ReplicatedStorage(Storage):
             return snapshot.seq
         finally:
             self._snapshotting.discard(partition)
+
+
+def _verdict(partition: int, entry: LogEntry, at: int) -> _Verdict:
+    """What ``entry`` is, as the message right after position ``at`` of ``partition``'s log.
+
+    An ndo append is fenced on the subject's last sequence, so its ``prev`` is the message
+    before it (``at`` here) and its id is ``<epoch>.<partition>.<prev>``.
+    """
+    record = entry.record
+    if record is None:
+        epoch, _, rest = entry.msg_id.partition(".")
+        if epoch.isdigit() and rest == f"{partition}.{at}":
+            return _Verdict.UNREADABLE
+        return _Verdict.FOREIGN
+    if record.prev == at:
+        return _Verdict.RECORD
+    if at < record.prev < entry.seq:
+        return _Verdict.GAP
+    return _Verdict.FOREIGN
+
+
+def _misplaced(entry: LogEntry, at: int) -> str:
+    """Why a decodable record is no ndo append after position ``at``."""
+    prev = entry.record.prev if entry.record is not None else 0
+    return f"a record claiming to follow {prev} cannot sit after {at}"
 
 
 def _estimated_size(share: list[ObjectWrite]) -> int:

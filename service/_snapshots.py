@@ -3,11 +3,18 @@
 One object per partition (``partition-<p>``), replaced by each newer snapshot; its
 ``Ndo-Log-Seq`` header says which log record it covers, so ``ndo status`` can show it without
 downloading it. A snapshot is written by the partition's holder only, and only over an older
-one. A stored object that is not a snapshot is logged and treated as absent.
+one.
+
+Objects are read defensively (the store is JetStream streams on a shared bus): an object whose
+metadata, digest or contents are not a snapshot ndo wrote is *unreadable*. ``get`` logs it and
+treats it as absent (a restore that needs it then fails, saying there is no snapshot, rather
+than serving a partition with holes); ``info`` reports it (``SnapshotInfo.readable``), so the
+holder replaces it with a real snapshot at its next one and ``ndo status`` shows it.
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,6 +33,14 @@ __all__ = ["SnapshotInfo", "SnapshotStore", "snapshot_bucket"]
 _log = structlog.get_logger("ndo.storage")
 
 _SEQ_HEADER: Final = "Ndo-Log-Seq"
+_UNREADABLE: Final = (
+    nats.js.errors.BadObjectMetaError,
+    nats.js.errors.DigestMismatchError,
+    nats.js.errors.LinkIsABucketError,
+)
+"""What nats-py raises for an object whose metadata or chunks are not what it wrote."""
+_MALFORMED_META: Final = (AttributeError, TypeError, ValueError, KeyError)
+"""What nats-py's object reader raises on metadata with missing or mistyped fields."""
 _TRANSIENT: Final = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
 
 
@@ -47,6 +62,8 @@ class SnapshotInfo:
     """The log record the snapshot covers."""
     size: int
     """Bytes stored."""
+    readable: bool = True
+    """False: the object is not a snapshot ndo wrote (``seq`` is then 0)."""
 
 
 class SnapshotStore:
@@ -111,23 +128,43 @@ class SnapshotStore:
         return self._store
 
     async def put(self, snapshot: PartitionSnapshot) -> int:
-        """Store ``snapshot`` as its partition's latest; return the bytes stored.
+        """Store ``snapshot`` as its partition's latest (replacing an unreadable object there);
+        return the bytes stored.
 
         Raises:
             StorageError: it could not be stored.
         """
         data = encode_snapshot(snapshot)
-        meta = js_api.ObjectMeta(
-            name=_object_name(snapshot.partition),
-            headers={_SEQ_HEADER: str(snapshot.seq)},
-        )
+        name = _object_name(snapshot.partition)
+        for attempt in range(2):
+            meta = js_api.ObjectMeta(name=name, headers={_SEQ_HEADER: str(snapshot.seq)})
+            try:
+                await self._obs().put(name, data, meta=meta)
+                return len(data)
+            except (*_UNREADABLE, *_MALFORMED_META) as exc:
+                # nats-py reads the old metadata first, and refuses to go on when it is not
+                # its own: drop that metadata (the holder's to replace), then store again.
+                if attempt:
+                    raise StorageError(
+                        f"storing the snapshot of partition {snapshot.partition} failed: {exc!r}"
+                    ) from None
+                self._unreadable(snapshot.partition, f"replacing it: {exc!r}")
+                await self._drop_metadata(name)
+            except _TRANSIENT as exc:
+                raise StorageError(
+                    f"storing the snapshot of partition {snapshot.partition} failed: {exc!r}"
+                ) from None
+        raise AssertionError("unreachable")  # the second attempt returns or raises
+
+    async def _drop_metadata(self, name: str) -> None:
+        """Purge object ``name``'s metadata message (its chunks, unknown, stay orphaned)."""
+        encoded = base64.urlsafe_b64encode(name.encode()).decode()
         try:
-            await self._obs().put(meta.name or "", data, meta=meta)
+            await self._nc.jetstream().purge_stream(
+                f"OBJ_{self.bucket}", subject=f"$O.{self.bucket}.M.{encoded}"
+            )
         except _TRANSIENT as exc:
-            raise StorageError(
-                f"storing the snapshot of partition {snapshot.partition} failed: {exc!r}"
-            ) from None
-        return len(data)
+            raise StorageError(f"cannot replace unreadable object {name!r}: {exc!r}") from None
 
     async def get(self, partition: int) -> PartitionSnapshot | None:
         """The latest snapshot of ``partition``, or None (none stored, or unreadable).
@@ -135,9 +172,17 @@ class SnapshotStore:
         Raises:
             StorageError: the store did not answer.
         """
+        obs = self._obs()
+        name = _object_name(partition)
         try:
-            result = await self._obs().get(_object_name(partition))
+            if (await obs.get_info(name)).is_link():
+                self._unreadable(partition, "a link, not a snapshot")
+                return None
+            result = await obs.get(name)
         except nats.js.errors.ObjectNotFoundError:
+            return None
+        except (*_UNREADABLE, *_MALFORMED_META) as exc:
+            self._unreadable(partition, repr(exc))
             return None
         except _TRANSIENT as exc:
             raise StorageError(
@@ -146,26 +191,43 @@ class SnapshotStore:
         try:
             snapshot = decode_snapshot(result.data or b"")
         except ValueError as exc:
-            _log.warning("ignoring an unreadable snapshot", partition=partition, error=str(exc))
+            self._unreadable(partition, str(exc))
             return None
         if snapshot.partition != partition:
             _log.warning("ignoring a snapshot of another partition", partition=partition)
             return None
         return snapshot
 
+    def _unreadable(self, partition: int, reason: str) -> None:
+        _log.warning(
+            "ignoring an unreadable snapshot (not written by ndo?)",
+            partition=partition,
+            bucket=self.bucket,
+            reason=reason[:160],
+        )
+
     async def info(self, partition: int) -> SnapshotInfo | None:
-        """What is stored for ``partition`` (None: nothing)."""
+        """What is stored for ``partition`` (None: nothing).
+
+        Raises:
+            StorageError: the store did not answer.
+        """
         try:
             info = await self._obs().get_info(_object_name(partition))
         except nats.js.errors.ObjectNotFoundError:
             return None
+        except (*_UNREADABLE, *_MALFORMED_META):
+            return SnapshotInfo(partition=partition, seq=0, size=0, readable=False)
         except _TRANSIENT as exc:
             raise StorageError(
                 f"reading partition {partition}'s snapshot failed: {exc!r}"
             ) from None
-        headers = info.headers or {}
+        headers = info.headers if isinstance(info.headers, dict) else {}
         try:
-            seq = int(headers.get(_SEQ_HEADER, "0"))
-        except ValueError:
-            seq = 0
-        return SnapshotInfo(partition=partition, seq=seq, size=int(info.size or 0))
+            seq = int(headers.get(_SEQ_HEADER, ""))
+            size = int(info.size or 0)
+        except (TypeError, ValueError):
+            return SnapshotInfo(partition=partition, seq=0, size=0, readable=False)
+        return SnapshotInfo(
+            partition=partition, seq=seq, size=size, readable=seq > 0 and not info.is_link()
+        )

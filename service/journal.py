@@ -11,11 +11,17 @@ objects of one journal shard (``ndo.subjects.journal_subject``; ``journal_shard`
 a step is identified by the message's stream sequence and the record's place in it. ndo before
 journal shards wrote one record per message on a per-object subject
 (``ndo.subjects.legacy_journal_subject``): such a message is a one-line message here.
+
+The journal sits on a shared bus, so a reader meets lines no ndo wrote: ``decode_journal_message``
+hands those to the caller's ``on_unreadable`` (tools print a warning and go on with the valid
+records). A line that *is* a journal record of a newer version is never skipped that way: the
+reader refuses it, since skipping it would silently hide history.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -158,8 +164,22 @@ class JournalRecord(
     timeout) that changed state leaves ``write_count`` one step ahead of what replay counted."""
 
 
+class _RecordHeader(msgspec.Struct, frozen=True, tag_field="record", tag="turn"):
+    """What every version of a journal record has: its tag and version."""
+
+    version: int = JOURNAL_VERSION
+
+
+class _NewerRecordError(ValueError):
+    """A journal record of a newer version than this ndo reads."""
+
+
+_REASON_LENGTH: Final = 160
+"""Longest reason given for an unreadable line (a decode error can quote the input)."""
+
 _RECORD_ENCODER: Final = msgspec.json.Encoder()
 _RECORD_DECODER: Final = msgspec.json.Decoder(JournalRecord)
+_HEADER_DECODER: Final = msgspec.json.Decoder(_RecordHeader)
 _JSON_DECODER: Final = msgspec.json.Decoder()
 _MSGPACK_DECODER: Final = msgspec.msgpack.Decoder()
 
@@ -179,17 +199,35 @@ def decode_journal_record(data: bytes) -> JournalRecord:
     try:
         record = _RECORD_DECODER.decode(data)
     except msgspec.DecodeError as exc:
-        raise ValueError(f"not an ndo journal record: {exc}") from None
-    if record.version > JOURNAL_VERSION:
-        raise ValueError(
-            f"journal record version {record.version} was written by a newer ndo (this one "
-            f"reads up to version {JOURNAL_VERSION}); upgrade ndo to read it"
-        )
+        _check_version(data)
+        raise ValueError(f"not an ndo journal record: {str(exc)[:_REASON_LENGTH]}") from None
+    _refuse_newer(record.version)
     return record
 
 
+def _check_version(data: bytes) -> None:
+    """Raise ``_NewerRecordError`` if ``data`` is a journal record of a newer version (one this
+    ndo cannot decode, because the format changed)."""
+    try:
+        header = _HEADER_DECODER.decode(data)
+    except msgspec.DecodeError:
+        return
+    _refuse_newer(header.version)
+
+
+def _refuse_newer(version: int) -> None:
+    if version > JOURNAL_VERSION:
+        raise _NewerRecordError(
+            f"journal record version {version} was written by a newer ndo (this one "
+            f"reads up to version {JOURNAL_VERSION}); upgrade ndo to read it"
+        )
+
+
 def decode_journal_message(
-    data: bytes, marker: bytes | None = None
+    data: bytes,
+    marker: bytes | None = None,
+    *,
+    on_unreadable: Callable[[int, str], None] | None = None,
 ) -> list[tuple[int, JournalRecord]]:
     """Decode a journal message: its records as ``(line number, record)``, in order.
 
@@ -197,9 +235,13 @@ def decode_journal_message(
         data: the message body (JSON lines).
         marker: only decode lines holding these bytes (``object_marker``): a cheap pre-filter
             for one object's records; the caller still checks each record's class and id.
+        on_unreadable: called with ``(line number, reason)`` for each line that is not a
+            journal record (something other than ndo published it), which is then skipped.
+            Without it, such a line raises.
 
     Raises:
-        ValueError: a line is not a journal record this ndo understands.
+        ValueError: a line is a journal record of a newer version (always), or, without
+            ``on_unreadable``, a line is not a journal record.
     """
     if marker is not None and marker not in data:
         return []
@@ -207,7 +249,14 @@ def decode_journal_message(
     for number, line in enumerate(data.split(b"\n")):
         if marker is not None and marker not in line:
             continue
-        records.append((number, decode_journal_record(line)))
+        try:
+            records.append((number, decode_journal_record(line)))
+        except _NewerRecordError:
+            raise
+        except ValueError as exc:
+            if on_unreadable is None:
+                raise
+            on_unreadable(number, str(exc))
     return records
 
 
