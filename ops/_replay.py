@@ -8,7 +8,9 @@ always on scratch ``InMemoryStorage``, never on a worker's data directory.
   ``<prefix>.sys.journal.<shard>`` (and on the per-object subject older ndo wrote to), fetched in
   batches until the consumer has nothing pending; only lines holding the object's class and id
   are decoded. A step's position is its message's stream sequence, plus its place among the
-  object's records in that message when there are several (``1234.2``).
+  object's records in that message when there are several (``1234.2``). A line that is not a
+  journal record (someone else published on the journal's subjects) is skipped with a note
+  (``SkippedLines``), never the end of the replay; a record of a newer ndo stops it (upgrade).
 * **Reconstruction** (``reconstruct``): every ``ok`` step's write-set is applied to a dict
   (``cleared``, then ``delete``, then ``put``, and the alarm). No user code runs.
 * **Re-execution** (``Reexecutor``, ``compare``): scratch storage is loaded with the state
@@ -58,6 +60,7 @@ from ndo.service import (
     AlarmDelivery,
     DeadlineWatchdog,
     Envelope,
+    NatsAuth,
     TurnRunner,
     WorkerConfig,
     object_write,
@@ -99,12 +102,14 @@ __all__ = [
     "Reexecutor",
     "ReplayError",
     "ReplayOptions",
+    "SkippedLines",
     "StepOutcome",
     "StepPosition",
     "check_journal_stream",
     "compare",
     "connect",
     "format_time",
+    "line_note",
     "method_cell",
     "parse_point",
     "read_journal",
@@ -121,7 +126,7 @@ __all__ = [
 EXIT_OK: Final = 0
 """Replay ran and (with ``--execute``) nothing diverged."""
 EXIT_ERROR: Final = 1
-"""Replay could not run: no connection, no journal stream, unreadable record, unknown class."""
+"""Replay could not run: no connection, no journal stream, a newer ndo's record, unknown class."""
 EXIT_USAGE: Final = 2
 """Bad arguments (also argparse's code)."""
 EXIT_DIVERGED: Final = 3
@@ -209,14 +214,14 @@ def format_time(epoch: float) -> str:
 # Reading
 
 
-async def connect(url: str) -> NatsClient:
-    """Connect for a one-shot command (no reconnects).
+async def connect(url: str, auth: NatsAuth | None = None) -> NatsClient:
+    """Connect for a one-shot command (no reconnects), with ``auth``'s credentials.
 
     Raises:
-        ReplayError: the server cannot be reached.
+        ReplayError: the server cannot be reached or refused us.
     """
     try:
-        return await connect_once(url)
+        return await connect_once(url, auth)
     except CannotConnectError as exc:
         raise ReplayError(str(exc)) from None
 
@@ -250,11 +255,13 @@ async def read_journal(
     *,
     until_seq: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> list[tuple[StepPosition, JournalRecord]]:
     """Read one object's journal records, oldest first, with their positions.
 
     Reads the object's journal shard, and the per-object subject ndo wrote to before shards
-    (usually empty), decoding only the lines that hold the object's class and id.
+    (usually empty), decoding only the lines that hold the object's class and id. Lines that
+    are not journal records (something other than ndo published them) are skipped.
 
     Args:
         nc: a NATS connection.
@@ -263,22 +270,32 @@ async def read_journal(
         object_id: the object's id.
         until_seq: stop after this stream sequence.
         progress: called with ``(messages read, messages known)`` as messages arrive.
+        on_unreadable: called with a note (message, subject, line, why) for each skipped line.
 
     Raises:
-        ReplayError: no JetStream, no journal stream, or a record this ndo cannot read.
+        ReplayError: no JetStream, no journal stream, or a record of a newer ndo.
     """
     stream = await check_journal_stream(nc, prefix)
     marker = object_marker(class_name, object_id)
     found: list[tuple[StepPosition, JournalRecord]] = []
+    unreadable: list[tuple[int, str]] = []
+
+    def note(number: int, reason: str) -> None:
+        unreadable.append((number, reason))
+
     for subject in (
         legacy_journal_subject(prefix, class_name, object_id),
         journal_subject(prefix, journal_shard(class_name, object_id)),
     ):
         async for seq, data in _messages(nc, stream, subject, until_seq, progress):
             try:
-                lines = decode_journal_message(data, marker)
-            except ValueError as exc:
+                lines = decode_journal_message(data, marker, on_unreadable=note)
+            except ValueError as exc:  # a record of a newer ndo
                 raise ReplayError(f"journal message {seq} on {subject}: {exc}") from None
+            for number, reason in unreadable:
+                if on_unreadable is not None:
+                    on_unreadable(line_note(seq, subject, number, reason))
+            unreadable.clear()
             mine = [
                 record
                 for _, record in lines
@@ -287,6 +304,12 @@ async def read_journal(
             found.extend(step_positions(seq, mine))
     found.sort(key=lambda item: item[0])
     return found
+
+
+def line_note(seq: int, subject: str, number: int, reason: str) -> str:
+    """Where a journal line is (message ``seq`` on ``subject``, line ``number`` counted from 0)
+    and what is wrong with it, for a note."""
+    return f"journal message {seq} on {subject}, line {number + 1}: {reason}"
 
 
 def step_positions(
@@ -723,6 +746,8 @@ class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True):
     class_name: str
     object_id: str
     nats_url: str = DEFAULT_NATS_URL
+    auth: NatsAuth = NatsAuth()
+    """Credentials and TLS files for the connection."""
     prefix: str = DEFAULT_PREFIX
     at: Point | None = None
     """Last step to show (inclusive)."""
@@ -736,6 +761,57 @@ class ReplayOptions(msgspec.Struct, frozen=True, kw_only=True):
     """One JSON object per step instead of a table."""
     wide: bool = False
     """Do not shorten table cells."""
+
+
+class SkippedLines:
+    """Notes about journal lines that are not journal records, which ``ndo replay`` and
+    ``ndo tail`` skip: the first ``limit`` are written to ``stream`` as they come, the rest are
+    only counted, so a journal full of foreign messages cannot flood the terminal."""
+
+    # Configuration
+    _command: str
+    _stream: TextIO
+    _limit: int
+    _before: Callable[[], None] | None
+    # State
+    count: int
+    """Lines skipped so far."""
+
+    def __init__(
+        self,
+        command: str,
+        stream: TextIO,
+        *,
+        limit: int = 10,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        """Notes of ``command`` (``ndo replay``) on ``stream``; ``before`` runs before each
+        note (clearing a progress line)."""
+        self._command = command
+        self._stream = stream
+        self._limit = limit
+        self._before = before
+        self.count = 0
+
+    def __call__(self, note: str) -> None:
+        """Record one skipped line (``note`` says which and why)."""
+        self.count += 1
+        if self.count > self._limit:
+            return
+        if self._before is not None:
+            self._before()
+        self._stream.write(f"{self._command}: skipped a line that is not a record: {note}\n")
+        if self.count == self._limit:
+            self._stream.write(f"{self._command}: further skipped lines are only counted\n")
+
+    def summary(self) -> str | None:
+        """One line about the lines skipped beyond the ones shown (None: all were shown)."""
+        if self.count <= self._limit:
+            return None
+        return (
+            f"{self._command}: skipped {self.count} lines that are not journal records "
+            f"(something other than ndo published on the journal's subjects)"
+        )
 
 
 class _Progress:
@@ -934,8 +1010,9 @@ async def run_replay(
             )
             return EXIT_ERROR
     progress = _Progress(err)
+    skipped = SkippedLines("ndo replay", err, before=progress.clear)
     try:
-        nc = await connect(options.nats_url)
+        nc = await connect(options.nats_url, options.auth)
         try:
             at_seq = int(options.at[1]) if options.at and options.at[0] == "seq" else None
             records = await read_journal(
@@ -945,6 +1022,7 @@ async def run_replay(
                 options.object_id,
                 until_seq=at_seq,
                 progress=lambda done, total: progress("reading journal", done, total),
+                on_unreadable=skipped,
             )
         finally:
             progress.clear()
@@ -953,6 +1031,8 @@ async def run_replay(
     except ReplayError as exc:
         err.write(f"ndo replay: {exc}\n")
         return EXIT_ERROR
+    if (note := skipped.summary()) is not None:
+        err.write(note + "\n")
     label = f"{options.class_name}/{options.object_id}"
     if not records:
         err.write(f"ndo replay: no journal records for {label}\n")

@@ -4,7 +4,9 @@ An ordered push consumer (ephemeral, in memory, flow controlled) on the journal:
 journal shard when the class and the id are given, else on every journal subject. Records of
 other objects in the same messages are skipped (the class and the id may each be ``*``). It
 starts at new records, or at ``since`` (a step or a time), and prints one line per record (or one
-JSON object with ``--json``) until interrupted or ``count`` records were printed.
+JSON object with ``--json``) until interrupted or ``count`` records were printed. A line that is
+not a journal record (something other than ndo published it) is skipped with a note on stderr
+(the first ten; the rest are counted, ``SkippedLines``); the records around it are printed.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from ndo.ops._replay import (
     EXIT_USAGE,
     Point,
     ReplayError,
+    SkippedLines,
     StepPosition,
     check_journal_stream,
     connect,
     format_time,
+    line_note,
     method_cell,
     result_cell,
     shorten,
     sorted_json,
     step_positions,
 )
+from ndo.service import NatsAuth
 from ndo.service.journal import JournalRecord, decode_journal_message, journal_builtins
 from ndo.subjects import (
     DEFAULT_PREFIX,
@@ -61,6 +66,8 @@ class TailOptions(msgspec.Struct, frozen=True, kw_only=True):
     object_id: str = "*"
     """Object id to follow, or ``*`` for every object."""
     nats_url: str = DEFAULT_NATS_URL
+    auth: NatsAuth = NatsAuth()
+    """Credentials and TLS files for the connection."""
     prefix: str = DEFAULT_PREFIX
     since: Point | None = None
     """Start at this sequence or time instead of at new records."""
@@ -156,7 +163,7 @@ async def run_tail(
         else journal_wildcard(options.prefix)
     )
     try:
-        nc = await connect(options.nats_url)
+        nc = await connect(options.nats_url, options.auth)
     except ReplayError as exc:
         err.write(f"ndo tail: {exc}\n")
         return EXIT_ERROR
@@ -168,6 +175,12 @@ async def run_tail(
         if ready is not None:
             ready.set()
         shown = 0
+        skipped = SkippedLines("ndo tail", err)
+        unreadable: list[tuple[int, str]] = []
+
+        def note(number: int, reason: str) -> None:
+            unreadable.append((number, reason))
+
         while options.count is None or shown < options.count:
             try:
                 msg = await sub.next_msg(timeout=1.0)
@@ -175,10 +188,15 @@ async def run_tail(
                 continue
             seq = msg.metadata.sequence.stream
             try:
-                records = _matching(decode_journal_message(msg.data), options)
-            except ValueError as exc:
+                lines = decode_journal_message(msg.data, on_unreadable=note)
+            except ValueError as exc:  # a record of a newer ndo
                 err.write(f"ndo tail: journal message {seq} on {msg.subject}: {exc}\n")
                 continue
+            finally:
+                for number, reason in unreadable:
+                    skipped(line_note(seq, msg.subject, number, reason))
+                unreadable.clear()
+            records = _matching(lines, options)
             for position, record in step_positions(seq, records):
                 if options.count is not None and shown >= options.count:
                     break

@@ -55,7 +55,7 @@ from ndo.ops._permissions import (
     tools_permissions,
     worker_permissions,
 )
-from ndo.ops._replay import EXIT_ERROR, ReplayOptions, parse_point, run_replay
+from ndo.ops._replay import EXIT_ERROR, EXIT_USAGE, ReplayOptions, parse_point, run_replay
 from ndo.ops._status import (
     StatusError,
     discover_workers,
@@ -631,6 +631,11 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    try:
+        auth = auth_from_args(args)
+    except ValueError as exc:
+        print(f"ndo replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     classes: list[Any] = []
     if args.execute:
         try:
@@ -642,6 +647,7 @@ def _replay(args: argparse.Namespace) -> int:
         class_name=args.class_name,
         object_id=args.object_id,
         nats_url=args.nats_url or DEFAULT_NATS_URL,
+        auth=auth,
         prefix=args.prefix,
         at=args.at,
         since=args.since,
@@ -654,10 +660,16 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    try:
+        auth = auth_from_args(args)
+    except ValueError as exc:
+        print(f"ndo tail: {exc}", file=sys.stderr)
+        return 2
     options = TailOptions(
         class_name=args.class_name,
         object_id=args.object_id,
         nats_url=args.nats_url or DEFAULT_NATS_URL,
+        auth=auth,
         prefix=args.prefix,
         since=args.since,
         count=args.count,
