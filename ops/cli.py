@@ -74,7 +74,14 @@ from ndo.service import (
     server_mapping,
 )
 from ndo.storage import StorageError
-from ndo.subjects import DEFAULT_PARTITIONS, DEFAULT_PREFIX, InvalidSubjectError, rpc_subject
+from ndo.subjects import (
+    DEFAULT_PARTITIONS,
+    DEFAULT_PREFIX,
+    DEFAULT_REPLY_PREFIXES,
+    InvalidSubjectError,
+    parse_reply_prefixes,
+    rpc_subject,
+)
 
 __all__ = ["build_parser", "main", "serve_options"]
 
@@ -331,6 +338,13 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
     permissions.add_argument(
         "--events", action="store_true", help="caller: may also subscribe to the classes' events"
     )
+    permissions.add_argument(
+        "--inbox-prefix",
+        default=DEFAULT_REPLY_PREFIXES[0].rstrip("."),
+        help="caller: its own inbox prefix (nats-py inbox_prefix=, nats.js inboxPrefix), so "
+        "that it cannot read other users' replies; add it to the workers' --reply-prefixes "
+        "(default: _INBOX)",
+    )
     permissions.add_argument("--user", help="user name in the entry (default: the role)")
 
     call = commands.add_parser(
@@ -492,11 +506,15 @@ def _permissions(args: argparse.Namespace) -> int:
             granted = worker_permissions(args.prefix)
         elif args.role == "caller":
             granted = caller_permissions(
-                args.prefix, args.classes, args.methods, events=args.events
+                args.prefix,
+                args.classes,
+                args.methods,
+                events=args.events,
+                inbox_prefix=parse_reply_prefixes(args.inbox_prefix)[0],
             )
         else:
             granted = tools_permissions(args.prefix)
-    except InvalidSubjectError as exc:
+    except (InvalidSubjectError, ValueError) as exc:
         print(f"ndo permissions: {exc}", file=sys.stderr)
         return 2
     print(f"# ndo permissions {args.role}: one entry of authorization {{ users = [ ... ] }}")
