@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Final
 
 import nats
@@ -10,20 +9,16 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import CannotConnectError
-from ndo.service import NatsAuth, redact_url, split_servers
+from ndo.service import NatsAuth, is_refusal, redact_url, refusal_hint, split_servers
 
 __all__ = ["DEFAULT_NATS_URL", "CannotConnectError", "connect_once"]
 
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 """Where commands look for NATS without ``--nats-url`` (``ndo serve``'s embedded server)."""
 
-_AUTH_HINT: Final = (
-    "the server refused these credentials: check --nats-creds, --nats-nkey, --nats-token or "
-    "--nats-user/--nats-password (or the user:password in the URL)"
-)
-_TLS_HINT: Final = (
-    "the TLS handshake failed: pass --tls-ca with the CA that signed the server's certificate, "
-    "and --tls-cert/--tls-key if the server verifies clients"
+_CLIENT_CERT_HINT: Final = (
+    "the server closed the connection: if it verifies client certificates (tls { verify: true "
+    "}), pass --tls-cert and --tls-key"
 )
 
 
@@ -48,8 +43,9 @@ async def connect_once(
     async def quiet(error: Exception) -> None:
         """The failure is reported once, by the caller, not as a traceback per attempt."""
 
+    auth = auth or NatsAuth()
     try:
-        options = (auth or NatsAuth()).connect_options()
+        options = auth.connect_options()
     except ValueError as exc:
         raise CannotConnectError(str(exc)) from None
     try:
@@ -67,15 +63,18 @@ async def connect_once(
         )
     except (OSError, nats.errors.Error) as exc:
         raise CannotConnectError(
-            f"cannot connect to {redact_url(url)}: {exc}; {_hint_for(exc, hint)}"
+            f"cannot connect to {redact_url(url)}: {exc}; {_hint_for(exc, hint, auth)}"
         ) from None
 
 
-def _hint_for(exc: BaseException, default: str) -> str:
-    """What to do about a failed connect: fix credentials, fix TLS, or ``default``."""
-    text = str(exc).lower()
-    if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in text:
-        return _AUTH_HINT
-    if isinstance(exc, ssl.SSLError) or "tls" in text or "certificate" in text:
-        return _TLS_HINT
+def _hint_for(exc: BaseException, default: str, auth: NatsAuth) -> str:
+    """What to do about a failed connect: fix credentials, fix TLS, or ``default``.
+
+    A server that verifies clients drops one without a certificate right after the TLS
+    handshake, which the client sees only as a lost connection.
+    """
+    if is_refusal(exc):
+        return refusal_hint(exc)
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and auth.tls_cert is None:
+        return f"{_CLIENT_CERT_HINT}; else {default}"
     return default

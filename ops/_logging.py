@@ -8,9 +8,24 @@ from typing import Literal
 
 import structlog
 
-__all__ = ["LogFormat", "configure_logging"]
+__all__ = ["LogFormat", "configure_logging", "quiet_tls_eof_warning"]
 
 LogFormat = Literal["auto", "console", "json"]
+
+
+_TLS_EOF_WARNING = "returning true from eof_received() has no effect when using ssl"
+"""asyncio's warning whenever a nats-py TLS connection closes (nats-io/nats.py#574): harmless."""
+
+
+def _not_tls_eof(record: logging.LogRecord) -> bool:
+    return _TLS_EOF_WARNING not in record.getMessage()
+
+
+def quiet_tls_eof_warning() -> None:
+    """Drop asyncio's harmless warning about TLS connections closing (once per process)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_tls_eof not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_tls_eof)
 
 
 def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:

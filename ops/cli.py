@@ -34,7 +34,7 @@ from ndo.ops._config_file import ConfigFileError, load_config_file
 from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
 from ndo.ops._errors import OpsError
 from ndo.ops._loader import DEFAULT_MODULES, load_actor_classes
-from ndo.ops._logging import configure_logging
+from ndo.ops._logging import configure_logging, quiet_tls_eof_warning
 from ndo.ops._loop import LOOP_CHOICES, resolve_loop
 from ndo.ops._loop import run as run_on_loop
 from ndo.ops._nats_server import EmbeddedNatsServer
@@ -383,6 +383,7 @@ def serve_options() -> tuple[CliOption, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ndo`` command; return the process exit code."""
+    quiet_tls_eof_warning()
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is not None:
         try:

@@ -14,7 +14,7 @@ from ndo.service._config import (
     WorkerOption,
     split_servers,
 )
-from ndo.service._connection import NatsAuth, redact_url
+from ndo.service._connection import NatsAuth, is_refusal, redact_url, refusal_hint
 from ndo.service._discovery import SERVICE_NAME
 from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
@@ -71,6 +71,7 @@ __all__ = [
     "WorkerState",
     "WorkerStats",
     "assign_partitions",
+    "is_refusal",
     "lease_bucket",
     "lease_key",
     "log_stream_name",
@@ -82,6 +83,7 @@ __all__ = [
     "partitions_text",
     "read_bucket",
     "redact_url",
+    "refusal_hint",
     "server_mapping",
     "snapshot_bucket",
     "split_servers",

@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from ndo.actors.runtime import StorageLimits
-from ndo.service._connection import NatsAuth
+from ndo.service._connection import NatsAuth, redact_url
 from ndo.service._units import parse_duration, parse_size
 from ndo.subjects import (
     DEFAULT_PARTITIONS,
@@ -128,6 +128,18 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes the journal stream may hold before the oldest records go (stream ``max_bytes``)."""
     journal_max_pending: int = 10_000
     """Journal records buffered or awaiting acknowledgement before new ones are dropped."""
+
+    def __repr__(self) -> str:
+        """Every field, with the URL's password (or token) hidden (``NatsAuth`` hides its own)."""
+        shown = (
+            f"{name}={redact_url(self.nats_url)!r}"
+            if name == "nats_url"
+            else f"{name}={getattr(self, name)!r}"
+            for name in self.__struct_fields__
+        )
+        return f"WorkerConfig({', '.join(shown)})"
+
+    __str__ = __repr__
 
     def storage_limits(self) -> StorageLimits:
         """The limits every ``self.storage`` call of an object checks."""
