@@ -27,9 +27,11 @@ from nats.aio.client import Client as NatsClient
 __all__ = ["Denial", "PermissionWatch"]
 
 _VIOLATION: Final = re.compile(
-    r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE
+    r'permissions violation for (publish|subscription|publish with reply of)(?: to)? "([^"]*)"',
+    re.IGNORECASE,
 )
-"""The server's text for a refused publish or subscription; group 2 is the subject."""
+"""The server's text for a refused publish, subscription or reply subject (a client may not
+name ``_R_.`` replies); group 2 is the subject."""
 
 _PARTITION_SUBJECT: Final = re.compile(r"^(.+)\.part\.\d+\.(.+)$")
 """A request as the server's partition mapping rewrote it (``ndo.part.6.Counter.a.get``): the
@@ -42,7 +44,8 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 
 class Denial:
-    """One refused operation: ``publish`` or ``subscribe``, and the subject (lowercased)."""
+    """One refused operation: ``publish``, ``subscribe`` or ``reply`` (the request's reply
+    subject was refused), and the subject (lowercased)."""
 
     __slots__ = ("action", "subject")
 
@@ -55,7 +58,9 @@ class Denial:
         self.subject = subject
 
     def describe(self) -> str:
-        """``publish to "x"`` / ``subscribe to "x"``."""
+        """``publish to "x"`` / ``subscribe to "x"`` / ``use "x" as a reply subject``."""
+        if self.action == "reply":
+            return f'use "{self.subject}" as a reply subject'
         return f'{self.action} to "{self.subject}"'
 
 
@@ -124,12 +129,14 @@ class PermissionWatch:
         match = _VIOLATION.search(str(error))
         if match is None:
             return
-        publish = match.group(1).lower() == "publish"
+        kind = match.group(1).lower()
+        publish = kind == "publish"
         subject = match.group(2).lower()
         canonical = _canonical(subject)
         if not publish and not subject.startswith(self._inbox_prefix):
             return  # some other subscription of the application: not a request's concern
-        denial = Denial("publish" if publish else "subscribe", subject)
+        action = {"publish": "publish", "subscription": "subscribe"}.get(kind, "reply")
+        denial = Denial(action, subject)
         for token, (waiting_subject, task) in list(self._waiting.items()):
             if token in self._denied or (publish and waiting_subject != canonical):
                 continue

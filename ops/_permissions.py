@@ -62,6 +62,7 @@ def _stream_admin(stream: str) -> tuple[str, ...]:
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.CONSUMER.*.{stream}",
         f"$JS.API.CONSUMER.*.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
     )
 
 
@@ -90,6 +91,7 @@ def worker_permissions(
         f"{prefix}.>",
         *_inboxes(reply_prefixes),
         "$JS.API.INFO",
+        "$JS.API.STREAM.NAMES",
         *_stream_admin(leases),
         f"$KV.{lease_bucket(prefix)}.>",
         *_stream_admin(journal_stream_name(prefix)),

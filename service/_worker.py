@@ -494,7 +494,7 @@ class Worker:
 
     async def _on_nats_error(self, error: Exception) -> None:
         text = str(error)
-        if "Permissions Violation" in text:
+        if "permissions violation" in text.lower():
             _log.error(
                 "the worker's NATS user lacks a permission; grant what docs/security.md lists "
                 "(`ndo permissions worker` prints it)",

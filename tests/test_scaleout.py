@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -44,7 +43,7 @@ from tests.cluster_fixtures import (
     request,
 )
 from tests.objects import Reminder, Slow
-from tests.worker_fixtures import ALL_CLASSES
+from tests.worker_fixtures import worker_factory
 
 PARTITIONS = 8
 NatsServerFactory = Callable[..., Awaitable[EmbeddedNatsServer]]
@@ -63,27 +62,22 @@ async def _routed_server(
 @pytest.fixture(name="start_workers")
 async def _start_workers(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
     """Factory of in-process workers sharing ``tmp_path/data``; stopped at the end."""
-    workers: list[Worker] = []
 
-    async def start(url: str, **overrides: Any) -> Worker:
-        config = WorkerConfig(
-            nats_url=url,
+    def base(started: int) -> WorkerConfig:
+        return WorkerConfig(
             data_dir=tmp_path / "data",
             partitions=PARTITIONS,
             lease_ttl=2,
             journal=False,
-            worker_name=f"in-process-{len(workers)}",
+            worker_name=f"in-process-{started}",
         )
-        worker = Worker(msgspec.structs.replace(config, **overrides), ALL_CLASSES)
-        workers.append(worker)
-        await worker.start()
-        return worker
 
-    try:
+    async with worker_factory(base) as start_workers:
+
+        async def start(url: str, **overrides: Any) -> Worker:
+            return await start_workers(nats_url=url, **overrides)
+
         yield start
-    finally:
-        for worker in reversed(workers):
-            await worker.stop()
 
 
 async def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> float:

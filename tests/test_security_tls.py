@@ -34,6 +34,7 @@ from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.service import NatsAuth, ServiceError, Worker, WorkerConfig, WorkerState
 from tests.conftest import NatsServerFactory
 from tests.helpers import ServeProcess, ndo_env, run_ndo
+from tests.worker_fixtures import worker_factory
 
 pytestmark = pytest.mark.slow
 
@@ -289,25 +290,16 @@ def _with_userinfo(url: str, userinfo: str) -> str:
 @pytest.fixture(name="start_worker_at")
 async def _start_worker_at(tmp_path: Path) -> AsyncIterator[StartWorker]:
     """Factory: ``await start_worker_at(url, auth)`` starts a worker serving ``Counter``."""
-    workers: list[Worker] = []
 
-    async def start(url: str, auth: NatsAuth | None = None) -> Worker:
-        config = WorkerConfig(
-            nats_url=url,
-            auth=auth or NatsAuth(),
-            data_dir=tmp_path / f"data-{len(workers)}",
-            partitions=8,
-        )
-        worker = Worker(config, [Counter])
-        workers.append(worker)
-        await worker.start()
-        return worker
+    def base(started: int) -> WorkerConfig:
+        return WorkerConfig(data_dir=tmp_path / f"data-{started}", partitions=8)
 
-    try:
+    async with worker_factory(base, [Counter]) as start_worker:
+
+        async def start(url: str, auth: NatsAuth | None = None) -> Worker:
+            return await start_worker(nats_url=url, auth=auth or NatsAuth())
+
         yield start
-    finally:
-        for worker in reversed(workers):
-            await worker.stop()
 
 
 @pytest.fixture(name="users_server")

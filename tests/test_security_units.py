@@ -138,6 +138,14 @@ class TestPermissionWatch:
         assert not other.done()
         other.cancel()
 
+    async def test_a_refused_reply_subject_fails_every_request(self) -> None:
+        """The server refuses an inbox under ``_R_`` as a reply subject."""
+        watch = PermissionWatch("_R_")
+        waiting = asyncio.create_task(self._waiter(watch, "ndo.rpc.Counter.a1.get"))
+        await asyncio.sleep(0)
+        watch.observe(Exception('nats: permissions violation for publish with reply of "_r_.x.1"'))
+        assert await waiting == 'use "_r_.x.1" as a reply subject'
+
     async def test_a_refused_inbox_subscription_fails_every_request(self) -> None:
         watch = PermissionWatch()
         waiting = asyncio.create_task(self._waiter(watch, "ndo.rpc.Counter.a1.get"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,28 @@ ALL_CLASSES: list[type[Actor]] = [
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
 
+@contextlib.asynccontextmanager
+async def worker_factory(
+    base: Callable[[int], WorkerConfig], default_classes: Sequence[type[Actor]] = ALL_CLASSES
+) -> AsyncIterator[WorkerFactory]:
+    """``await start(classes=None, **overrides)`` starts a worker whose config is ``base(n)``
+    (``n``: how many were started before) with ``overrides``; all are stopped on exit."""
+    workers: list[Worker] = []
+
+    async def start(classes: list[type[Actor]] | None = None, **overrides: Any) -> Worker:
+        config = msgspec.structs.replace(base(len(workers)), **overrides)
+        worker = Worker(config, classes or list(default_classes))
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in reversed(workers):
+            await worker.stop()
+
+
 @pytest.fixture(name="data_dir")
 def _data_dir(tmp_path: Path) -> Path:
     """A fresh data directory for the test's workers."""
@@ -41,21 +64,12 @@ async def _start_worker(
     nats_server: EmbeddedNatsServer, data_dir: Path
 ) -> AsyncIterator[WorkerFactory]:
     """Factory: ``await start_worker(**config)`` starts a worker on the test's server."""
-    workers: list[Worker] = []
 
-    async def start(classes: list[type[Actor]] | None = None, **overrides: Any) -> Worker:
-        config = WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
-        config = msgspec.structs.replace(config, **overrides)
-        worker = Worker(config, classes or ALL_CLASSES)
-        workers.append(worker)
-        await worker.start()
-        return worker
+    def base(_: int) -> WorkerConfig:
+        return WorkerConfig(nats_url=nats_server.url, data_dir=data_dir, partitions=8)
 
-    try:
+    async with worker_factory(base) as start:
         yield start
-    finally:
-        for worker in reversed(workers):
-            await worker.stop()
 
 
 @pytest.fixture(name="worker")
