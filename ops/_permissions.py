@@ -53,13 +53,20 @@ def _inboxes(reply_prefixes: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{prefix}>" for prefix in reply_prefixes)
 
 
+def _message_reads(stream: str) -> tuple[str, ...]:
+    """Read single messages of one stream (by sequence or last per subject)."""
+    return (
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+    )
+
+
 def _stream_admin(stream: str) -> tuple[str, ...]:
     """Create, update, inspect and read one stream (and make consumers on it)."""
     return (
         f"$JS.API.STREAM.*.{stream}",
-        f"$JS.API.STREAM.MSG.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.>",
+        *_message_reads(stream),
         f"$JS.API.CONSUMER.*.{stream}",
         f"$JS.API.CONSUMER.*.{stream}.>",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
@@ -70,9 +77,7 @@ def _stream_reader(stream: str) -> tuple[str, ...]:
     """Inspect and read one stream (no create, update, purge or delete)."""
     return (
         f"$JS.API.STREAM.INFO.{stream}",
-        f"$JS.API.STREAM.MSG.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.>",
+        *_message_reads(stream),
         f"$JS.API.CONSUMER.CREATE.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.DELETE.{stream}.>",

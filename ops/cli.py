@@ -134,13 +134,16 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"NDO_{name.upper()}", default)
 
 
+_PREFIX_OPTION: Final = CliOption(dest="prefix", default=DEFAULT_PREFIX, help="subject prefix")
+"""``--prefix``, on every command that names subjects."""
+
 _CONNECTION_OPTIONS: Final = (
     CliOption(
         dest="nats_url",
         help="NATS server URL; several servers of one cluster separated by commas",
         default_text=DEFAULT_NATS_URL,
     ),
-    CliOption(dest="prefix", default=DEFAULT_PREFIX, help="subject prefix"),
+    _PREFIX_OPTION,
     *AUTH_OPTIONS,
 )
 """How ``call``, ``status``, ``replay`` and ``tail`` reach a deployment."""
@@ -291,11 +294,7 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
         "Reload the server with `nats-server --signal reload`. Workers detect the mapping when "
         "they start.",
     )
-    mapping.add_argument(
-        "--prefix",
-        default=_env("prefix", DEFAULT_PREFIX),
-        help=f"subject prefix [env NDO_PREFIX; default {DEFAULT_PREFIX}]",
-    )
+    add_options(mapping, (_PREFIX_OPTION,))
     mapping.add_argument(
         "--partitions",
         type=int,
@@ -314,11 +313,7 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
         "calling some classes and methods; tools: `ndo status`, `replay` and `tail`.",
     )
     permissions.add_argument("role", choices=ROLES, metavar="ROLE", help="worker, caller or tools")
-    permissions.add_argument(
-        "--prefix",
-        default=_env("prefix", DEFAULT_PREFIX),
-        help=f"subject prefix [env NDO_PREFIX; default {DEFAULT_PREFIX}]",
-    )
+    add_options(permissions, (_PREFIX_OPTION,))
     permissions.add_argument(
         "--class",
         dest="classes",

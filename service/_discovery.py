@@ -80,7 +80,7 @@ class Discovery:
 
     def _responder(self, answer: Callable[[], bytes]) -> Callable[[Msg], Awaitable[None]]:
         async def respond(msg: Msg) -> None:
-            if msg.reply:
+            if msg.reply and self._outbox.may_answer(msg.reply, request=msg.subject):
                 await self._outbox.reply(msg.reply, answer(), None)
 
         return respond

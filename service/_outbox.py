@@ -88,9 +88,10 @@ class Outbox:
         )
 
     async def reply(self, subject: str, body: bytes, headers: dict[str, str] | None) -> None:
-        """Send a reply (or an error reply) to the requester's ``subject`` (an inbox)."""
+        """Send a reply (or an error reply) to the requester's ``subject``, which the entry
+        point that took the request (ingress, discovery) checked with ``may_answer``."""
         nc = self._nc
-        if nc is None or not self.may_answer(subject):
+        if nc is None:
             return
         try:
             await nc.publish(subject, body, headers=headers)

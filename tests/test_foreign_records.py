@@ -16,12 +16,11 @@ import io
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
@@ -51,7 +50,7 @@ from ndo.storage import LogRecord, ObjectWrite, StorageError, encode_log_record
 from ndo.subjects import journal_shard, journal_subject, log_subject
 from tests.cluster_fixtures import object_in_partition
 from tests.helpers import run_ndo
-from tests.worker_fixtures import ALL_CLASSES, WorkerFactory
+from tests.worker_fixtures import ALL_CLASSES, Replicas, WorkerFactory
 
 PARTITIONS = 8
 """The worker fixture's partition count."""
@@ -61,16 +60,6 @@ LEASE_TTL = 2
 """Lease TTL of the workers here (seconds): takeovers come within a few of them."""
 RECOVERY = 15.0
 """Seconds a worker may take to serve an attacked partition again."""
-
-
-@pytest.fixture(name="nc")
-async def _nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[NatsClient]:
-    """A plain client: the one that writes the foreign bytes."""
-    conn = await nats.connect(nats_server.url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def _client(nc: NatsClient) -> ActorClient:
@@ -315,44 +304,6 @@ class TestJournal:
             decode_journal_message(b'{"record":"turn","version":99}', on_unreadable=note)
 
 
-class Stores:
-    """``ReplicatedStorage`` instances on the test's server, each with its own copy; closed
-    after the test."""
-
-    def __init__(self, nc: NatsClient, root: Path) -> None:
-        self.nc = nc
-        self.root = root
-        self.opened: list[ReplicatedStorage] = []
-        self.lost: list[tuple[str, int]] = []
-
-    async def open(self, name: str) -> ReplicatedStorage:
-        storage = ReplicatedStorage(
-            self.root / name / "replica.sqlite3",
-            partitions=PARTITIONS,
-            writer=name,
-            snapshot_every=1_000,
-            append_timeout=5.0,
-        )
-        await storage.open()
-        await storage.connect(self.nc, prefix="ndo", replicas=1)
-        storage.on_lost = lambda partition, reason: self.lost.append((name, partition))
-        self.opened.append(storage)
-        return storage
-
-    async def close(self) -> None:
-        for storage in self.opened:
-            await storage.close()
-
-
-@pytest.fixture(name="stores")
-async def _stores(nc: NatsClient, tmp_path: Path) -> AsyncIterator[Stores]:
-    stores = Stores(nc, tmp_path)
-    try:
-        yield stores
-    finally:
-        await stores.close()
-
-
 def _write(value: int, *, epoch: int) -> ObjectWrite:
     return ObjectWrite("Counter", "a", PARTITION, epoch, {"n": msgspec.msgpack.encode(value)})
 
@@ -429,10 +380,12 @@ class TestPartitionLog:
         stub = _client(nc).get(Counter, object_in_partition("Counter", PARTITIONS, {PARTITION}))
         assert await stub.call(Counter.increment, by=1) == 1
 
-    async def test_a_foreign_message_after_a_snapshot(self, stores: Stores, nc: NatsClient) -> None:
+    async def test_a_foreign_message_after_a_snapshot(
+        self, replicas: Replicas, nc: NatsClient
+    ) -> None:
         """A new copy restores the snapshot, then skips the foreign message right after it
         (the snapshot's record is still in the stream) and applies what follows."""
-        a = await stores.open("a")
+        a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 1)
         for i in range(3):
             await a.commit([_write(i, epoch=1)])
@@ -441,20 +394,20 @@ class TestPartitionLog:
         forged = LogRecord(prev=10**12, epoch=10**15, writer="forger")  # cannot be an append
         await _publish_log(nc, encode_log_record(forged))
         assert await a.commit([_write(7, epoch=1)]) == frozenset()
-        assert not stores.lost
-        b = await stores.open("b")
+        assert not replicas.lost
+        b = await replicas.open("b")
         assert await b.claim_partitions([PARTITION], "b", 2) == {PARTITION: 2}
         assert await _value(b) == 7
 
     async def test_a_foreign_message_hiding_a_gap_is_refused(
-        self, stores: Stores, nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """A copy whose next records were purged by hand, with a foreign message now first:
         skipping it would hide the gap, so the claim fails, saying so."""
-        b = await stores.open("b")
+        b = await replicas.open("b")
         await b.claim_partitions([PARTITION], "b", 1)
         await b.commit([_write(1, epoch=1)])
-        a = await stores.open("a")
+        a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 2)
         await a.commit([_write(2, epoch=2)])
         foreign = await _publish_log(nc, b"garbage")
@@ -467,15 +420,15 @@ class TestPartitionLog:
             await b.claim_partitions([PARTITION], "b", 3)
 
     async def test_an_unreadable_record_with_ndo_s_append_id_is_refused(
-        self, stores: Stores, nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """A message that does not decode but carries the id of an ndo append at that place
         (another ndo version wrote it?) is never skipped: the claim fails, loudly."""
-        a = await stores.open("a")
+        a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 1)
         last = a.position(PARTITION)
         await _publish_log(nc, b"\xc1 newer format", **{"Nats-Msg-Id": f"1.{PARTITION}.{last}"})
-        b = await stores.open("b")
+        b = await replicas.open("b")
         with capture_logs() as logs, pytest.raises(StorageError, match="append id"):
             await b.claim_partitions([PARTITION], "b", 2)
         assert _events(logs, "a partition log record cannot be read; not serving the partition")
@@ -486,11 +439,11 @@ class TestSnapshots:
     need one fails, saying so, instead of serving a partition with holes."""
 
     async def test_an_unreadable_snapshot_is_replaced_by_the_holder(
-        self, stores: Stores, nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """Garbage metadata where a partition's snapshot is: the holder's next snapshot
         replaces it, and a fresh copy restores from that snapshot."""
-        a = await stores.open("a")
+        a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 1)
         for i in range(3):
             await a.commit([_write(i, epoch=1)])
@@ -503,22 +456,22 @@ class TestSnapshots:
         assert await store.get(PARTITION) is None
         covered = await a.snapshot(PARTITION)
         assert covered is not None and covered == a.position(PARTITION)
-        b = await stores.open("b")  # the log below the snapshot is purged: restore from it
+        b = await replicas.open("b")  # the log below the snapshot is purged: restore from it
         await b.claim_partitions([PARTITION], "b", 2)
         assert await _value(b) == 2
 
     async def test_a_restore_needing_an_unreadable_snapshot_is_refused(
-        self, stores: Stores, nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """The snapshot a fresh copy needs (the log was purged below it) was overwritten with
         garbage: claiming fails with a message that says there is no readable snapshot."""
-        a = await stores.open("a")
+        a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 1)
         for i in range(3):
             await a.commit([_write(i, epoch=1)])
         assert await a.snapshot(PARTITION) is not None
         obs = await nc.jetstream().object_store(SnapshotStore(nc, "ndo", replicas=1).bucket)
         await obs.put(f"partition-{PARTITION}", b"garbage")
-        b = await stores.open("b")
+        b = await replicas.open("b")
         with pytest.raises(StorageError, match="no readable snapshot"):
             await b.claim_partitions([PARTITION], "b", 2)

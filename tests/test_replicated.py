@@ -9,7 +9,6 @@ Process-level faults (kill -9, SIGSTOP, killing a stream leader) are in
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -35,56 +34,9 @@ from ndo.service._cluster import ReplicasError
 from ndo.storage import FencedError, ObjectWrite, StorageError, decode_log_record
 from ndo.subjects import log_subject
 from tests.nats_cluster import NatsCluster
-from tests.worker_fixtures import WorkerFactory
+from tests.worker_fixtures import Replicas, WorkerFactory
 
 PARTITION = 3
-
-
-@pytest.fixture(name="js_nc")
-async def _js_nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
-
-
-class Replicas:
-    """Opens ``ReplicatedStorage`` instances on one server, each with its own directory, and
-    closes them after the test."""
-
-    def __init__(self, nc: NatsClient, root: Path) -> None:
-        self.nc = nc
-        self.root = root
-        self.opened: list[ReplicatedStorage] = []
-        self.lost: list[tuple[str, int]] = []
-
-    async def open(self, name: str, *, snapshot_every: int = 1_000) -> ReplicatedStorage:
-        storage = ReplicatedStorage(
-            self.root / name / "replica.sqlite3",
-            partitions=8,
-            writer=name,
-            snapshot_every=snapshot_every,
-            append_timeout=5.0,
-        )
-        await storage.open()
-        await storage.connect(self.nc, prefix="ndo", replicas=1)
-        storage.on_lost = lambda partition, reason: self.lost.append((name, partition))
-        self.opened.append(storage)
-        return storage
-
-    async def close(self) -> None:
-        for storage in self.opened:
-            await storage.close()
-
-
-@pytest.fixture(name="replicas")
-async def _replicas(js_nc: NatsClient, tmp_path: Path) -> AsyncIterator[Replicas]:
-    replicas = Replicas(js_nc, tmp_path)
-    try:
-        yield replicas
-    finally:
-        await replicas.close()
 
 
 def _write(value: int, *, epoch: int, oid: str = "a", partition: int = PARTITION) -> ObjectWrite:
@@ -103,7 +55,7 @@ async def _subject_messages(nc: NatsClient, partition: int) -> int:
 
 class TestCommit:
     async def test_a_commit_is_in_the_log_before_it_returns(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """A committed write-set is a record on its partition's log (with the claim before it),
         and the local copy holds it at that log position."""
@@ -111,7 +63,7 @@ class TestCommit:
         epochs = await storage.claim_partitions([PARTITION], "w1", 7)
         assert epochs == {PARTITION: 7}
         assert await storage.commit([_write(41, epoch=7), _write(1, epoch=7, oid="b")]) == set()
-        log = PartitionLog(js_nc, "ndo", replicas=1, append_timeout=1.0)
+        log = PartitionLog(nc, "ndo", replicas=1, append_timeout=1.0)
         last = await log.last(PARTITION)
         records = [r async for batch in log.read(PARTITION, 0, last) for r in batch]
         assert [r.claim for _, r in records] == [True, False]
@@ -126,7 +78,7 @@ class TestCommit:
         assert (await storage.local.log_positions())[PARTITION] == (last, 7)
 
     async def test_a_commit_over_many_partitions_is_one_atomic_batch(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """The shares of several partitions go out as one atomic batch: consecutive stream
         sequences, each record on its own partition's log, following that partition's claim."""
@@ -139,7 +91,7 @@ class TestCommit:
         assert all(s is not None for s in seqs)
         first = seqs[0]
         assert first is not None and seqs == list(range(first, first + len(partitions)))
-        log = PartitionLog(js_nc, "ndo", replicas=1, append_timeout=1.0)
+        log = PartitionLog(nc, "ndo", replicas=1, append_timeout=1.0)
         for p in partitions:
             found = await log.first_after(p, claims[p] or 0)
             assert found is not None
@@ -149,20 +101,20 @@ class TestCommit:
         assert await _value(storage, "a") == 70  # one object id in four partitions: the last
 
     async def test_a_write_set_larger_than_a_message_fails_and_appends_nothing(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """A single write-set that cannot fit in one NATS message is refused with a clear
         error; nothing reaches the log or the copy."""
         storage = await replicas.open("w1")
         await storage.claim_partitions([PARTITION], "w1", 1)
-        huge = ObjectWrite("Counter", "a", PARTITION, 1, {"blob": b"x" * (js_nc.max_payload + 1)})
+        huge = ObjectWrite("Counter", "a", PARTITION, 1, {"blob": b"x" * (nc.max_payload + 1)})
         with pytest.raises(StorageError, match="max_payload"):
             await storage.commit([huge])
-        assert await _subject_messages(js_nc, PARTITION) == 1  # the claim only
+        assert await _subject_messages(nc, PARTITION) == 1  # the claim only
         assert await storage.read("Counter", "a", "blob") is None
 
     async def test_a_batch_larger_than_a_message_is_split_in_order(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """Many write-sets of one partition that together exceed a message go out as several
         chained records, and the last write wins."""
@@ -174,7 +126,7 @@ class TestCommit:
             for i in range(8)
         ]
         await storage.commit(batch)
-        assert await _subject_messages(js_nc, PARTITION) > 2
+        assert await _subject_messages(nc, PARTITION) > 2
         assert await _value(storage) == 7
 
 
@@ -236,7 +188,7 @@ class TestFencing:
 
 class TestRestore:
     async def test_a_new_holder_restores_snapshot_and_tail(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """A holder with an empty copy gets the snapshot plus the records after it; the log was
         purged below the snapshot."""
@@ -248,7 +200,7 @@ class TestRestore:
         assert covered is not None
         for i in range(40, 45):
             await first.commit([_write(i, epoch=1)])
-        assert await _subject_messages(js_nc, PARTITION) == 6  # the covered record and 5 more
+        assert await _subject_messages(nc, PARTITION) == 6  # the covered record and 5 more
         second = await replicas.open("second")
         await second.claim_partitions([PARTITION], "second", 2)
         assert await _value(second) == 44
@@ -269,7 +221,7 @@ class TestRestore:
         assert a.stats.restored_records == 11  # b's claim and ten commits
 
     async def test_a_gap_without_a_snapshot_is_refused(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """If the log was purged past a copy and no snapshot covers it, claiming fails with a
         message that says so, instead of serving a partition with holes."""
@@ -277,8 +229,8 @@ class TestRestore:
         await a.claim_partitions([PARTITION], "a", 1)
         for i in range(5):
             await a.commit([_write(i, epoch=1)])
-        last = await PartitionLog(js_nc, "ndo", replicas=1, append_timeout=1).last(PARTITION)
-        await js_nc.jetstream().purge_stream(
+        last = await PartitionLog(nc, "ndo", replicas=1, append_timeout=1).last(PARTITION)
+        await nc.jetstream().purge_stream(
             log_stream_name("ndo"), subject=log_subject("ndo", PARTITION), seq=last
         )
         b = await replicas.open("b")
@@ -286,7 +238,7 @@ class TestRestore:
             await b.claim_partitions([PARTITION], "b", 2)
 
     async def test_a_foreign_message_on_the_log_is_skipped(
-        self, replicas: Replicas, js_nc: NatsClient
+        self, replicas: Replicas, nc: NatsClient
     ) -> None:
         """Something other than ndo publishing on a log subject is skipped by the next claim
         (nothing of it is applied); strict readers still refuse it, naming the message.
@@ -294,19 +246,17 @@ class TestRestore:
         a = await replicas.open("a")
         await a.claim_partitions([PARTITION], "a", 1)
         await a.commit([_write(5, epoch=1)])
-        await js_nc.jetstream().publish(log_subject("ndo", PARTITION), b'{"not": "a record"}')
+        await nc.jetstream().publish(log_subject("ndo", PARTITION), b'{"not": "a record"}')
         b = await replicas.open("b")
         await b.claim_partitions([PARTITION], "b", 2)
         assert await _value(b) == 5
-        log = PartitionLog(js_nc, "ndo", replicas=1, append_timeout=1.0)
+        log = PartitionLog(nc, "ndo", replicas=1, append_timeout=1.0)
         with pytest.raises(StorageError, match="not a log record"):
             await log.first_after(PARTITION, (a.position(PARTITION) or 0))
         with pytest.raises(ValueError, match="not an ndo partition log record"):
             decode_log_record(b"\x93\x01\x02\x03")
 
-    async def test_snapshots_keep_the_log_bounded(
-        self, replicas: Replicas, js_nc: NatsClient
-    ) -> None:
+    async def test_snapshots_keep_the_log_bounded(self, replicas: Replicas, nc: NatsClient) -> None:
         """With a snapshot every 10 records, 200 commits leave at most a few dozen records of
         the partition in the stream."""
         storage = await replicas.open("w1", snapshot_every=10)
@@ -315,7 +265,7 @@ class TestRestore:
             await storage.commit([_write(i, epoch=1)])
             if i % 10 == 9:
                 await storage.snapshot(PARTITION)
-        assert await _subject_messages(js_nc, PARTITION) <= 11
+        assert await _subject_messages(nc, PARTITION) <= 11
         assert storage.stats.snapshots >= 19
 
 

@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from ndo.actors import Actor, ActorClient, RetryPolicy
 from ndo.examples import ChatRoom, Counter, DrawingBoard, RateLimiter
 from ndo.ops._nats_server import EmbeddedNatsServer
-from ndo.service import Worker, WorkerConfig
+from ndo.service import ReplicatedStorage, Worker, WorkerConfig
 from tests.objects import Faulty, Reminder, Slow, Store
 
 ALL_CLASSES: list[type[Actor]] = [
@@ -92,3 +92,42 @@ async def _nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[NatsClient]:
 def _client(nc: NatsClient) -> ActorClient:
     """An ActorClient with a short retry policy."""
     return ActorClient(nc, timeout=5.0, retry=RetryPolicy(attempts=3, initial_backoff=0.05))
+
+
+class Replicas:
+    """Opens ``ReplicatedStorage`` instances on one server, each with its own directory, and
+    closes them after the test."""
+
+    def __init__(self, nc: NatsClient, root: Path) -> None:
+        self.nc = nc
+        self.root = root
+        self.opened: list[ReplicatedStorage] = []
+        self.lost: list[tuple[str, int]] = []
+
+    async def open(self, name: str, *, snapshot_every: int = 1_000) -> ReplicatedStorage:
+        storage = ReplicatedStorage(
+            self.root / name / "replica.sqlite3",
+            partitions=8,
+            writer=name,
+            snapshot_every=snapshot_every,
+            append_timeout=5.0,
+        )
+        await storage.open()
+        await storage.connect(self.nc, prefix="ndo", replicas=1)
+        storage.on_lost = lambda partition, reason: self.lost.append((name, partition))
+        self.opened.append(storage)
+        return storage
+
+    async def close(self) -> None:
+        for storage in self.opened:
+            await storage.close()
+
+
+@pytest.fixture(name="replicas")
+async def _replicas(nc: NatsClient, tmp_path: Path) -> AsyncIterator[Replicas]:
+    """``ReplicatedStorage`` copies on the test's server (``await replicas.open("a")``)."""
+    replicas = Replicas(nc, tmp_path)
+    try:
+        yield replicas
+    finally:
+        await replicas.close()
