@@ -3,7 +3,9 @@
 ``@method`` marks an ``async def`` as callable over NATS. ``describe_class`` reads the marked
 methods once, and for each builds a msgspec Struct from its signature: the request body is
 decoded straight into that Struct, so annotations drive validation and a wrong type is a 400
-before the handler runs.
+before the handler runs. A body nested deeper than ``MAX_NESTING`` is a 400 too: every later
+step (storing the value, the reply, the journal) re-encodes it, and none of them may meet a
+value too deep to encode.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from ndo.actors._actor import Actor
 
 __all__ = [
+    "MAX_NESTING",
     "ActorClassInfo",
     "MethodSpec",
     "describe_class",
@@ -35,6 +38,20 @@ _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 RESERVED_METHODS: Final = frozenset({"on_start", "alarm", "emit", "storage", "id"})
 """Names a ``@method`` may not use: they are hooks or attributes of ``Actor``."""
+
+MAX_NESTING: Final = 128
+"""Deepest nesting of arrays and objects (maps) in a request body, the body's own object
+counted as level 1; deeper is a 400 ``too_deeply_nested``."""
+
+_NESTING_TYPES: Final = (list, tuple, dict, set, frozenset, msgspec.Struct)
+"""What a decoded body nests in (a user type other than a Struct counts as a leaf)."""
+_JSON_OPENERS: Final = b"[{"
+"""Bytes that open a JSON array or object."""
+_PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
+"""Both JSON bracket kinds as one kind (a valid body's brackets pair up)."""
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_MSGPACK_OPENERS: Final = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+"""First bytes of MessagePack arrays and maps (fixmap, fixarray, array 16/32, map 16/32)."""
 
 
 def method(fn: _F) -> _F:
@@ -71,14 +88,18 @@ class MethodSpec:
         """Decode and validate a request body into the argument Struct.
 
         Raises:
-            BadRequestError: the body is not an object of the right fields and types.
+            BadRequestError: the body is not an object of the right fields and types, or it
+                nests deeper than ``MAX_NESTING``.
         """
         if not body:
             body = b"\x80" if msgpack else b"{}"
         try:
             if msgpack:
-                return self.msgpack_decoder.decode(body)  # type: ignore[no-any-return]
-            return self.json_decoder.decode(body)  # type: ignore[no-any-return]
+                args: msgspec.Struct = self.msgpack_decoder.decode(body)
+            else:
+                args = self.json_decoder.decode(body)
+        except RecursionError:  # deeper than the interpreter's stack allows
+            raise _too_deeply_nested() from None
         except msgspec.ValidationError as exc:
             raise BadRequestError(
                 f"invalid arguments for {self.name}: {exc}", type="invalid_arguments"
@@ -90,6 +111,9 @@ class MethodSpec:
                 "arguments (or an empty body)",
                 type="malformed_body",
             ) from None
+        if _nests_deeper(body, args, msgpack):
+            raise _too_deeply_nested()
+        return args
 
     def call(self, instance: Actor, args: msgspec.Struct) -> Coroutine[Any, Any, Any]:
         """Start the handler coroutine on ``instance`` with decoded ``args``."""
@@ -120,6 +144,63 @@ class ActorClassInfo:
                 type="unknown_method",
             )
         return spec
+
+
+def _too_deeply_nested() -> BadRequestError:
+    return BadRequestError(
+        f"request body is nested more than {MAX_NESTING} levels deep (arrays and objects "
+        "inside each other, the body's own object counted); send a flatter value",
+        type="too_deeply_nested",
+    )
+
+
+def _nests_deeper(body: bytes, args: msgspec.Struct, msgpack: bool) -> bool:
+    """Whether a decoded body nests arrays and objects deeper than ``MAX_NESTING``.
+
+    Most bodies are cleared by one C-speed count: fewer bytes that could open an array or
+    object than the limit. Others are measured: JSON on its bytes (``_json_nests_deeper``),
+    MessagePack on the decoded value (``_value_nests_deeper``).
+    """
+    if len(body) <= MAX_NESTING:
+        return False
+    openers = _MSGPACK_OPENERS if msgpack else _JSON_OPENERS
+    if len(body) - len(body.translate(None, openers)) <= MAX_NESTING:
+        return False
+    return _value_nests_deeper(args) if msgpack else _json_nests_deeper(body)
+
+
+def _json_nests_deeper(body: bytes) -> bool:
+    """Measure valid JSON's nesting with bytes operations only: drop the strings, keep the
+    brackets, then strip innermost pairs once per level."""
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes: no quote left inside
+    outside = b"".join(text.split(b'"')[::2])  # valid JSON: odd parts are string contents
+    brackets = outside.translate(_PARENS, _NOT_BRACKETS)
+    for _ in range(MAX_NESTING):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"()", b"")
+    return bool(brackets)
+
+
+def _value_nests_deeper(args: msgspec.Struct) -> bool:
+    """Measure a decoded value's nesting (``args`` is level 1), level by level without
+    recursion; map keys count (MessagePack keys may be arrays)."""
+    level: list[Any] = [args]
+    for _ in range(MAX_NESTING):
+        children: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                children.extend(node)
+                children.extend(node.values())
+            elif isinstance(node, msgspec.Struct):
+                children.extend(msgspec.structs.astuple(node))
+            else:
+                children.extend(node)
+        kinds = set(map(type, children))  # a long list of scalars is cleared at C speed
+        if not any(issubclass(kind, _NESTING_TYPES) for kind in kinds):
+            return False
+        level = [child for child in children if isinstance(child, _NESTING_TYPES)]
+    return True
 
 
 def _method_spec(cls: type[Any], name: str, fn: Callable[..., Any]) -> MethodSpec:

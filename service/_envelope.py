@@ -12,6 +12,7 @@ import msgspec
 
 from ndo.actors import Caller
 from ndo.actors.runtime import MethodSpec
+from ndo.service._idempotency import call_fingerprint
 
 __all__ = ["AlarmDelivery", "Envelope", "parse_request_info"]
 
@@ -54,6 +55,7 @@ class Envelope:
         "alarm",
         "args",
         "caller",
+        "fingerprint",
         "idempotency_key",
         "msgpack",
         "received",
@@ -71,6 +73,9 @@ class Envelope:
     """The request body, and so the reply, is MessagePack instead of JSON."""
     idempotency_key: str | None
     """The request's ``Idempotency-Key`` (or ``Nats-Msg-Id``)."""
+    fingerprint: bytes | None
+    """The call's ``call_fingerprint``, which the key is bound to; computed when the envelope
+    is built (the handler may change its arguments in place), only for a request with a key."""
     alarm: AlarmDelivery | None
     """The delivery, for an alarm envelope."""
     caller: Caller | None
@@ -95,6 +100,11 @@ class Envelope:
         self.reply = reply
         self.msgpack = msgpack
         self.idempotency_key = idempotency_key
+        self.fingerprint = (
+            call_fingerprint(spec.name, args)
+            if idempotency_key is not None and spec is not None and args is not None
+            else None
+        )
         self.alarm = alarm
         self.caller = caller
         self.received = time.perf_counter()
