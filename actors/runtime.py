@@ -15,21 +15,27 @@ from ndo.actors._methods import (
     is_method,
 )
 from ndo.actors._storage import (
+    ALARM_REARM_DELAY,
     ALARM_UNCHANGED,
+    WRITE_FRAMING,
     StateReader,
     StorageLimits,
     TurnWrites,
+    check_quota,
     prefix_range,
 )
 
 __all__ = [
+    "ALARM_REARM_DELAY",
     "ALARM_UNCHANGED",
+    "WRITE_FRAMING",
     "ActorClassInfo",
     "ActorContext",
     "MethodSpec",
     "StateReader",
     "StorageLimits",
     "TurnWrites",
+    "check_quota",
     "describe_class",
     "describe_classes",
     "error_from_wire",

@@ -1,10 +1,18 @@
 """The example objects `ndo serve` runs by default: a counter, a rate limiter, a chat room and a
-collaborative drawing board. Each is also a small lesson in writing durable objects."""
+collaborative drawing board. Each is also a small lesson in writing durable objects.
+
+Objects anyone may call bound their own inputs: the chat room and the drawing board check every
+user name, message and stroke (sizes, characters, coordinates) and refuse the rest with a
+``BadRequestError`` that says what is allowed, so no caller can make them store more than a
+known amount per call. Numbers, colours and coordinates are bounded in the argument types
+(checked before the handler runs); names, messages and point counts are checked in code, with
+messages that state the rule.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Final
 
 import msgspec
 
@@ -83,9 +91,34 @@ class ChatMessage(msgspec.Struct, frozen=True):
     time: float
 
 
-User = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4000)]
+_MAX_USER: Final = 32
+"""Longest user name, in characters."""
+_MAX_TEXT: Final = 4000
+"""Longest chat message, in characters."""
+_USER_PUNCTUATION: Final = frozenset(" ._-")
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
+def _check_user(user: str, *, required: bool = True) -> str:
+    """Return ``user`` if it is a valid user name: 1-32 letters, digits, spaces, ``.``, ``_``
+    or ``-``, not starting or ending with a space (empty allowed when not ``required``).
+
+    Raises:
+        BadRequestError: ``invalid_user`` (the message says the rule).
+    """
+    if not user and not required:
+        return user
+    if (
+        not 0 < len(user) <= _MAX_USER
+        or user != user.strip()
+        or not all(c.isalnum() or c in _USER_PUNCTUATION for c in user)
+    ):
+        raise BadRequestError(
+            f"user name {user[: _MAX_USER + 8]!r} is not allowed: use 1-{_MAX_USER} letters, "
+            "digits, spaces, '.', '_' or '-', not starting or ending with a space",
+            type="invalid_user",
+        )
+    return user
 
 
 class ChatRoom(Actor):
@@ -96,8 +129,15 @@ class ChatRoom(Actor):
     """Messages kept; older ones are deleted as new ones arrive."""
 
     @method
-    async def post(self, user: User, text: Text) -> ChatMessage:
+    async def post(self, user: str, text: str) -> ChatMessage:
         """Append a message and return it with its sequence number."""
+        _check_user(user)
+        if not 0 < len(text) <= _MAX_TEXT or not text.strip():
+            raise BadRequestError(
+                f"a message must hold 1-{_MAX_TEXT} characters, not only spaces; got "
+                f"{len(text)} characters",
+                type="invalid_text",
+            )
         seq: int = await self.storage.get("seq", 0) + 1
         message = ChatMessage(seq=seq, user=user, text=text, time=time.time())
         self.storage.put_many({"seq": seq, _message_key(seq): message})
@@ -117,7 +157,10 @@ def _message_key(seq: int) -> str:
     return f"msg:{seq:012d}"
 
 
-Point = tuple[float, float]
+_MAX_COORDINATE: Final = 10_000.0
+"""Largest coordinate of a stroke's point (either sign): far outside any canvas, finite."""
+Coordinate = Annotated[float, msgspec.Meta(ge=-_MAX_COORDINATE, le=_MAX_COORDINATE)]
+Point = tuple[Coordinate, Coordinate]
 Color = Annotated[str, msgspec.Meta(pattern=r"^#[0-9a-fA-F]{6}$")]
 Width = Annotated[float, msgspec.Meta(gt=0, le=100)]
 
@@ -145,12 +188,20 @@ class DrawingBoard(Actor):
     async def stroke(
         self, points: list[Point], color: Color = "#000000", width: Width = 2.0, user: str = ""
     ) -> int:
-        """Add a stroke and return its sequence number."""
+        """Add a stroke and return its sequence number.
+
+        Args:
+            points: 1-2000 ``[x, y]`` points, each coordinate within +-10000.
+            color: ``#rrggbb``.
+            width: line width, over 0 and at most 100.
+            user: who drew it (a user name, or empty).
+        """
         if not points or len(points) > self.MAX_POINTS:
             raise BadRequestError(
                 f"a stroke needs 1-{self.MAX_POINTS} points, got {len(points)}",
                 type="invalid_arguments",
             )
+        _check_user(user, required=False)
         seq: int = await self.storage.get("seq", 0) + 1
         stroke = Stroke(seq=seq, points=points, color=color, width=width, user=user)
         self.storage.put_many({"seq": seq, _stroke_key(seq): stroke})

@@ -48,6 +48,7 @@ Foreign messages (something other than ndo published on a log subject)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from typing import Final
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from ndo.actors.runtime import StorageLimits
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._partition_log import (
     MAX_BATCH,
@@ -90,6 +92,8 @@ _APPLY_BATCH: Final = 512
 """Log records applied to the local copy per transaction while catching up."""
 _RECORD_HEADROOM: Final = 4096
 """Bytes kept free under the server's max_payload for headers and framing."""
+_WRITE_SET_HEADROOM: Final = 4096
+"""Bytes of a record kept for one write-set's own fields (names, alarm, idempotency key)."""
 _SKIP_ROUNDS: Final = 3
 """Times one append skips foreign messages and tries again before it counts as fenced."""
 _SKIP_AT_ONCE: Final = 64
@@ -236,6 +240,15 @@ class ReplicatedStorage(Storage):
         self._log_stream, self._snapshots = log_stream, snapshots
         self._max_record = max(64 * 1024, nc.max_payload - _RECORD_HEADROOM)
 
+    def turn_limits(self, limits: StorageLimits) -> StorageLimits:
+        """``limits`` with ``max_turn_bytes`` lowered to what one log record holds (known after
+        ``connect``), so a turn too large to append fails with 413 ``turn_too_large`` as it
+        writes, not with a 503 at its commit (and at every retry)."""
+        fits = self._max_record - _WRITE_SET_HEADROOM
+        if 0 < limits.max_turn_bytes <= fits:
+            return limits
+        return dataclasses.replace(limits, max_turn_bytes=fits)
+
     async def close(self) -> None:
         """Close the local copy and stop listening for acknowledgements."""
         self._tenures.clear()
@@ -274,6 +287,9 @@ class ReplicatedStorage(Storage):
 
     async def read_alarm(self, class_name: str, object_id: str) -> float | None:
         return await self.local.read_alarm(class_name, object_id)
+
+    async def object_size(self, class_name: str, object_id: str) -> int:
+        return await self.local.object_size(class_name, object_id)
 
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float

@@ -5,9 +5,12 @@ worker's activations, ``ndo replay --execute`` and the tools that run objects ou
 all go through ``TurnRunner``, so they agree on every rule of a turn:
 
 * a new instance is built (``on_start`` runs) before the first turn, and after a failed one;
-* the handler runs under the handler deadline (``DeadlineWatchdog``);
+* the handler runs under the handler deadline (``DeadlineWatchdog``), and so does the check of
+  the object's storage quota that follows it (``check_quota``: a turn that grows the object
+  past ``max_object_bytes`` fails with 413 ``object_too_large``);
 * the return value is encoded as the reply (JSON, or MessagePack when the request was), and a
-  reply over ``max_reply_bytes`` is a 413;
+  reply over ``max_reply_bytes`` is a 413; a reply that will be stored with the turn's writes
+  (its call has an Idempotency-Key) counts toward the turn's write size (``max_turn_bytes``);
 * a handler that raised, ran past its deadline or returned something unencodable discards its
   writes and events, and its exception becomes exactly one ``ActorError`` (``turn_error``);
 * a turn that succeeded leaves its write-set (``TurnWrites``) and its events in the outcome.
@@ -33,7 +36,13 @@ from ndo.actors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from ndo.actors.runtime import ALARM_UNCHANGED, ActorClassInfo, ActorContext, TurnWrites
+from ndo.actors.runtime import (
+    ALARM_UNCHANGED,
+    ActorClassInfo,
+    ActorContext,
+    TurnWrites,
+    check_quota,
+)
 from ndo.service._codec import encode_result
 from ndo.service._envelope import Envelope
 from ndo.storage import ALARM_UNCHANGED as STORED_ALARM_UNCHANGED
@@ -215,6 +224,8 @@ class TurnRunner:
                 else:
                     assert envelope.spec is not None and envelope.args is not None
                     result = await envelope.spec.call(instance, envelope.args)
+                if storage.quota_due():
+                    await check_quota(storage)
             except asyncio.CancelledError:
                 expired = deadlines.end(self)
                 if not expired:
@@ -231,6 +242,8 @@ class TurnRunner:
                     f"reply of {len(body)} bytes is over the {self._max_reply_bytes}-byte limit",
                     type="reply_too_large",
                 )
+            if envelope.idempotency_key is not None and storage.changed():
+                storage.count_stored_reply(len(body))
         except Exception as exc:
             storage.abort_turn()
             context.take_events()

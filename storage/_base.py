@@ -58,6 +58,10 @@ class Storage(ABC):
         """Return the object's committed alarm time (epoch seconds), or ``None``."""
 
     @abstractmethod
+    async def object_size(self, class_name: str, object_id: str) -> int:
+        """Return the object's stored size: the UTF-8 bytes of its keys plus their values."""
+
+    @abstractmethod
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float
     ) -> bytes | None:

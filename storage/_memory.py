@@ -91,6 +91,11 @@ class InMemoryStorage(Storage):
         alarm = self._alarms.get((class_name, object_id))
         return None if alarm is None else alarm.due
 
+    async def object_size(self, class_name: str, object_id: str) -> int:
+        self._check()
+        stored = self._objects.get((class_name, object_id), {})
+        return sum(len(k.encode("utf-8")) + len(v) for k, v in stored.items())
+
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float
     ) -> bytes | None:
