@@ -6,6 +6,12 @@ commit that set an alarm wakes it. A delivery whose handler fails is retried wit
 backoff up to ``alarm_max_attempts``, then dropped with an error log and a metric. Alarms live
 in storage until a successful alarm turn deletes them in its own commit, so they survive
 restarts and kill -9 (at-least-once).
+
+A delivery the worker refuses (the object's mailbox is full, the partition is not accepted right
+now, for example while a late lease renewal settles) is not a failed attempt: it is offered
+again after a short backoff (from 50 ms, doubling, at most 30 s), counted as
+``ndo_alarms_total{outcome="deferred"}``, until it is taken or the partition moves away. An
+alarm of a class this worker cannot run (``runs_class``) is parked instead, until a restart.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ _log = structlog.get_logger("ndo.alarms")
 _BATCH: Final = 256
 _MAX_SLEEP: Final = 30.0
 """Longest sleep between checks (bounds the delay for alarms written by another process)."""
+_REFUSED_BACKOFF: Final = 0.05
+"""Seconds before a refused delivery is offered again (doubling per refusal, capped at
+``_MAX_SLEEP``)."""
 
 
 class AlarmScheduler:
@@ -43,9 +52,12 @@ class AlarmScheduler:
     _metrics: WorkerMetrics
     _partitions: Callable[[], Collection[int]]
     _deliver: Callable[[StoredAlarm, AlarmDelivery], bool]
+    _runs_class: Callable[[str], bool]
     # State
     _inflight: dict[ActorId, AlarmDelivery]
     _retries: list[tuple[float, int, StoredAlarm, AlarmDelivery]]
+    _refusals: dict[ActorId, int]
+    """Deliveries refused in a row, by object (for the backoff)."""
     _wakeup: asyncio.Event
     _next_wake: float
     """Epoch seconds of the next planned check."""
@@ -61,6 +73,7 @@ class AlarmScheduler:
         *,
         partitions: Callable[[], Collection[int]],
         deliver: Callable[[StoredAlarm, AlarmDelivery], bool],
+        runs_class: Callable[[str], bool],
     ) -> None:
         """Create a scheduler.
 
@@ -70,14 +83,18 @@ class AlarmScheduler:
             metrics: where to count outcomes.
             partitions: returns the partitions served now.
             deliver: enqueues one delivery on its object; False if it could not.
+            runs_class: whether this worker runs alarms of a class (served, with ``alarm()``);
+                a refused delivery of another class is parked, not offered again.
         """
         self._storage = storage
         self._config = config
         self._metrics = metrics
         self._partitions = partitions
         self._deliver = deliver
+        self._runs_class = runs_class
         self._inflight = {}
         self._retries = []
+        self._refusals = {}
         self._wakeup = asyncio.Event()
         self._next_wake = 0.0
         self._sequence = 0
@@ -100,6 +117,7 @@ class AlarmScheduler:
         for address in list(self._inflight):
             if partition_of(address.class_name, address.object_id, count) not in keep:
                 del self._inflight[address]
+                self._refusals.pop(address, None)
         self._retries = [
             r for r in self._retries if partition_of(r[2].class_name, r[2].object_id, count) in keep
         ]
@@ -115,6 +133,7 @@ class AlarmScheduler:
     def done(self, address: ActorId, delivery: AlarmDelivery, error: BaseException | None) -> bool:
         """Record how a delivery ended. Returns True when the alarm is given up for good (the
         caller then deletes it)."""
+        self._refusals.pop(address, None)
         if error is None:
             self._inflight.pop(address, None)
             self._metrics.alarms.labels(address.class_name, "ok").inc()
@@ -135,11 +154,28 @@ class AlarmScheduler:
         delay = self._config.alarm_initial_backoff * 2 ** (delivery.attempt - 1)
         retry = AlarmDelivery(delivery.due, delivery.attempt + 1)
         self._inflight[address] = retry
-        self._sequence += 1
         alarm = StoredAlarm(address.class_name, address.object_id, -1, delivery.due)
-        heapq.heappush(self._retries, (time.time() + delay, self._sequence, alarm, retry))
+        self._park(alarm, retry, delay)
         self.notify()
         return False
+
+    def _park(self, alarm: StoredAlarm, delivery: AlarmDelivery, delay: float) -> None:
+        """Offer ``delivery`` again in ``delay`` seconds."""
+        self._sequence += 1
+        heapq.heappush(self._retries, (time.time() + delay, self._sequence, alarm, delivery))
+
+    def _offer(self, alarm: StoredAlarm, delivery: AlarmDelivery) -> None:
+        """Hand a delivery to its object; a refused one is offered again after a backoff (it
+        stays in ``_inflight`` meanwhile, so storage queries skip it)."""
+        address = ActorId(alarm.class_name, alarm.object_id)
+        if self._deliver(alarm, delivery):
+            self._refusals.pop(address, None)
+            return
+        if not self._runs_class(alarm.class_name):
+            return  # parked in _inflight: a restart with the class served picks it up
+        refusals = self._refusals[address] = self._refusals.get(address, 0) + 1
+        self._metrics.alarms.labels(alarm.class_name, "deferred").inc()
+        self._park(alarm, delivery, min(_MAX_SLEEP, _REFUSED_BACKOFF * 2 ** (refusals - 1)))
 
     async def run(self) -> None:
         """Deliver alarms until cancelled."""
@@ -163,7 +199,7 @@ class AlarmScheduler:
         now = time.time()
         while self._retries and self._retries[0][0] <= now:
             _, _, alarm, delivery = heapq.heappop(self._retries)
-            self._deliver(alarm, delivery)  # if it cannot be delivered it stays parked
+            self._offer(alarm, delivery)
         partitions = self._partitions()
         if not partitions:
             self._next_wake = now + _MAX_SLEEP
@@ -178,9 +214,7 @@ class AlarmScheduler:
             delivery = AlarmDelivery(alarm.due, 1)
             self._inflight[address] = delivery
             fresh += 1
-            # Undeliverable (class not served here): stays parked in _inflight, not retried
-            # on every tick; a restart with the class served picks it up.
-            self._deliver(alarm, delivery)
+            self._offer(alarm, delivery)
         if fresh >= _BATCH:
             self._next_wake = now
             return 0.0  # more are due: go again at once

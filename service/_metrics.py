@@ -169,6 +169,13 @@ class WorkerMetrics:
             "Partition snapshots stored (the log is purged below each).",
             registry=r,
         )
+        self.background_failures = Counter(
+            "ndo_background_failures_total",
+            "Passes of a background task that failed, by task (idempotency_purge); the task "
+            "goes on at its next interval, and the failure is logged as a warning.",
+            ["task"],
+            registry=r,
+        )
 
     def count(self, counter: Counter, *labels: str, amount: float = 1.0) -> None:
         """``counter.labels(*labels).inc(amount)``, through the cache of label children."""

@@ -12,11 +12,14 @@ from ndo.storage._committer import (
     PendingCommit,
 )
 from ndo.storage._errors import (
+    CorruptStorageError,
     FencedError,
     PartialCommitError,
     PartitionCountError,
+    StorageBusyError,
     StorageClosedError,
     StorageError,
+    WriteRejectedError,
 )
 from ndo.storage._log_record import LogRecord, decode_log_record, encode_log_record
 from ndo.storage._memory import InMemoryStorage
@@ -36,6 +39,7 @@ __all__ = [
     "CommitAbandonedError",
     "CommitStats",
     "CommitWaiter",
+    "CorruptStorageError",
     "FencedError",
     "GroupCommitter",
     "IdempotentReply",
@@ -48,10 +52,12 @@ __all__ = [
     "PendingCommit",
     "SqliteStorage",
     "Storage",
+    "StorageBusyError",
     "StorageClosedError",
     "StorageError",
     "StoredAlarm",
     "Synchronous",
+    "WriteRejectedError",
     "decode_log_record",
     "decode_snapshot",
     "encode_log_record",

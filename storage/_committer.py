@@ -14,6 +14,24 @@ at most one delivery overlaps one commit. This is safe because a waiter of a
 clean commit only releases what is already durable. After a commit that failed or was fenced in
 part, the waiters are told before the next batch is taken: they reset their objects, and the
 next batch must see that (``commit_wanted``) so no write built on a failed one is committed.
+
+**A refused write-set fails only its own object.** When a batch's transaction fails for what
+a write-set holds (``WriteRejectedError``: a constraint, a value storage cannot store, a damaged
+page; or a ``ValueError`` from building its rows), the batch is committed again without it: its
+objects are split in halves, each half committed on its own, and a half that fails again is
+split further, until the objects at fault are alone (about two transactions per halving, so
+one bad object in a batch of n costs ~2·log2(n) extra transactions). Each object's write-sets
+stay together and in order; objects are independent, so committing them in several
+transactions changes nothing but the number of fsyncs. Only the waiters of the refused objects
+get the error; the others are durable and told so. A failure that is about the disk or the
+process (full, I/O, busy, closed) fails every write-set of the batch alike, with no retry;
+during the split it fails the objects not yet committed. ``stats.failures`` counts every failed
+transaction, the split's included.
+
+**A bounded queue.** ``max_queued`` write-sets may wait (default 20,000); past it ``full`` is
+true. ``submit`` still accepts (a turn already ran and must be answered), so the bound is kept
+by whoever runs turns: it waits in ``wait_for_room()`` before running a turn that may write,
+which returns at once while the queue is not full and otherwise when the next batch is taken.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ from ndo.storage._errors import (
     PartialCommitError,
     StorageClosedError,
     StorageError,
+    WriteRejectedError,
 )
 from ndo.storage._records import ObjectWrite
 
@@ -40,6 +59,12 @@ __all__ = ["CommitAbandonedError", "CommitStats", "CommitWaiter", "GroupCommitte
 
 DEFAULT_MAX_BATCH: Final = 2048
 """Most write-sets in one transaction; a longer queue is committed in several."""
+
+DEFAULT_MAX_QUEUED: Final = 20_000
+"""Write-sets that may wait for a transaction before the committer counts as ``full``."""
+
+_ObjectKey = tuple[str, str]
+"""``(class_name, object_id)``."""
 
 _log = structlog.get_logger("ndo.storage")
 
@@ -94,6 +119,7 @@ class GroupCommitter:
     # Configuration
     _storage: Storage
     _max_batch: int
+    _max_queued: int
     _observer: Callable[[list[ObjectWrite], float], None] | None
     _on_failure: Callable[[BaseException], None] | None
     # State
@@ -102,6 +128,8 @@ class GroupCommitter:
     _task: asyncio.Task[None] | None
     _delivery: asyncio.Task[None] | None
     """Telling the waiters of the last clean commit (runs while the next one commits)."""
+    _room: asyncio.Future[None] | None
+    """Resolved when the next batch is taken (exists while someone waits for room)."""
     _stopping: bool
     stats: CommitStats
 
@@ -110,23 +138,31 @@ class GroupCommitter:
         storage: Storage,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_queued: int = DEFAULT_MAX_QUEUED,
         observer: Callable[[list[ObjectWrite], float], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """Create a committer writing to ``storage``; call ``start()`` before submitting.
 
+        ``max_queued``: write-sets that may wait before ``full`` is true (see the module doc).
         ``observer(entries, seconds)`` is told about every successful transaction (metrics,
         alarm wake-ups); it must not keep ``entries``. ``on_failure(error)`` is told about every
         transaction that failed.
         """
+        if max_batch < 1 or max_queued < 1:
+            raise ValueError(
+                f"max_batch and max_queued must be >= 1, got {max_batch} and {max_queued}"
+            )
         self._storage = storage
         self._max_batch = max_batch
+        self._max_queued = max_queued
         self._observer = observer
         self._on_failure = on_failure
         self._queue = deque()
         self._wakeup = asyncio.Event()
         self._task = None
         self._delivery = None
+        self._room = None
         self._stopping = False
         self.stats = CommitStats()
 
@@ -134,6 +170,31 @@ class GroupCommitter:
     def queued(self) -> int:
         """Write-sets waiting for a transaction."""
         return len(self._queue)
+
+    @property
+    def max_queued(self) -> int:
+        """Write-sets that may wait before the committer is ``full``."""
+        return self._max_queued
+
+    @property
+    def full(self) -> bool:
+        """True when ``max_queued`` or more write-sets wait (``submit`` still accepts)."""
+        return len(self._queue) >= self._max_queued
+
+    async def wait_for_room(self) -> None:
+        """Return at once when the queue is not full, else once batches taken made room (or
+        the committer stops: ``submit`` then refuses)."""
+        while self.full and not self._stopping:
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            # Shielded: one cancelled waiter must not cancel the future the others wait on.
+            await asyncio.shield(self._room)
+
+    def _room_made(self) -> None:
+        """Wake whoever waits for room (a batch was taken, or the committer stops)."""
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def start(self) -> None:
         """Start the commit loop."""
@@ -152,6 +213,7 @@ class GroupCommitter:
         """Commit everything already queued, then stop (idempotent)."""
         self._stopping = True
         self._wakeup.set()
+        self._room_made()
         task, self._task = self._task, None
         if task is not None:
             await task
@@ -200,45 +262,135 @@ class GroupCommitter:
                 abandoned.add(id(pending))
             elif pending.write is not None and not pending.write.is_empty():
                 entries.append(pending.write)
+        self._room_made()
         fenced: frozenset[int] = frozenset()
         failed: dict[int, StorageError] = {}
+        by_object: dict[_ObjectKey, BaseException] = {}
         if entries:
-            started = time.perf_counter()
             try:
-                fenced = await self._storage.commit(entries)
-            except PartialCommitError as exc:  # some partitions durable, others not
-                self.stats.failures += 1
-                _log.error("group commit failed in part", write_sets=len(entries), error=str(exc))
-                if self._on_failure is not None:
-                    self._on_failure(exc)
-                fenced, failed = exc.fenced, exc.failed
+                fenced, failed = await self._transaction(entries)
             except (StorageError, ValueError) as exc:
-                self.stats.failures += 1
                 _log.error("group commit failed", write_sets=len(entries), error=str(exc))
-                if self._on_failure is not None:
-                    self._on_failure(exc)
-                return [
-                    (pending, CommitAbandonedError() if id(pending) in abandoned else exc)
-                    for pending in batch
-                ], False
-            self.stats.transactions += 1
-            self.stats.write_sets += sum(
-                1 for e in entries if e.partition not in fenced and e.partition not in failed
-            )
-            if self._observer is not None:
-                self._observer(entries, time.perf_counter() - started)
+                if not _refused(exc) or len({_key(e) for e in entries}) < 2:
+                    return [
+                        (pending, CommitAbandonedError() if id(pending) in abandoned else exc)
+                        for pending in batch
+                    ], False
+                fenced, by_object = await self._isolate(entries, exc)
         outcomes: list[tuple[PendingCommit, BaseException | None]] = []
         for pending in batch:  # outcomes in submission order, abandoned ones included
             write = pending.write
             if id(pending) in abandoned:
                 outcomes.append((pending, CommitAbandonedError()))
-            elif write is not None and write.partition in failed:
+            elif write is None:
+                outcomes.append((pending, None))
+            elif (error := by_object.get(_key(write))) is not None:
+                outcomes.append((pending, error))
+            elif write.partition in failed:
                 outcomes.append((pending, failed[write.partition]))
-            elif write is not None and write.partition in fenced:
+            elif write.partition in fenced:
                 outcomes.append((pending, FencedError({write.partition})))
             else:
                 outcomes.append((pending, None))
-        return outcomes, not (abandoned or fenced or failed)
+        return outcomes, not (abandoned or fenced or failed or by_object)
+
+    async def _transaction(
+        self, entries: list[ObjectWrite]
+    ) -> tuple[frozenset[int], dict[int, StorageError]]:
+        """Run one storage transaction; return the fenced partitions and those that failed
+        alone (replicated storage), and count it.
+
+        Raises:
+            StorageError, ValueError: the transaction failed; nothing of it was written.
+        """
+        started = time.perf_counter()
+        failed: dict[int, StorageError] = {}
+        try:
+            fenced = await self._storage.commit(entries)
+        except PartialCommitError as exc:  # some partitions durable, others not
+            self._failed(exc)
+            _log.error("group commit failed in part", write_sets=len(entries), error=str(exc))
+            fenced, failed = exc.fenced, exc.failed
+        except (StorageError, ValueError) as exc:
+            self._failed(exc)
+            raise
+        self.stats.transactions += 1
+        self.stats.write_sets += sum(
+            1 for e in entries if e.partition not in fenced and e.partition not in failed
+        )
+        if self._observer is not None:
+            self._observer(entries, time.perf_counter() - started)
+        return fenced, failed
+
+    def _failed(self, error: BaseException) -> None:
+        self.stats.failures += 1
+        if self._on_failure is not None:
+            self._on_failure(error)
+
+    async def _isolate(
+        self, entries: list[ObjectWrite], error: BaseException
+    ) -> tuple[frozenset[int], dict[_ObjectKey, BaseException]]:
+        """Commit a batch that was refused (``error``) again without the objects at fault, by
+        halving it (see the module doc). Returns the partitions fenced in any transaction and
+        each object whose write-sets were not made durable, with why."""
+        groups: dict[_ObjectKey, list[ObjectWrite]] = {}
+        for entry in entries:
+            groups.setdefault(_key(entry), []).append(entry)
+        keys = list(groups)
+        fenced: set[int] = set()
+        errors: dict[_ObjectKey, BaseException] = {}
+        halted: BaseException | None = None  # a failure of the disk or process: stop there
+        mid = len(keys) // 2
+        stack = [keys[mid:], keys[:mid]]  # the first half is committed first
+        while stack:
+            part = stack.pop()
+            if halted is not None:
+                errors.update(dict.fromkeys(part, halted))
+                continue
+            writes = [w for key in part for w in groups[key]]
+            try:
+                part_fenced, part_failed = await self._transaction(writes)
+            except (StorageError, ValueError) as exc:
+                if not _refused(exc):
+                    halted = exc
+                    errors.update(dict.fromkeys(part, exc))
+                elif len(part) == 1:
+                    errors[part[0]] = exc
+                    _log.error(
+                        "write-set refused; only its object fails",
+                        class_name=part[0][0],
+                        object_id=part[0][1],
+                        write_sets=len(writes),
+                        error=str(exc),
+                    )
+                else:
+                    half = len(part) // 2
+                    stack.append(part[half:])
+                    stack.append(part[:half])
+                continue
+            fenced.update(part_fenced)
+            for w in writes:
+                if w.partition in part_failed:
+                    errors[_key(w)] = part_failed[w.partition]
+                elif w.partition in part_fenced:
+                    errors[_key(w)] = FencedError({w.partition})
+        _log.warning(
+            "group commit retried without the refused write-sets",
+            objects=len(keys),
+            refused=sum(1 for e in errors.values() if _refused(e)),
+            failed=len(errors),
+            first_error=str(error),
+        )
+        return frozenset(fenced), errors
+
+
+def _key(write: ObjectWrite) -> _ObjectKey:
+    return (write.class_name, write.object_id)
+
+
+def _refused(error: BaseException) -> bool:
+    """True when ``error`` refuses what the write-sets hold (deterministic), not the disk."""
+    return isinstance(error, (WriteRejectedError, ValueError))
 
 
 async def _deliver(outcomes: list[tuple[PendingCommit, BaseException | None]]) -> None:

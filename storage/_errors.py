@@ -2,8 +2,11 @@
 
 ::
 
-    StorageError                 any failure of the storage layer
+    StorageError                 any failure of the storage layer (transient unless below)
     ├── StorageClosedError       used after close (a bug in the caller; not retryable)
+    ├── StorageBusyError         another process held the write lock too long (transient)
+    ├── WriteRejectedError       a write refused for what it holds (deterministic)
+    ├── CorruptStorageError      the database file is damaged (found at open; not retryable)
     ├── FencedError              a newer owner holds the partition; this worker must drop it
     ├── PartialCommitError       some partitions of a batch were made durable, others not
     └── PartitionCountError      the data directory was created with another partition count
@@ -11,12 +14,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
+    "CorruptStorageError",
     "FencedError",
     "PartialCommitError",
     "PartitionCountError",
+    "StorageBusyError",
     "StorageClosedError",
     "StorageError",
+    "WriteRejectedError",
 ]
 
 
@@ -29,6 +37,49 @@ class StorageClosedError(StorageError):
 
     def __init__(self) -> None:
         super().__init__("storage is closed")
+
+
+class StorageBusyError(StorageError):
+    """Another process held the database's write lock longer than the wait allowed (a frozen
+    or stuck peer worker, or a tool holding a write transaction). Transient: a retry can
+    succeed once the holder lets go; the runtime answers ``503 storage_busy``."""
+
+    path: Path
+    """The database file."""
+    waited: float
+    """Seconds waited for the lock."""
+
+    def __init__(self, path: Path, waited: float, detail: str = "") -> None:
+        self.path = path
+        self.waited = waited
+        super().__init__(
+            f"another process held the write lock of {path} for more than {waited:g} s"
+            + (f" ({detail})" if detail else "")
+            + "; retry later, and check for a stopped or hung process using that file "
+            "(for example with `fuser` or `lsof`)"
+        )
+
+
+class WriteRejectedError(StorageError):
+    """Storage refused a write for what it holds, not for the state of the disk: a constraint,
+    a value it cannot store, a damaged page the write touches. Deterministic: the same write
+    fails again. The group committer commits the other objects of a batch without it."""
+
+
+class CorruptStorageError(StorageError):
+    """The database file is damaged or is not a database. Not retryable: restore the file
+    from a backup or repair it; a worker cannot start on it."""
+
+    path: Path
+    """The database file."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the database {path} is damaged ({detail}); stop every worker using it, then "
+            f"restore it from a backup, or check it with: sqlite3 {path} "
+            '"PRAGMA integrity_check"'
+        )
 
 
 class FencedError(StorageError):
