@@ -13,10 +13,13 @@ into these exceptions on the client. A handler may raise any of them on purpose 
     ├── PermissionDeniedError  403 NATS permissions refuse the call, or the object refuses
     │                              this caller
     ├── NotFoundError          404 unknown class or method
-    ├── ConflictError          409 the object refuses the call in its current state
-    ├── PayloadTooLargeError   413 request, reply, key or value over a limit
-    ├── HandlerError           500 the handler raised; its writes were discarded
-    ├── UnavailableError       503 no worker, overloaded, object moving, storage failure (retry)
+    ├── ConflictError          409 the object refuses the call in its current state; an
+    │                              idempotency key reused for another call
+    ├── PayloadTooLargeError   413 request, reply, key, value, turn or object over a limit
+    ├── HandlerError           500 the handler raised (its writes were discarded), storage
+    │                              refused the write, or a bug in ndo (with a request id)
+    ├── UnavailableError       503 no worker, overloaded, object moving, storage busy or failed
+    │                              (retry)
     ├── DeadlineExceededError  504 the handler ran past its deadline; writes discarded
     └── CallTimeoutError       no reply in time (client side; also a TimeoutError)
 """

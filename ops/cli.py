@@ -476,9 +476,10 @@ async def _run_service(
                 if args.websocket_port is None
                 else f"ws://127.0.0.1:{args.websocket_port}",
             )
-        async with Worker(config, classes, registry=registry):
+        async with Worker(config, classes, registry=registry) as worker:
             _log.info(
                 "serving; press Ctrl-C to stop",
+                partitions=f"{len(worker.partitions)} of {config.partitions}",
                 nats_url=redact_url(config.nats_url),
                 classes=sorted(c.__name__ for c in classes),
                 loop=loop_name,

@@ -12,6 +12,11 @@ in its own copy of the context), one ``DeadlineWatchdog`` per worker enforces th
 deadline instead of a timer per turn, and a read-only turn with nothing in flight replies straight
 from the pump without building a commit waiter.
 
+Bounded: an object holds at most ``max_mailbox`` queued messages (more are refused at ingress with
+503 "overloaded") and at most ``max_mailbox`` turns waiting for their commit; past that, or while
+the group committer's queue is full, the pump waits for commits before it runs another turn, so
+its mailbox fills and callers are told to back off instead of memory growing without bound.
+
 Failure handling: a handler that raises discards its own write-set and the instance is rebuilt
 before the next turn (the engine does both). A commit that fails resets the object (new
 generation): the turns queued behind it in the committer are abandoned with an error, and the
@@ -39,6 +44,7 @@ from ndo.actors import (
     ActorError,
     ActorId,
     ActorStorage,
+    ConflictError,
     DeadlineExceededError,
     Event,
     HandlerError,
@@ -46,7 +52,13 @@ from ndo.actors import (
 )
 from ndo.actors.runtime import ActorClassInfo, ActorContext, StorageLimits
 from ndo.service._alarms import AlarmScheduler
-from ndo.service._codec import MSGPACK_HEADERS, encode_error, replay_reply, stored_reply
+from ndo.service._codec import (
+    MSGPACK_HEADERS,
+    encode_error,
+    replay_reply,
+    stored_fingerprint,
+    stored_reply,
+)
 from ndo.service._envelope import AlarmDelivery, Envelope
 from ndo.service._idempotency import IdempotencyCache
 from ndo.service._journal import JOURNAL_OFF, Journal, JournalEntry
@@ -64,6 +76,9 @@ from ndo.storage import (
     ObjectWrite,
     PendingCommit,
     Storage,
+    StorageBusyError,
+    StorageError,
+    WriteRejectedError,
 )
 
 __all__ = ["Activation", "ActivationServices", "ActivationState"]
@@ -181,6 +196,7 @@ class Activation(TurnRunner):
         "_mailbox",
         "_pending",
         "_pump",
+        "_room",
         "_services",
         "address",
         "generation",
@@ -203,6 +219,8 @@ class Activation(TurnRunner):
     inside ``enqueue`` before it first waits)."""
     _pending: int
     """Turns handed to the committer and not yet durable."""
+    _room: asyncio.Future[None] | None
+    """Set while the pump waits for ``_pending`` to drop below the bound."""
     _followed: _Turn | None
     """The newest turn still waiting for its commit; read-only turns answer after it."""
     _idempotency: IdempotencyCache[_Turn] | None
@@ -225,6 +243,7 @@ class Activation(TurnRunner):
         self._mailbox = None
         self._pump = None
         self._pending = 0
+        self._room = None
         self._followed = None
         self._idempotency = None
         self._journal_token = ""
@@ -281,8 +300,11 @@ class Activation(TurnRunner):
         _OBJECT_VAR.set(self.address.object_id)
         _PARTITION_VAR.set(self.partition)
         method = ""
+        services = self._services
         try:
             while mailbox:
+                if self._pending >= services.max_mailbox or services.committer.full:
+                    await self._wait_for_room()
                 envelope = mailbox.popleft()
                 spec = envelope.spec
                 name = "alarm" if spec is None else spec.name
@@ -302,6 +324,15 @@ class Activation(TurnRunner):
             if not mailbox:
                 self._mailbox = None  # idle objects carry no deque
             self.last_used = time.monotonic()
+
+    async def _wait_for_room(self) -> None:
+        """Wait until this object has fewer than ``max_mailbox`` turns waiting for their commit
+        and the group committer has room (turns keep pipelining up to that bound)."""
+        services = self._services
+        while self._pending >= services.max_mailbox:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        await services.committer.wait_for_room()
 
     # Turns
 
@@ -374,7 +405,7 @@ class Activation(TurnRunner):
             assert key is not None and self._idempotency is not None
             write.idempotent_reply = IdempotentReply(
                 key,
-                stored_reply(body, envelope.msgpack),
+                stored_reply(body, envelope.msgpack, envelope.fingerprint),
                 time.time() + services.idempotency_window,
             )
             self._idempotency.remember(key, turn)
@@ -440,34 +471,56 @@ class Activation(TurnRunner):
         self._submit(object_write(self.address, self.partition, epoch, changes), turn)
 
     async def _answer_duplicate(self, envelope: Envelope, key: str) -> bool:
-        """Answer a request whose idempotency key was already applied; True if answered."""
+        """Answer a request whose idempotency key was already applied (with the first call's
+        reply, or 409 when the key was first used for another call); True if answered."""
         services = self._services
         if self._idempotency is None:
             self._idempotency = IdempotencyCache(services.idempotency_window)
         cls, oid, storage = self.address.class_name, self.address.object_id, services.storage
-        seen = await self._idempotency.lookup(
-            key,
-            lambda: storage.idempotency_horizon(cls, oid, time.time()),
-            lambda k: storage.read_idempotent(cls, oid, k, time.time()),
-        )
+        try:
+            seen = await self._idempotency.lookup(
+                key,
+                lambda: storage.idempotency_horizon(cls, oid, time.time()),
+                lambda k: storage.read_idempotent(cls, oid, k, time.time()),
+            )
+        except StorageError as exc:
+            await self._send_error(
+                envelope,
+                UnavailableError(
+                    f"could not check the Idempotency-Key ({exc}); nothing was applied, retry "
+                    "the call",
+                    type="storage_failure",
+                ),
+            )
+            return True
         if seen is None:
             return False
+        first = seen.envelope.fingerprint if isinstance(seen, _Turn) else stored_fingerprint(seen)
+        if first is not None and first != envelope.fingerprint:
+            await self._send_error(envelope, _key_reused(key, services.idempotency_window))
+            return True
         metrics = services.metrics
         metrics.count(metrics.idempotent_replays, cls)
         if isinstance(seen, _Turn):  # the first call is still waiting for its commit
-            _follow(seen, _Turn(self, envelope, seen.body, seen.headers, None))
-            same_encoding = seen.envelope.msgpack == envelope.msgpack
+            body, headers = seen.body, seen.headers
+            if seen.envelope.msgpack != envelope.msgpack:
+                try:
+                    body, headers = replay_reply(
+                        stored_reply(seen.body, seen.envelope.msgpack), envelope.msgpack
+                    )
+                except ActorError as error:
+                    await self._send_error(envelope, error)
+                    return True
+            _follow(seen, _Turn(self, envelope, body, headers, None))
             self._journal(
-                JournalEntry(
-                    self.address,
-                    self.partition,
-                    envelope,
-                    status="duplicate",
-                    body=seen.body if same_encoding else None,
-                )
+                JournalEntry(self.address, self.partition, envelope, status="duplicate", body=body)
             )
             return True
-        body, headers = replay_reply(seen, envelope.msgpack)
+        try:
+            body, headers = replay_reply(seen, envelope.msgpack)
+        except ActorError as error:
+            await self._send_error(envelope, error)
+            return True
         await self._send_reply(envelope, body, headers)
         self._journal(
             JournalEntry(self.address, self.partition, envelope, status="duplicate", body=body)
@@ -477,6 +530,11 @@ class Activation(TurnRunner):
     async def _turn_durable(self, turn: _Turn, error: BaseException | None) -> None:
         """Commit outcome of ``turn`` (called by the committer, in order)."""
         self._pending -= 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
         if self._followed is turn:
             self._followed = None
         if error is None:
@@ -484,14 +542,7 @@ class Activation(TurnRunner):
             return
         if turn.generation == self.generation:
             self._reset(error)
-        failure = (
-            _reset_error()
-            if isinstance(error, CommitAbandonedError)
-            else UnavailableError(
-                f"the write was not made durable ({error}); nothing was applied, retry the call",
-                type="fenced" if isinstance(error, FencedError) else "storage_failure",
-            )
-        )
+        failure = _commit_failure(error)
         key = turn.envelope.idempotency_key
         if key is not None and self._idempotency is not None:
             self._idempotency.forget(key)
@@ -528,7 +579,8 @@ class Activation(TurnRunner):
             envelope = current.envelope
             key = envelope.idempotency_key
             if key is not None and self._idempotency is not None:
-                self._idempotency.update(key, stored_reply(current.body, envelope.msgpack), current)
+                stored = stored_reply(current.body, envelope.msgpack, envelope.fingerprint)
+                self._idempotency.update(key, stored, current)
             await self._send_reply(envelope, current.body, current.headers)
             if current.journal is not None and not current.journal.only_if_aborted:
                 self._record(current.journal)
@@ -586,6 +638,37 @@ def _follow(leader: _Turn, follower: _Turn) -> None:
         leader.followers = [follower]
     else:
         leader.followers.append(follower)
+
+
+def _key_reused(key: str, window: float) -> ConflictError:
+    return ConflictError(
+        f"Idempotency-Key {key!r} was first used for another call of this object (another "
+        f"method or other arguments) in the last {window:g} s; use a fresh key for each "
+        "logical call, and the same key only to retry that exact call",
+        type="idempotency_key_reused",
+    )
+
+
+def _commit_failure(error: BaseException) -> ActorError:
+    """What the caller of a turn whose write-set was not made durable is told."""
+    if isinstance(error, CommitAbandonedError):
+        return _reset_error()
+    if isinstance(error, (WriteRejectedError, ValueError)):
+        return HandlerError(
+            f"storage refused this object's write ({error}); nothing was applied and the object "
+            "was reloaded. The same call fails the same way: check what it writes, and the "
+            "worker's logs (a damaged database: PRAGMA integrity_check)",
+            type="write_rejected",
+        )
+    if isinstance(error, StorageBusyError):
+        return UnavailableError(
+            f"the write was not made durable ({error}); nothing was applied, retry the call",
+            type="storage_busy",
+        )
+    return UnavailableError(
+        f"the write was not made durable ({error}); nothing was applied, retry the call",
+        type="fenced" if isinstance(error, FencedError) else "storage_failure",
+    )
 
 
 def _reset_error() -> UnavailableError:

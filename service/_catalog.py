@@ -1,11 +1,15 @@
-"""The activation table: which objects are in memory, created once per id, evicted LRU or idle."""
+"""The activation table: which objects are in memory, created once per id, evicted LRU or idle.
+
+``max_active`` is a hard bound: when every object in memory is busy (queued, running or
+committing) a new one is refused with 503 "overloaded" instead of growing the table.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from ndo.actors import ActorId
+from ndo.actors import ActorId, UnavailableError
 from ndo.actors.runtime import ActorClassInfo
 from ndo.service._activation import Activation, ActivationServices
 from ndo.subjects import partition_of
@@ -62,6 +66,9 @@ class Catalog:
 
         Synchronous (no await), so concurrent arrivals can never activate an id twice.
         ``partition`` saves recomputing the object's partition when the caller knows it.
+
+        Raises:
+            UnavailableError: ``max_active`` objects are in memory and none of them is idle.
         """
         address = ActorId(info.name, object_id)
         activation = self._table.get(address)
@@ -73,22 +80,33 @@ class Catalog:
         # Make room before inserting: the newcomer is idle until its first message is queued,
         # and must never be its own LRU victim (that message would land on an orphan).
         if len(self._table) >= self._max_active:
-            self._evict_lru(over=len(self._table) + 1 - self._max_active)
+            over = len(self._table) + 1 - self._max_active
+            evicted = self._evict_lru(over, scan=_EVICTION_SCAN)
+            if evicted < over:  # the least recently used are busy: look through them all
+                self._evict_lru(over - evicted, scan=len(self._table))
+            if len(self._table) >= self._max_active:
+                raise UnavailableError(
+                    f"this worker holds {len(self._table)} objects in memory (--max-active) and "
+                    "all are busy; retry with backoff",
+                    type="overloaded",
+                )
         activation = Activation(self._services, info, object_id, partition)
         self._table[address] = activation
         self._services.metrics.active_objects.set(len(self._table))
         return activation
 
-    def _evict_lru(self, over: int) -> None:
-        """Evict up to ``over`` idle activations, least recently used first."""
+    def _evict_lru(self, over: int, *, scan: int) -> int:
+        """Evict up to ``over`` idle activations among the ``scan`` least recently used;
+        return how many."""
         victims: list[Activation] = []
         for i, activation in enumerate(self._table.values()):
-            if i >= _EVICTION_SCAN or len(victims) >= over:
+            if i >= scan or len(victims) >= over:
                 break
             if activation.idle:
                 victims.append(activation)
         for activation in victims:
             self._remove(activation, "lru")
+        return len(victims)
 
     def evict_idle(self, now: float) -> int:
         """Evict objects idle since before ``now - idle_timeout``; return how many."""

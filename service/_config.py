@@ -71,7 +71,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     worker_name: str = ""
     """Name shown in logs, metrics and status; defaults to host-pid."""
     max_active: int = 10_000
-    """Most objects kept in memory; beyond it the least recently used idle ones are evicted."""
+    """Most objects kept in memory; beyond it the least recently used idle ones are evicted, and
+    when every one is busy a new object is refused with 503 "overloaded"."""
     idle_timeout: float = 300.0
     """Seconds without messages after which an object is evicted."""
     scan_interval: float = 1.0
@@ -88,6 +89,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Largest encoded storage value, in bytes."""
     max_keys_per_call: int = 128
     """Most keys in one ``get_many`` / ``put_many`` / ``delete_many``."""
+    max_turn_bytes: int = 32 * 1024 * 1024
+    """Most bytes one call may write (keys, values and 10 bytes per key; with
+    ``storage="replicated"`` also at most what one partition log record holds); 0: no limit."""
+    max_object_bytes: int = 1024 * 1024 * 1024
+    """Most bytes one object may store (its keys and values); a call that would grow it past
+    this fails with 413 ``object_too_large``, one that shrinks it always succeeds; 0: no limit."""
     drain_timeout: float = 30.0
     """Seconds shutdown waits for queued messages to finish."""
     idempotency_window: float = 300.0
@@ -147,6 +154,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_key_bytes=self.max_key_bytes,
             max_value_bytes=self.max_value_bytes,
             max_keys_per_call=self.max_keys_per_call,
+            max_turn_bytes=self.max_turn_bytes,
+            max_object_bytes=self.max_object_bytes,
         )
 
     def __post_init__(self) -> None:
@@ -180,6 +189,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("max_turn_bytes", "max_object_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if self.partitions > 4096:
             raise ValueError(f"partitions must be <= 4096, got {self.partitions}")
         if self.ownership not in ("auto", "leases", "standalone"):
@@ -260,7 +272,11 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
         default_text="./ndo-data",
     ),
     WorkerOption(field="partitions", help="partition count, fixed per deployment"),
-    WorkerOption(field="max_active", help="objects kept in memory before LRU eviction"),
+    WorkerOption(
+        field="max_active",
+        help="most objects in memory: idle ones are evicted LRU, and when all are busy new "
+        "ones get 503 overloaded",
+    ),
     WorkerOption(field="idle_timeout", help="seconds before an idle object is evicted"),
     WorkerOption(
         field="handler_timeout", help="seconds a handler may run before it fails with 504"
@@ -273,6 +289,18 @@ WORKER_OPTIONS: Final[tuple[WorkerOption, ...]] = (
     ),
     WorkerOption(field="max_value_bytes", help="largest stored value in bytes"),
     WorkerOption(field="max_key_bytes", help="longest storage key in bytes"),
+    WorkerOption(
+        field="max_turn_bytes",
+        help="most bytes one call may write (keys and values), e.g. 8M; 0: no limit",
+        parse=parse_size,
+        default_text="32M",
+    ),
+    WorkerOption(
+        field="max_object_bytes",
+        help="most bytes one object may store (keys and values), e.g. 100M; 0: no limit",
+        parse=parse_size,
+        default_text="1G",
+    ),
     WorkerOption(
         field="journal",
         help="do not record turns to the JetStream journal",

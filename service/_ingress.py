@@ -7,15 +7,29 @@ subject seen before skips the parse and the name checks.
 
 A request for a partition this worker does not serve is forwarded to its holder when the routing
 is ``forward`` and another worker holds it, and answered 503 "moving" otherwise (the client
-retries). The subscriptions themselves are the ``Router``'s (``service._routing``); ingress
-subscribes and unsubscribes partitions when the ownership asks (``subscribe``, ``unsubscribe``)
-and follows the server when an operator adds or removes the partition mapping.
+retries). A request for a partition this worker is taking up right now (its lease being written,
+its fence claimed) is *held* instead: it waits, in arrival order, up to ``_HOLD_FOR`` seconds
+for the partition to be served, so a worker that has just started, or taken a partition over,
+answers the requests that arrive meanwhile instead of refusing them. Held requests are bounded
+in count and bytes; beyond that, or past the wait, they get the usual 503.
+
+Nothing a request can carry lets an exception escape without an answer: an error that is not an
+``ActorError`` is a bug, answered 500 ``internal_error`` with a request id that the one log line
+about it (with the traceback) also carries. Requests the NATS client dropped because this worker
+fell behind (a slow consumer) are answered 503 ``overloaded`` from the error callback.
+
+The subscriptions themselves are the ``Router``'s (``service._routing``); ingress subscribes and
+unsubscribes partitions when the ownership asks (``subscribe``, ``unsubscribe``) and follows the
+server when an operator adds or removes the partition mapping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import uuid
+from collections import deque
 from collections.abc import Collection
 from typing import Final, NamedTuple
 
@@ -27,6 +41,7 @@ from nats.aio.msg import Msg
 from ndo.actors import (
     ActorError,
     BadRequestError,
+    HandlerError,
     NotFoundError,
     PayloadTooLargeError,
     UnavailableError,
@@ -61,6 +76,24 @@ _MAX_ROUTES: Final = 8192
 
 _MAX_KEY_LENGTH: Final = 256
 """Longest idempotency key accepted, in characters."""
+
+_HOLD_FOR: Final = 2.0
+"""Seconds a request for a partition being taken up waits for it (then: 503 "moving")."""
+_HOLD_POLL: Final = 0.02
+"""Seconds between checks of the partitions held requests wait for."""
+_MAX_HELD: Final = 10_000
+"""Most requests held at once (beyond: 503 "moving" at once)."""
+_MAX_HELD_BYTES: Final = 64 * 1024 * 1024
+"""Most request bytes held at once."""
+
+
+class _Held(NamedTuple):
+    """A request waiting for its partition to be served here."""
+
+    msg: Msg
+    routed: bool
+    until: float
+    """``time.monotonic()`` after which it is answered 503 "moving"."""
 
 
 class _Route(NamedTuple):
@@ -99,6 +132,14 @@ class Ingress:
     """Background drains of subscriptions that were dropped."""
     _recheck: asyncio.Event
     """Set to check the server's routing now (after a reconnect)."""
+    _held: dict[int, deque[_Held]]
+    """Requests waiting for their partition, by partition, in arrival order."""
+    _held_count: int
+    _held_bytes: int
+    _releaser: asyncio.Task[None] | None
+    """Hands held requests on as their partitions are served (runs while any are held)."""
+    _kick: asyncio.Event
+    """Set when the served partitions changed (held requests may go now)."""
 
     def __init__(
         self,
@@ -135,7 +176,12 @@ class Ingress:
         self._classes = classes
         self._nc = nc
         self._router = Router(
-            nc, prefix, mode, on_rpc=self._handle_request, on_routed=self._handle_routed
+            nc,
+            prefix,
+            mode,
+            partitions=partitions,
+            on_rpc=self._handle_request,
+            on_routed=self._handle_routed,
         )
         self._catalog = catalog
         self._outbox = outbox
@@ -145,6 +191,11 @@ class Ingress:
         self._routes = {}
         self._unsubscribing = set()
         self._recheck = asyncio.Event()
+        self._held = {}
+        self._held_count = 0
+        self._held_bytes = 0
+        self._releaser = None
+        self._kick = asyncio.Event()
 
     @property
     def mode(self) -> RoutingMode:
@@ -166,17 +217,45 @@ class Ingress:
         await self._router.start_rpc()
 
     async def stop(self) -> None:
-        """Stop taking new requests: what still arrives gets 503 "shutting down"; the shared
-        RPC subscription is drained (partition subscriptions go when the ownership closes)."""
+        """Stop taking new requests: what still arrives (or is held) gets 503 "shutting down";
+        the shared RPC subscription is drained (partition subscriptions go when the ownership
+        closes)."""
         self._accepting = False
+        self._kick.set()
         await self._router.stop_rpc()
 
     async def close(self) -> None:
-        """Drop every subscription and wait (bounded) for those being drained."""
+        """Drop every subscription, answer what is held, and wait (bounded) for the
+        subscriptions being drained."""
         self._accepting = False
+        self._kick.set()
         await self._router.close()
         if self._unsubscribing:
             await asyncio.wait(set(self._unsubscribing), timeout=10)
+        releaser, self._releaser = self._releaser, None
+        if releaser is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(releaser), timeout=5)
+            releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await releaser
+
+    def partitions_changed(self) -> None:
+        """The served partitions changed: requests held for them may go now."""
+        self._kick.set()
+
+    async def answer_dropped(self, subject: str, reply: str) -> None:
+        """The NATS client dropped a request on ``subject`` because this worker fell behind
+        (slow consumer): tell its caller to back off, if it may be answered at all."""
+        self._outbox.reject("slow_consumer", subject=subject)
+        if reply and self._outbox.may_answer(reply, request=subject):
+            error = UnavailableError(
+                "this worker is overloaded and dropped the request unread; retry with backoff",
+                type="overloaded",
+            )
+            self._metrics.requests.inc(("-", "-", error.type))
+            body, headers = encode_error(error, False)
+            await self._outbox.reply(reply, body, headers)
 
     def on_reconnect(self) -> None:
         """The connection came back: check the server's routing again now."""
@@ -246,7 +325,10 @@ class Ingress:
         partition = partition_of(alarm.class_name, alarm.object_id, self._partitions)
         if not self._ownership.accepts(partition):
             return False  # moved away: its new owner delivers it
-        activation = self._catalog.activate(info, alarm.object_id, partition)
+        try:
+            activation = self._catalog.activate(info, alarm.object_id, partition)
+        except UnavailableError:
+            return False  # every object in memory is busy: delivered again later
         return activation.enqueue(Envelope(None, None, "", alarm=delivery))
 
     # Requests
@@ -259,8 +341,10 @@ class Ingress:
         """A request on a partition subject: mapped there by the server, or forwarded."""
         await self._take(msg, routed=True)
 
-    async def _take(self, msg: Msg, *, routed: bool) -> None:
-        if msg.reply and not self._outbox.may_answer(msg.reply, request=msg.subject):
+    async def _take(self, msg: Msg, *, routed: bool, held: bool = False) -> None:
+        """Route one request into its object's mailbox, or answer why not (``held``: it was
+        held for its partition and must not be held again)."""
+        if not held and msg.reply and not self._outbox.may_answer(msg.reply, request=msg.subject):
             return  # not run, not forwarded: its answer would be written somewhere not an inbox
         headers = msg.headers
         msgpack = bool(headers) and headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE  # type: ignore[union-attr]
@@ -271,14 +355,21 @@ class Ingress:
             if route is None:
                 route = self._route(msg.subject, routed)
             info, object_id, spec, partition, _ = route
+            if not held and partition in self._held:
+                # Earlier requests of this partition wait: this one queues behind them.
+                if self._hold(msg, routed, partition):
+                    return
+                raise _moving(route)
             if not self._ownership.accepts(partition):
                 if not routed and await self._forward(msg, route):
                     return
-                raise UnavailableError(
-                    f"partition {partition} of {info.name}/{object_id} is "
-                    "moving between workers; retry shortly",
-                    type="moving",
-                )
+                if (
+                    not held
+                    and self._ownership.acquiring(partition)
+                    and self._hold(msg, routed, partition)
+                ):
+                    return
+                raise _moving(route)
             envelope = self._envelope(msg, spec, msgpack)
             activation = self._catalog.activate(info, object_id, partition)
             if not activation.enqueue(envelope):
@@ -288,10 +379,70 @@ class Ingress:
                     type="overloaded",
                 )
         except ActorError as error:
-            self._metrics.requests.inc(("-", "-", error.type))
-            if msg.reply:
-                body, reply_headers = encode_error(error, msgpack)
-                await self._outbox.reply(msg.reply, body, reply_headers)
+            await self._refuse(msg, error, msgpack)
+        except Exception:  # a bug: the caller still gets an answer, and it is logged once
+            request_id = uuid.uuid4().hex[:16]
+            _log.exception("request crashed in ingress", request_id=request_id, subject=msg.subject)
+            await self._refuse(
+                msg,
+                HandlerError(
+                    f"internal error in the ndo worker (request id {request_id}); nothing was "
+                    "applied; report it with the worker's log",
+                    type="internal_error",
+                ),
+                msgpack,
+            )
+
+    async def _refuse(self, msg: Msg, error: ActorError, msgpack: bool) -> None:
+        self._metrics.requests.inc(("-", "-", error.type))
+        if msg.reply:
+            body, reply_headers = encode_error(error, msgpack)
+            await self._outbox.reply(msg.reply, body, reply_headers)
+
+    # Requests held for a partition being taken up
+
+    def _hold(self, msg: Msg, routed: bool, partition: int) -> bool:
+        """Hold a request until ``partition`` is served here; False when the bounds are full."""
+        size = len(msg.data)
+        if self._held_count >= _MAX_HELD or self._held_bytes + size > _MAX_HELD_BYTES:
+            return False
+        queue = self._held.get(partition)
+        if queue is None:
+            queue = self._held[partition] = deque()
+        queue.append(_Held(msg, routed, time.monotonic() + _HOLD_FOR))
+        self._held_count += 1
+        self._held_bytes += size
+        if self._releaser is None:
+            self._releaser = asyncio.create_task(self._release_held(), name="ndo-held-requests")
+        return True
+
+    async def _release_held(self) -> None:
+        """Hand held requests on, in arrival order, once their partition is served here (or
+        answer them once it will not be soon); runs while any are held."""
+        try:
+            while self._held:
+                now = time.monotonic()
+                for partition in list(self._held):
+                    queue = self._held[partition]
+                    while queue:
+                        first = queue[0]
+                        ready = self._ownership.accepts(partition)
+                        waits = self._accepting and self._ownership.acquiring(partition)
+                        if not ready and waits and first.until > now:
+                            break
+                        queue.popleft()
+                        self._held_count -= 1
+                        self._held_bytes -= len(first.msg.data)
+                        await self._take(first.msg, routed=first.routed, held=True)
+                    if not queue:
+                        del self._held[partition]
+                if self._held:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_HOLD_POLL):
+                            await self._kick.wait()
+                    self._kick.clear()
+        finally:
+            self._releaser = None
 
     async def _forward(self, msg: Msg, route: _Route) -> bool:
         """Forward a request to the holder of its partition; False when there is none now."""
@@ -350,3 +501,11 @@ class Ingress:
         if self._caller_info and headers:
             caller = parse_request_info(headers.get(Header.REQUEST_INFO.value))
         return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key, caller=caller)
+
+
+def _moving(route: _Route) -> UnavailableError:
+    return UnavailableError(
+        f"partition {route.partition} of {route.info.name}/{route.object_id} is moving between "
+        "workers; retry shortly",
+        type="moving",
+    )

@@ -389,6 +389,9 @@ class JournalPublisher:
     _partitions: int
     # State
     _queue: deque[JournalEntry]
+    _queued_bytes: int
+    """Reply and write-set bytes the queued entries hold (``_entry_bytes``)."""
+    _max_pending_bytes: int
     _inflight: dict[str, tuple[float, int]]
     """Reply token -> (monotonic deadline of its acknowledgement, records it confirms), oldest
     first."""
@@ -413,6 +416,7 @@ class JournalPublisher:
         max_age: float,
         max_bytes: int,
         max_pending: int = 10_000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
         replicas: int = 1,
         ack_timeout: float = 5.0,
         flush_interval: float = _FLUSH_INTERVAL,
@@ -430,6 +434,8 @@ class JournalPublisher:
             max_bytes: stream retention, bytes.
             max_pending: records buffered or waiting for their acknowledgement before new ones
                 are dropped.
+            max_pending_bytes: reply and write-set bytes buffered before new records are
+                dropped (a few large turns must not hold the memory of ``max_pending``).
             replicas: replicas of the stream when this worker creates it.
             ack_timeout: seconds after which an unacknowledged message's records count as lost.
             flush_interval: seconds records are collected before they are published.
@@ -445,12 +451,14 @@ class JournalPublisher:
         self._max_age = max_age
         self._max_bytes = max_bytes
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         self._replicas = replicas
         self._ack_timeout = ack_timeout
         self._flush_interval = flush_interval
         self._reads = reads
         self._partitions = partitions
         self._queue = deque()
+        self._queued_bytes = 0
         self._inflight = {}
         self._unconfirmed = 0
         self._next_token = 0
@@ -542,6 +550,11 @@ class JournalPublisher:
         if backlog >= self._max_pending:
             self._fail("dropped", "journal buffer full")
             return
+        size = _entry_bytes(entry)
+        if self._queued_bytes + size > self._max_pending_bytes:
+            self._fail("dropped", "journal buffer full (bytes)")
+            return
+        self._queued_bytes += size
         self._queue.append(entry)
         if len(self._queue) == 1:
             self._wakeup.set()
@@ -565,6 +578,7 @@ class JournalPublisher:
             await task
         lost = len(self._queue) + self._unconfirmed
         self._queue.clear()
+        self._queued_bytes = 0
         self._inflight.clear()
         self._unconfirmed = 0
         if lost:
@@ -596,10 +610,17 @@ class JournalPublisher:
         taken = 0
         while self._queue and taken < _MAX_PASS:
             entry = self._queue.popleft()
+            self._queued_bytes -= _entry_bytes(entry)
             taken += 1
             try:
                 data = self._encode(entry, limit)
-            except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+            except (
+                msgspec.EncodeError,
+                TypeError,
+                ValueError,
+                OverflowError,
+                RecursionError,
+            ) as exc:
                 self._fail("encode_error", str(exc))
                 continue
             if len(data) > limit:
@@ -620,7 +641,7 @@ class JournalPublisher:
         a value JSON cannot express made that fail, truncated when over ``limit``."""
         try:
             data = encode_journal_record(journal_record(entry, self._worker, checked=False))
-        except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
             data = encode_journal_record(journal_record(entry, self._worker))
         if len(data) > limit:
             data = encode_journal_record(journal_record(entry, self._worker, truncated=True))
@@ -712,3 +733,13 @@ class JournalPublisher:
                 detail=detail,
                 stream=self._stream,
             )
+
+
+def _entry_bytes(entry: JournalEntry) -> int:
+    """The payload bytes a queued entry keeps alive: its reply and its write-set's values."""
+    size = len(entry.body) if entry.body else 0
+    changes = entry.changes
+    if changes is not None:
+        for key, value in changes.writes.items():
+            size += len(key) + (len(value) if value else 0)
+    return size

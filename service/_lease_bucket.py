@@ -104,6 +104,9 @@ class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
     started: float = 0.0
     routing: str = ""
     """Routing mode the worker detected (``mapped`` or ``forward``)."""
+    machine: str = ""
+    """The worker's boot and PID namespace (``service._local_peers.this_machine``): a worker of
+    the same ``machine`` can tell whether ``pid`` still runs."""
 
 
 class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -51,7 +51,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from ndo.service._assignment import assign_partitions
+from ndo.service._assignment import assign_partitions, partitions_text
 from ndo.service._config import WorkerConfig
 from ndo.service._connection import redact_url
 from ndo.service._errors import OwnershipError
@@ -68,6 +68,7 @@ from ndo.service._lease_bucket import (
     lease_key,
     member_key,
 )
+from ndo.service._local_peers import process_gone, this_machine
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._ownership import Ownership, PartitionHost, ServeAll
 from ndo.storage import FencedError, StorageError
@@ -142,13 +143,23 @@ class LeaseOwnership:
     _serving: dict[int, float]
     """Served partitions and their lease deadlines: the hot-path view of ``_held``."""
     _acquiring: dict[int, asyncio.Task[None]]
+    """Acquisitions and frees of leases running in the background."""
+    _claiming: set[int]
+    """Partitions being acquired (lease written or being written, fence being claimed)."""
     _released: dict[int, float]
     """Released or dropped partitions still subscribed (answering 503), and when to unsubscribe."""
     _member_rev: int | None
     _member_deadline: float
     _leaving: bool
+    _starting: bool
+    """Between ``start`` and the first settled assignment."""
     _claim_failures: dict[int, tuple[int, float]]
     """Partitions whose last claim failed: consecutive failures, and when to try again."""
+    _gone: set[str]
+    """Members of this machine whose process has ended (crashed): not counted as members, and
+    their leases taken over at once instead of after their expiry."""
+    _forgetting: set[asyncio.Task[None]]
+    """Deletions of the records of members in ``_gone``."""
     # What we see
     _view: BucketView
     _watch: KeyValue.KeyWatcher | None
@@ -210,16 +221,21 @@ class LeaseOwnership:
                 pid=os.getpid(),
                 started=time.time(),
                 routing=routing,
+                machine=this_machine(),
             )
         )
         self._held = {}
         self._serving = {}
         self._acquiring = {}
+        self._claiming = set()
         self._released = {}
         self._member_rev = None
         self._member_deadline = 0.0
         self._leaving = False
+        self._starting = False
         self._claim_failures = {}
+        self._gone = set()
+        self._forgetting = set()
         self._view = BucketView(epoch_base=0)
         self._watch = None
         self._watch_task = None
@@ -251,7 +267,19 @@ class LeaseOwnership:
         if partition in self._held:
             return False
         view = self._view.leases.get(partition)
-        return view is not None and view.owner != self._member_id
+        return view is not None and view.owner != self._member_id and view.owner not in self._gone
+
+    def acquiring(self, partition: int) -> bool:
+        """Whether this worker is taking ``partition`` up right now (its lease being written or
+        its fence claimed, or, while it starts, the assignment gives it a free partition): its
+        requests may wait for it a moment."""
+        if partition in self._claiming:
+            return True
+        if not self._starting:
+            return False
+        if not self._caught_up.is_set() or self._member_rev is None:
+            return True  # joining: which partitions this worker gets is not known yet
+        return partition in self.desired() and not self.held_elsewhere(partition)
 
     @property
     def member_id(self) -> str:
@@ -265,7 +293,7 @@ class LeaseOwnership:
 
     def desired(self) -> frozenset[int]:
         """Partitions the assignment gives this worker now."""
-        members = set(self._view.members)
+        members = set(self._view.members) - self._gone
         if self._member_rev is not None:
             members.add(self._member_id)
         key = frozenset(members)
@@ -307,15 +335,20 @@ class LeaseOwnership:
         Raises:
             DeploymentMismatchError: the deployment has another partition count.
         """
-        await self._open_bucket()
-        await self._ensure_member()
-        await self._start_watch()
-        self._task = asyncio.create_task(self._run(), name="ndo-ownership")
-        deadline = time.monotonic() + self._settle_timeout
-        while time.monotonic() < deadline:
-            if self._caught_up.is_set() and self.desired() <= self.serving:
-                break
-            await asyncio.sleep(0.01)
+        self._starting = True
+        try:
+            await self._open_bucket()
+            await self._ensure_member()
+            await self._start_watch()
+            self._task = asyncio.create_task(self._run(), name="ndo-ownership")
+            deadline = time.monotonic() + self._settle_timeout
+            while time.monotonic() < deadline:
+                if self._caught_up.is_set() and self.desired() <= self.serving:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            self._starting = False
+        waiting = self.desired() - self.serving
         _log.info(
             "joined deployment",
             member=self._member_id,
@@ -323,6 +356,16 @@ class LeaseOwnership:
             serving=len(self._serving),
             desired=len(self.desired()),
         )
+        if waiting:
+            holders = sorted(
+                {view.name or view.owner for p, view in self._view.leases.items() if p in waiting}
+            )
+            _log.warning(
+                "some partitions of this worker are still held elsewhere; their requests get "
+                "503 moving until those leases are released or expire",
+                partitions=partitions_text(waiting),
+                held_by=",".join(holders) or "-",
+            )
 
     async def leave(self) -> None:
         """Hand everything over: leave the member set, drain and release every partition."""
@@ -349,7 +392,11 @@ class LeaseOwnership:
 
     async def close(self) -> None:
         """Stop the loop and the watch; unsubscribe everything (no KV writes)."""
-        tasks = [t for t in (self._task, self._watch_task, *self._acquiring.values()) if t]
+        tasks = [
+            t
+            for t in (self._task, self._watch_task, *self._acquiring.values(), *self._forgetting)
+            if t
+        ]
         self._task = self._watch_task = None
         for task in tasks:
             task.cancel()
@@ -426,6 +473,7 @@ class LeaseOwnership:
                 await self._start_watch()
             await self._ensure_member()
         await self._progress_drains()
+        self._find_gone_members()
         self._rebalance()
         self._reap_released()
         self._metrics.partitions_held.set(len(self._serving))
@@ -470,6 +518,8 @@ class LeaseOwnership:
                 last = self._view.tombstones.get(partition, 0)
             elif view.owner == self._member_id:
                 last = view.revision  # ours from an earlier tenure: take it up with a new epoch
+            elif view.owner in self._gone:
+                last = view.revision  # its holder's process ended: no need to wait for expiry
             elif self._abandoned(view, now):
                 _log.warning(
                     "taking over a lease nobody renews (written without a TTL?)",
@@ -496,6 +546,35 @@ class LeaseOwnership:
                     self._free(partition, view.revision), name=f"ndo-free-{partition}"
                 )
 
+    def _find_gone_members(self) -> None:
+        """Note members whose process on this machine has ended (``service._local_peers``), so
+        a worker restarted after a crash takes its predecessor's partitions over at once; their
+        records are deleted for the other workers' sake (best effort)."""
+        members = self._view.members
+        self._gone &= set(members)
+        for member, record in members.items():
+            if (
+                member == self._member_id
+                or member in self._gone
+                or not process_gone(record.pid, record.started, record.machine)
+            ):
+                continue
+            self._gone.add(member)
+            _log.info(
+                "a worker of this machine has ended; taking its partitions over now",
+                member=member,
+                pid=record.pid,
+            )
+            task = asyncio.create_task(self._forget_member(member), name="ndo-forget-member")
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
+
+    async def _forget_member(self, member: str) -> None:
+        with contextlib.suppress(*_TRANSIENT):
+            revision, _ = await self._bucket.read(member_key(member))
+            if revision:
+                await self._bucket.delete(member_key(member), revision)
+
     def _abandoned(self, view: LeaseView, now: float) -> bool:
         """Whether a lease of another worker is one nobody renews and nothing will expire: its
         owner is not a member and its revision has not moved for ``_abandon_after``."""
@@ -504,6 +583,7 @@ class LeaseOwnership:
     # Acquire
 
     async def _acquire(self, partition: int, last: int) -> None:
+        self._claiming.add(partition)
         try:
             self._released.pop(partition, None)
             await self._host.subscribe(partition)
@@ -557,6 +637,7 @@ class LeaseOwnership:
             if partition not in self._held:
                 self._released[partition] = time.monotonic()
         finally:
+            self._claiming.discard(partition)
             self._acquiring.pop(partition, None)
             self._wakeup.set()
 

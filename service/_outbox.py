@@ -65,7 +65,12 @@ class Outbox:
         ``request``); if not, the refusal is counted and logged (rate-limited)."""
         if is_reply_subject(reply, self._reply_prefixes):
             return True
-        self.reject("reply_subject", subject=request, reply=reply)
+        self.reject(
+            "reply_subject",
+            subject=request,
+            reply=reply,
+            allowed_reply_prefixes=",".join(self._reply_prefixes),
+        )
         return False
 
     def reject(self, reason: str, **fields: str) -> None:
@@ -83,7 +88,6 @@ class Outbox:
             "message dropped",
             reason=reason,
             dropped_since_last_warning=since,
-            allowed_reply_prefixes=",".join(self._reply_prefixes),
             **shown,
         )
 

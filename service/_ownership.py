@@ -101,6 +101,11 @@ class Ownership(Protocol):
         """Whether another worker holds ``partition`` (a request for it can be forwarded)."""
         ...
 
+    def acquiring(self, partition: int) -> bool:
+        """Whether this worker is taking ``partition`` up right now (a request for it may wait
+        a moment instead of being refused)."""
+        ...
+
     async def start(self) -> None:
         """Begin serving (and, with leases, join the deployment)."""
         ...
@@ -143,6 +148,10 @@ class _NotServing:
 
     def held_elsewhere(self, partition: int) -> bool:
         """Unknown: no."""
+        return False
+
+    def acquiring(self, partition: int) -> bool:
+        """Nothing is being taken up."""
         return False
 
     async def start(self) -> None:
@@ -210,6 +219,10 @@ class ServeAll:
 
     def held_elsewhere(self, partition: int) -> bool:
         """Never: nobody else serves this deployment."""
+        return False
+
+    def acquiring(self, partition: int) -> bool:
+        """Never: every partition is claimed before the first request is taken."""
         return False
 
     async def start(self) -> None:

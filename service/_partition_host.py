@@ -149,9 +149,11 @@ class LocalPartitions:
                 del self._leftovers[p]
 
     def partitions_changed(self, serving: frozenset[int]) -> None:
-        """The served partitions changed: let the alarm scheduler look again, and log a summary
-        once the moves of the moment have settled (one line, not one per partition)."""
+        """The served partitions changed: let held requests and the alarm scheduler look again,
+        and log a summary once the moves of the moment have settled (one line, not one per
+        partition)."""
         self._serving = serving
+        self._ingress.partitions_changed()
         self._alarms.partitions_changed()
         if self._summary is None and not self._closed:
             self._summary = asyncio.get_running_loop().call_later(_SUMMARY_DELAY, self._log_summary)

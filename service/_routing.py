@@ -77,8 +77,15 @@ _PROBES: Final = 16
 """Probe requests per detection: a wrong partition count slips past all of them with odds of at
 most 2**-16 for counts that differ by a factor of two, far less otherwise."""
 
-_PENDING_MSGS: Final = 1_000_000
-_PENDING_BYTES: Final = 512 * 1024 * 1024
+_PENDING_MSGS: Final = 100_000
+"""Messages the NATS client may buffer for this worker's request subscriptions, all together."""
+_PENDING_BYTES: Final = 256 * 1024 * 1024
+"""Bytes the NATS client may buffer for this worker's request subscriptions, all together: the
+shared subscriptions get it all, each partition's an equal share (at least the floors below), so
+a worker of many partitions cannot buffer partitions x a whole budget. What is dropped beyond it
+is answered 503 "overloaded" (``Ingress.answer_dropped``)."""
+_PARTITION_MIN_MSGS: Final = 5_000
+_PARTITION_MIN_BYTES: Final = 4 * 1024 * 1024
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -218,6 +225,7 @@ class Router:
         prefix: str,
         mode: RoutingMode,
         *,
+        partitions: int,
         on_rpc: Handler,
         on_routed: Handler,
     ) -> None:
@@ -227,6 +235,7 @@ class Router:
             nc: the worker's connection.
             prefix: the deployment's subject prefix.
             mode: the detected routing mode.
+            partitions: the deployment's partition count (sizes each subscription's buffer).
             on_rpc: callback for requests on the RPC subjects (``forward`` mode).
             on_routed: callback for requests on partition subjects (mapped or forwarded); use
                 ``rpc_subject_of`` to recover the RPC subject.
@@ -241,6 +250,10 @@ class Router:
         self._serve_all = False
         self._subs = {}
         self.forwarded = 0
+        self._partition_limits = (
+            max(_PARTITION_MIN_MSGS, _PENDING_MSGS // partitions),
+            max(_PARTITION_MIN_BYTES, _PENDING_BYTES // partitions),
+        )
         self._part_head = f"{prefix}.part."
         self._fwd_head = f"{prefix}.sys.fwd."
         self._rpc_head = f"{prefix}.rpc."
@@ -287,7 +300,10 @@ class Router:
             return
         subject = _partition_wildcard(self._prefix, self.mode, partition)
         self._subs[partition] = await self._subscribe(
-            subject, partition_queue(self._prefix, partition), self._on_routed
+            subject,
+            partition_queue(self._prefix, partition),
+            self._on_routed,
+            limits=self._partition_limits,
         )
 
     def detach(self, partitions: Iterable[int]) -> list[Subscription]:
@@ -341,13 +357,17 @@ class Router:
         await self.stop_rpc()
         await self.remove(list(self._subs))
 
-    async def _subscribe(self, subject: str, queue: str, cb: Handler) -> Subscription:
+    async def _subscribe(
+        self,
+        subject: str,
+        queue: str,
+        cb: Handler,
+        *,
+        limits: tuple[int, int] | None = None,
+    ) -> Subscription:
+        msgs, size = limits or (_PENDING_MSGS, _PENDING_BYTES)
         return await self._nc.subscribe(
-            subject,
-            queue=queue,
-            cb=cb,
-            pending_msgs_limit=_PENDING_MSGS,
-            pending_bytes_limit=_PENDING_BYTES,
+            subject, queue=queue, cb=cb, pending_msgs_limit=msgs, pending_bytes_limit=size
         )
 
 

@@ -55,6 +55,7 @@ from ndo.service._ingress import Ingress
 from ndo.service._journal import JOURNAL_OFF, JournalPublisher
 from ndo.service._leases import open_ownership
 from ndo.service._metrics import WorkerMetrics
+from ndo.service._nats_client import TolerantNatsClient
 from ndo.service._outbox import Outbox
 from ndo.service._ownership import NOT_SERVING, Ownership
 from ndo.service._partition_host import LocalPartitions
@@ -173,6 +174,7 @@ class Worker:
             deliver=lambda alarm, delivery: (
                 self._ingress is not None and self._ingress.deliver_alarm(alarm, delivery)
             ),
+            runs_class=lambda name: name in self._classes and self._classes[name].has_alarm,
         )
         self._services = ActivationServices(
             prefix=config.prefix,
@@ -274,6 +276,7 @@ class Worker:
             if isinstance(self.storage, ReplicatedStorage):
                 self.storage.on_lost = self._partition_lost
                 await self.storage.connect(nc, prefix=config.prefix, replicas=self.replicas)
+                self._services.limits = self.storage.turn_limits(self._services.limits)
             if config.journal:
                 await self._start_journal(nc)
             mode = await detect_routing(nc, config.prefix, config.partitions)
@@ -437,10 +440,33 @@ class Worker:
             self.catalog.evict_idle(time.monotonic())
 
     async def _purge_idempotency(self) -> None:
+        """Delete expired idempotency records every quarter window (1 s to 60 s).
+
+        Each pass deletes batches of 5,000 until fewer are left, so the purge keeps pace with
+        any write rate, and yields between batches so turns run meanwhile. A failed pass is
+        counted (``ndo_background_failures_total{task="idempotency_purge"}``) and logged as a
+        warning at most once a minute; the next pass tries again.
+        """
+        batch, warn_every = 5_000, 60.0
+        last_warning: float | None = None
+        unlogged = 0
         while True:
             await asyncio.sleep(max(1.0, min(60.0, self.config.idempotency_window / 4)))
-            with contextlib.suppress(Exception):
-                await self.storage.purge_idempotency(time.time(), 5_000)
+            try:
+                now = time.time()
+                while await self.storage.purge_idempotency(now, batch) >= batch:  # noqa: ASYNC110
+                    await asyncio.sleep(0)  # let turns and commits run between batches
+            except Exception as exc:  # counted and logged; the next pass tries again
+                self.metrics.count(self.metrics.background_failures, "idempotency_purge")
+                unlogged += 1
+                if last_warning is None or time.monotonic() - last_warning >= warn_every:
+                    last_warning = time.monotonic()
+                    _log.warning(
+                        "purging expired idempotency records failed; retrying next interval",
+                        error=str(exc),
+                        failures=unlogged,
+                    )
+                    unlogged = 0
 
     async def _connect(self) -> NatsClient:
         """Connect to NATS, retrying for as long as it takes while no server answers (a worker
@@ -455,7 +481,7 @@ class Worker:
             auth_options = config.auth.connect_options()
         except ValueError as exc:
             raise ServiceError(f"cannot connect to NATS: {exc}") from None
-        nc = NatsClient()
+        nc = TolerantNatsClient()
         starting = asyncio.current_task()
         refusals: list[Exception] = []
 
@@ -493,6 +519,10 @@ class Worker:
         return nc
 
     async def _on_nats_error(self, error: Exception) -> None:
+        if isinstance(error, nats.errors.SlowConsumerError):
+            if self._ingress is not None:
+                await self._ingress.answer_dropped(error.subject, error.reply)
+            return
         text = str(error)
         if "permissions violation" in text.lower():
             _log.error(

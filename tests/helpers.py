@@ -9,6 +9,7 @@ kills whatever is still running, so a failing test never leaves a process behind
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -238,3 +239,72 @@ class ServeProcess:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+HOLD_WRITE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+"""Takes ndo's cross-process write lock (the ``flock`` on ``<db>.writelock``, argument 1) and
+holds it until stdin closes: a frozen peer worker."""
+
+HOLD_SQLITE_WRITE = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+"""Holds an SQLite write transaction on the database (argument 1), not ndo's lock, until stdin
+closes: another tool writing to the file."""
+
+
+class LockHolder:
+    """Another process holding a lock (``HOLD_WRITE_LOCK`` or ``HOLD_SQLITE_WRITE``) from
+    construction until ``release``: a frozen peer, or a disk so slow that commits and partition
+    claims wait."""
+
+    _proc: subprocess.Popen[str]
+
+    def __init__(self, script: str, path: Path) -> None:
+        """Run ``script`` on ``path``; returns once the lock is held."""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "locked"
+
+    @classmethod
+    def write_lock(cls, data_dir: Path) -> LockHolder:
+        """Hold the write lock of the SQLite storage in ``data_dir``."""
+        return cls(HOLD_WRITE_LOCK, data_dir / "ndo.sqlite3.writelock")
+
+    def release(self) -> None:
+        """Let go of the lock: the process exits (idempotent)."""
+        proc = self._proc
+        if proc.poll() is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextlib.asynccontextmanager
+async def held_lock(script: str, path: Path) -> AsyncIterator[None]:
+    """Hold a lock (see ``LockHolder``) in another process while the block runs."""
+    holder = await asyncio.to_thread(LockHolder, script, path)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(holder.release)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ndo.actors import Actor, ActorClient, ActorId, method
+import pytest
+
+from ndo.actors import Actor, ActorClient, ActorId, UnavailableError, method
 from ndo.service import Worker
 from tests.helpers import eventually
 from tests.worker_fixtures import WorkerFactory
@@ -81,22 +83,30 @@ class TestLruEviction:
                 assert info["loaded"] == i + 1
                 assert info["activation"] != first[f"o{i}"]
 
-    async def test_limit_restored_after_a_burst(
+    async def test_a_burst_never_exceeds_the_limit(
         self, start_worker: WorkerFactory, client: ActorClient
     ) -> None:
-        """A concurrent burst may exceed max_active while objects are busy; the next activation
-        brings the catalog back within the limit, and no increment is lost."""
+        """``max_active`` is a hard bound: a burst over more objects than fit is partly refused
+        (503 overloaded) while the objects in memory are busy; the catalog never grows past
+        the limit, and every increment that was acknowledged is kept."""
         worker = await start_worker(classes=[Loaded], max_active=10)
-        results = await asyncio.gather(
-            *(client.get(Loaded, f"b{i % 50}").call(Loaded.add) for i in range(100))
-        )
-        assert sorted(results) == sorted([1, 2] * 50)
-        await client.get(Loaded, "after-burst").call(Loaded.add)
-        assert len(worker.catalog) <= 10
-        values = await asyncio.gather(
-            *(client.get(Loaded, f"b{i}").call(Loaded.info) for i in range(50))
-        )
-        assert [v["n"] for v in values] == [2] * 50
+        largest = 0
+
+        async def add(i: int) -> str:
+            nonlocal largest
+            try:
+                await client.get(Loaded, f"b{i % 50}").call(Loaded.add)
+            except UnavailableError as exc:
+                return exc.type
+            finally:
+                largest = max(largest, len(worker.catalog))
+            return f"b{i % 50}"
+
+        results = await asyncio.gather(*(add(i) for i in range(100)))
+        assert largest <= 10
+        assert set(results) - {f"b{i}" for i in range(50)} <= {"overloaded"}
+        values = [await client.get(Loaded, f"b{i}").call(Loaded.info) for i in range(50)]
+        assert [v["n"] for v in values] == [results.count(f"b{i}") for i in range(50)]
 
 
 class TestIdleEviction:
@@ -159,21 +169,25 @@ class TestBusyObjectsStay:
         assert await asyncio.gather(*naps) == [1, 2]
         assert await sleeper.call(Sleeper.naps) == 2
 
-    async def test_new_object_is_not_evicted_while_the_rest_are_busy(
+    async def test_new_object_is_refused_while_the_rest_are_busy(
         self, start_worker: WorkerFactory, client: ActorClient
     ) -> None:
-        """With the catalog full of busy objects, a new object's activation must not be the LRU
-        victim: evicting it before its first message runs leaves the message on an orphan
-        activation, and the next message builds a second activation of the same object."""
+        """With the catalog full of busy objects, a new object is refused (503 overloaded)
+        rather than added past the limit or made its own LRU victim (which would leave its
+        message on an orphan activation); once the others are idle it gets one activation."""
         worker = await start_worker(classes=[Sleeper, Loaded], max_active=2)
         naps = [
             asyncio.create_task(client.get(Sleeper, f"s{i}").call(Sleeper.nap, 0.5))
             for i in range(2)
         ]
         await eventually(lambda: worker.catalog.busy == 2)
+        with pytest.raises(UnavailableError) as refused:
+            await client.get(Loaded, "newcomer").call(Loaded.add)
+        assert refused.value.type == "overloaded"
+        assert len(worker.catalog) == 2
+        await asyncio.gather(*naps)
         results = await asyncio.gather(
             *(client.get(Loaded, "newcomer").call(Loaded.add) for _ in range(20))
         )
-        await asyncio.gather(*naps)
         assert sorted(results) == list(range(1, 21))  # one activation: no lost update
         assert (await client.get(Loaded, "newcomer").call(Loaded.info))["n"] == 20

@@ -1172,6 +1172,23 @@ class TestPublisher:
         [(_, _, data)] = await _stream_messages(nc)
         assert [_written(r) for _, r in decode_journal_message(data)] == list(range(10))
 
+    async def test_buffer_is_bounded_in_bytes(self, nats_server: Any, nc: NatsClient) -> None:
+        """A few large turns cannot hold ``max_pending`` records' worth of memory: past
+        ``max_pending_bytes`` of buffered replies and values, new records are dropped."""
+        metrics = WorkerMetrics()
+        publisher = _publisher(nc, metrics, max_pending=1_000, max_pending_bytes=100_000)
+        assert await publisher.start()
+        big = "x" * 30_000
+        for _ in range(5):  # no await: nothing is published in between
+            publisher.record(_entry("C", "big", big))
+        assert (
+            metrics.registry.get_sample_value("ndo_journal_failures_total", {"reason": "dropped"})
+            == 2
+        )
+        publisher.record(_entry("C", "small", 1))  # small records still fit
+        await publisher.stop()
+        assert metrics.registry.get_sample_value("ndo_journal_records_total") == 4
+
     async def test_reads_give_way_to_writes(self, nats_server: Any, nc: NatsClient) -> None:
         """Past half full, records that changed nothing are shed; writes keep the other half."""
         metrics = WorkerMetrics()
