@@ -77,7 +77,7 @@ _MAX_ROUTES: Final = 8192
 _MAX_KEY_LENGTH: Final = 256
 """Longest idempotency key accepted, in characters."""
 
-_HOLD_FOR: Final = 2.0
+_HOLD_FOR: Final = 1.0
 """Seconds a request for a partition being taken up waits for it (then: 503 "moving")."""
 _HOLD_POLL: Final = 0.02
 """Seconds between checks of the partitions held requests wait for."""

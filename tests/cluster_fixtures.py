@@ -214,9 +214,28 @@ class Cluster:
 
 ClusterFactory = Callable[..., Awaitable[Cluster]]
 
+_LOG_LINES_SHOWN = 300
+"""Most log lines of one worker printed after a failed test."""
+
+
+def _print_worker_logs(cluster: Cluster) -> None:
+    """Print each worker's log lines above debug level (plus its partition moves) after a failed
+    test, so a rare failure in CI can be explained from its output alone."""
+    for worker in cluster.workers:
+        lines = [
+            line
+            for line in worker.log_text().splitlines()
+            if '"level": "debug"' not in line or '"partition' in line
+        ]
+        print(f"===== worker {worker.name} (pid {worker.pid}): {len(lines)} log lines")
+        for line in lines[-_LOG_LINES_SHOWN:]:
+            print(line[:500])
+
 
 @pytest.fixture(name="make_cluster")
-async def _make_cluster(tmp_path: Path) -> AsyncIterator[ClusterFactory]:
+async def _make_cluster(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ClusterFactory]:
     """Factory: ``await make_cluster(url, partitions=8, lease_ttl=2)``; kills workers after.
 
     ``url`` may list several servers of one cluster, comma-separated; ``separate_data_dirs``
@@ -254,6 +273,9 @@ async def _make_cluster(tmp_path: Path) -> AsyncIterator[ClusterFactory]:
     finally:
         for cluster in clusters:
             cluster.kill_all()
+        if getattr(request.node, "failed_call", False):
+            for cluster in clusters:
+                _print_worker_logs(cluster)
         for nc in connections:
             with contextlib.suppress(Exception):
                 await nc.close()

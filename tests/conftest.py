@@ -135,3 +135,13 @@ def _node_request() -> NodeRequest:
 
 
 pytest_plugins = ["tests.worker_fixtures", "tests.nats_cluster"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item (``item.failed_call``), so fixtures can add
+    diagnostics to a failed test in their teardown."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed_call = True  # type: ignore[attr-defined]
+    return report
