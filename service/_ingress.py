@@ -253,9 +253,7 @@ class Ingress:
                 "this worker is overloaded and dropped the request unread; retry with backoff",
                 type="overloaded",
             )
-            self._metrics.requests.inc(("-", "-", error.type))
-            body, headers = encode_error(error, False)
-            await self._outbox.reply(reply, body, headers)
+            await self._refuse(reply, error, msgpack=False)
 
     def on_reconnect(self) -> None:
         """The connection came back: check the server's routing again now."""
@@ -379,12 +377,12 @@ class Ingress:
                     type="overloaded",
                 )
         except ActorError as error:
-            await self._refuse(msg, error, msgpack)
+            await self._refuse(msg.reply, error, msgpack)
         except Exception:  # a bug: the caller still gets an answer, and it is logged once
             request_id = uuid.uuid4().hex[:16]
             _log.exception("request crashed in ingress", request_id=request_id, subject=msg.subject)
             await self._refuse(
-                msg,
+                msg.reply,
                 HandlerError(
                     f"internal error in the ndo worker (request id {request_id}); nothing was "
                     "applied; report it with the worker's log",
@@ -393,11 +391,12 @@ class Ingress:
                 msgpack,
             )
 
-    async def _refuse(self, msg: Msg, error: ActorError, msgpack: bool) -> None:
+    async def _refuse(self, reply: str, error: ActorError, msgpack: bool) -> None:
+        """Count a request ingress did not take and answer ``error`` to ``reply`` (if any)."""
         self._metrics.requests.inc(("-", "-", error.type))
-        if msg.reply:
-            body, reply_headers = encode_error(error, msgpack)
-            await self._outbox.reply(msg.reply, body, reply_headers)
+        if reply:
+            body, headers = encode_error(error, msgpack)
+            await self._outbox.reply(reply, body, headers)
 
     # Requests held for a partition being taken up
 

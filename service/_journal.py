@@ -388,9 +388,10 @@ class JournalPublisher:
     _reads: bool
     _partitions: int
     # State
-    _queue: deque[JournalEntry]
+    _queue: deque[tuple[JournalEntry, int]]
+    """Entries waiting to be published, each with the bytes it holds (``_entry_bytes``)."""
     _queued_bytes: int
-    """Reply and write-set bytes the queued entries hold (``_entry_bytes``)."""
+    """Reply and write-set bytes the queued entries hold."""
     _max_pending_bytes: int
     _inflight: dict[str, tuple[float, int]]
     """Reply token -> (monotonic deadline of its acknowledgement, records it confirms), oldest
@@ -555,7 +556,7 @@ class JournalPublisher:
             self._fail("dropped", "journal buffer full (bytes)")
             return
         self._queued_bytes += size
-        self._queue.append(entry)
+        self._queue.append((entry, size))
         if len(self._queue) == 1:
             self._wakeup.set()
 
@@ -609,8 +610,8 @@ class JournalPublisher:
         limit = self._message_limit()
         taken = 0
         while self._queue and taken < _MAX_PASS:
-            entry = self._queue.popleft()
-            self._queued_bytes -= _entry_bytes(entry)
+            entry, size = self._queue.popleft()
+            self._queued_bytes -= size
             taken += 1
             try:
                 data = self._encode(entry, limit)
