@@ -3,23 +3,32 @@
 A stub call sends one NATS request to ``<prefix>.rpc.<Class>.<id>.<method>`` and decodes the
 reply with the method's return annotation. It retries "no responders", timeouts and 503s with
 exponential backoff, always with the same ``Idempotency-Key``, so a retried call is applied at
-most once (the worker remembers committed keys).
+most once (the worker remembers committed keys). Each try tells the worker how long it will wait
+(``Ndo-Timeout-Ms``), so a request its caller gave up on is not run.
+
+A stub sends through a ``Transport``: ``ActorClient`` itself for callers outside, a
+``TurnTransport`` for calls one object makes to another inside a handler (``Actor.call``), or a
+test kit's in-process one (``ndo.testing``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import (
+    TYPE_CHECKING,
     Any,
     Concatenate,
     Final,
     Generic,
     ParamSpec,
+    Protocol,
     TypeVar,
     get_type_hints,
     overload,
@@ -34,14 +43,27 @@ from ndo.actors._actor import Actor, Event
 from ndo.actors._errors import (
     ActorError,
     CallTimeoutError,
+    DeadlineExceededError,
     PermissionDeniedError,
     UnavailableError,
     error_from_wire,
 )
+from ndo.actors._methods import is_method
 from ndo.actors._permissions import PermissionWatch
-from ndo.subjects import DEFAULT_PREFIX, Header, event_wildcard, rpc_subject, validate_id
+from ndo.subjects import (
+    DEFAULT_PREFIX,
+    Header,
+    event_wildcard,
+    id_from_name,
+    rpc_subject,
+    validate_id,
+)
 
-__all__ = ["ActorClient", "ActorStub", "RetryPolicy"]
+if TYPE_CHECKING:
+    from ndo.actors._actor import ActorContext
+    from ndo.actors._calls import CallSender
+
+__all__ = ["ActorClient", "ActorStub", "RetryPolicy", "Transport", "TurnTransport"]
 
 A = TypeVar("A", bound=Actor)
 P = ParamSpec("P")
@@ -62,6 +84,19 @@ class _ErrorBody(msgspec.Struct):
 
 
 _ERROR_DECODER: Final = msgspec.json.Decoder(_ErrorBody)
+
+
+class Transport(Protocol):
+    """Where a stub's calls go: ``ActorClient``, ``TurnTransport`` or a test kit."""
+
+    @property
+    def prefix(self) -> str:
+        """The deployment's subject prefix."""
+        ...
+
+    async def request(self, subject: str, body: bytes) -> bytes:
+        """Send one call and return the reply body (raises ``ActorError`` subclasses)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,8 +122,6 @@ class ActorClient:
     _retry: RetryPolicy
     _permissions: PermissionWatch
     """Turns the server's permission violations into errors of the requests they concern."""
-    # Reused decoders, by return type
-    _decoders: dict[Any, msgspec.json.Decoder[Any]]
 
     def __init__(
         self,
@@ -115,23 +148,29 @@ class ActorClient:
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._permissions = PermissionWatch.of(nc)
-        self._decoders = {}
+
+    @property
+    def prefix(self) -> str:
+        """The deployment's subject prefix."""
+        return self._prefix
 
     @overload
     def get(self, actor_class: type[A], object_id: str) -> ActorStub[A]: ...
     @overload
     def get(self, actor_class: str, object_id: str) -> ActorStub[Actor]: ...
     def get(self, actor_class: type[A] | str, object_id: str) -> ActorStub[Any]:
-        """Return a stub for object ``object_id`` of ``actor_class`` (a class or its name)."""
+        """Return a stub for object ``object_id`` of ``actor_class`` (a class or its name):
+        ``await client.get(Counter, "a1").increment(by=2)``."""
         validate_id(object_id)
-        name = actor_class if isinstance(actor_class, str) else actor_class.__name__
-        return ActorStub(self, name, object_id)
+        if isinstance(actor_class, str):
+            return ActorStub(self, actor_class, object_id)
+        return ActorStub(self, actor_class.__name__, object_id, actor_class)
 
-    def _decoder(self, return_type: Any) -> msgspec.json.Decoder[Any]:
-        decoder = self._decoders.get(return_type)
-        if decoder is None:
-            decoder = self._decoders[return_type] = msgspec.json.Decoder(return_type)
-        return decoder
+    @staticmethod
+    def id_from_name(name: str) -> str:
+        """The object id ndo derives from ``name`` (any string: an email, a room title): the
+        same name always gives the same valid id, in every language (``ndo.id_from_name``)."""
+        return id_from_name(name)
 
     async def request(
         self,
@@ -140,8 +179,18 @@ class ActorClient:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> bytes:
         """Send a request with retries and return the raw reply body.
+
+        Args:
+            subject: the object's RPC subject.
+            body: the encoded arguments.
+            timeout: seconds to wait for each try's reply (the client's default when omitted).
+            idempotency_key: the key every try carries (a new random one when omitted).
+            headers: more headers to send (an ``Idempotency-Key`` among them wins).
+            deadline: ``time.monotonic()`` after which no try starts and no reply is awaited.
 
         Raises:
             ActorError: the worker answered with an error (a subclass per code).
@@ -150,13 +199,25 @@ class ActorClient:
                 ``subject`` or receive replies (no retry).
             UnavailableError: no worker answered after every retry.
         """
-        headers = {Header.IDEMPOTENCY_KEY.value: idempotency_key or uuid.uuid4().hex}
+        sent = {Header.IDEMPOTENCY_KEY.value: idempotency_key or uuid.uuid4().hex}
+        if headers:
+            sent.update(headers)
         policy = self._retry
         backoff = policy.initial_backoff
         last: ActorError = UnavailableError("no attempt made")
         for attempt in range(1, policy.attempts + 1):
+            wait = timeout or self._timeout
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0.0:
+                    if attempt == 1:
+                        last = DeadlineExceededError(
+                            f"no time was left to call {subject}", type="deadline_exceeded"
+                        )
+                    break
+            sent[Header.TIMEOUT_MS.value] = str(max(1, int(wait * 1000)))
             try:
-                msg = await self._request_once(subject, body, timeout or self._timeout, headers)
+                msg = await self._request_once(subject, body, wait, sent)
                 return _check_reply(msg)
             except nats.errors.NoRespondersError:
                 last = UnavailableError(
@@ -165,15 +226,14 @@ class ActorClient:
                     type="no_responders",
                 )
             except nats.errors.TimeoutError:
-                last = CallTimeoutError(
-                    f"no reply to {subject} within {timeout or self._timeout}s", type="timeout"
-                )
+                last = CallTimeoutError(f"no reply to {subject} within {wait:.3g}s", type="timeout")
             except ActorError as exc:
                 if not exc.retryable:
                     raise
                 last = exc
             if attempt < policy.attempts:
-                await asyncio.sleep(backoff)
+                pause = backoff if deadline is None else min(backoff, deadline - time.monotonic())
+                await asyncio.sleep(max(0.0, pause))
                 backoff = min(backoff * 2, policy.max_backoff)
         raise last
 
@@ -215,22 +275,73 @@ def _check_reply(msg: Msg) -> bytes:
     return msg.data
 
 
-class ActorStub(Generic[A]):
-    """A handle on one object. ``await stub.call(Counter.increment, by=2)`` is type-checked:
-    arguments against the method's signature, the result as its return type."""
+class TurnTransport:
+    """Sends the calls a handler makes to other objects, as calls of its turn (the host's
+    ``CallSender`` adds the call chain, the deadline and the derived Idempotency-Key)."""
 
-    __slots__ = ("_client", "class_name", "object_id")
+    __slots__ = ("_context", "_sender")
+
+    def __init__(self, sender: CallSender, context: ActorContext) -> None:
+        """Bind ``sender`` to the object whose turn makes the calls."""
+        self._sender = sender
+        self._context = context
+
+    @property
+    def prefix(self) -> str:
+        """The deployment's subject prefix."""
+        return self._context.prefix
+
+    async def request(self, subject: str, body: bytes) -> bytes:
+        """Send one call of the current turn."""
+        return await self._sender.send(self._context, subject, body)
+
+
+class ActorStub(Generic[A]):
+    """A handle on one object. Its methods are the object's ``@method``s:
+    ``await client.get(Counter, "a1").increment(by=2)`` (type-checked with the mypy plugin
+    ``ndo.actors.mypy_plugin``). ``await stub.call(Counter.increment, by=2)`` is the same call,
+    type-checked by mypy without a plugin; ``stub.call("increment", by=2)`` calls by name."""
+
+    __slots__ = ("_cls", "_transport", "class_name", "object_id")
 
     class_name: str
     """The object's class name."""
     object_id: str
     """The object's id."""
+    _cls: type[A] | None
+    """The object's class when the stub was made from it (typed results, methods by name)."""
 
-    def __init__(self, client: ActorClient, class_name: str, object_id: str) -> None:
-        """Create a stub (use ``ActorClient.get``)."""
-        self._client = client
+    def __init__(
+        self,
+        transport: Transport,
+        class_name: str,
+        object_id: str,
+        cls: type[A] | None = None,
+    ) -> None:
+        """Create a stub (use ``ActorClient.get`` or ``Actor.call``)."""
+        self._transport = transport
         self.class_name = class_name
         self.object_id = object_id
+        self._cls = cls
+
+    def __repr__(self) -> str:
+        return f"<ActorStub {self.class_name}/{self.object_id}>"
+
+    def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        """``stub.increment`` is ``functools.partial(stub.call, Counter.increment)`` (or, for a
+        stub made from a class name, a call by name taking keyword arguments)."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        cls = self._cls
+        if cls is None:
+            return functools.partial(self.call, name)
+        function = getattr(cls, name, None)
+        if function is None or not is_method(function):
+            raise AttributeError(
+                f"{cls.__name__} has no @method {name!r}; its stub's methods are the class's "
+                "@method functions"
+            )
+        return functools.partial(self.call, function)
 
     @overload
     async def call(
@@ -255,28 +366,44 @@ class ActorStub(Generic[A]):
             name, return_type, arguments = method, Any, kwargs
         else:
             name = method.__name__
-            signature = inspect.signature(method)
+            signature = _signature(method)
             bound = signature.bind(None, *args, **kwargs)
             arguments = dict(bound.arguments)
             arguments.pop(next(iter(signature.parameters)))  # self
             return_type = _return_type(method)
-        subject = rpc_subject(self._client._prefix, self.class_name, self.object_id, name)
+        transport = self._transport
+        subject = rpc_subject(transport.prefix, self.class_name, self.object_id, name)
         body = _JSON_ENCODER.encode(arguments) if arguments else b""
-        reply = await self._client.request(subject, body)
-        return self._client._decoder(return_type).decode(reply)
+        reply = await transport.request(subject, body)
+        return _decoder(return_type).decode(reply)
 
     async def events(self, topic: str = "*") -> AsyncGenerator[Event, None]:
         """Yield this object's events as they are published (``topic`` may be ``*``).
 
-        ``aclose()`` the generator (or leave its ``async for``) to unsubscribe.
+        ``aclose()`` the generator (or leave its ``async for``) to unsubscribe. Only for stubs
+        of an ``ActorClient`` (a test kit collects events itself).
         """
-        subject = event_wildcard(self._client._prefix, self.class_name, self.object_id, topic)
-        sub = await self._client._nc.subscribe(subject)
+        client = self._transport
+        if not isinstance(client, ActorClient):
+            raise TypeError("events() needs a stub made by ActorClient.get")
+        subject = event_wildcard(client.prefix, self.class_name, self.object_id, topic)
+        sub = await client._nc.subscribe(subject)
         try:
             async for msg in sub.messages:
                 yield Event(msg.subject, msg.data)
         finally:
             await sub.unsubscribe()
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoder(return_type: Any) -> msgspec.json.Decoder[Any]:
+    """The reply decoder of one return type (built once)."""
+    return msgspec.json.Decoder(return_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
@@ -143,6 +143,7 @@ class ActorStorage:
         "_cache",
         "_class_name",
         "_cleared",
+        "_clock",
         "_complete",
         "_in_alarm",
         "_limits",
@@ -159,6 +160,8 @@ class ActorStorage:
     _class_name: str
     _object_id: str
     _limits: StorageLimits
+    _clock: Callable[[], float]
+    """Epoch seconds now (``set_alarm``'s checks)."""
     # Committed-or-pending state
     _cache: dict[str, bytes | None]
     _complete: bool
@@ -177,13 +180,21 @@ class ActorStorage:
     """This turn delivers the alarm (``alarm_fired`` was called)."""
 
     def __init__(
-        self, reader: StateReader, class_name: str, object_id: str, limits: StorageLimits
+        self,
+        reader: StateReader,
+        class_name: str,
+        object_id: str,
+        limits: StorageLimits,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """Create the view of object ``(class_name, object_id)`` reading through ``reader``."""
+        """Create the view of object ``(class_name, object_id)`` reading through ``reader``;
+        ``clock`` tells epoch seconds now (a test kit's fake clock)."""
         self._reader = reader
         self._class_name = class_name
         self._object_id = object_id
         self._limits = limits
+        self._clock = clock
         self._cache = {}
         self._complete = False
         self._alarm = _UNKNOWN
@@ -390,7 +401,7 @@ class ActorStorage:
                 f"datetime), got {when!r}",
                 type="invalid_alarm_time",
             )
-        now = time.time()
+        now = self._clock()
         if when > now + _MAX_ALARM_AHEAD:
             raise BadRequestError(
                 f"alarm time {when!r} is more than 100 years from now: it looks like "

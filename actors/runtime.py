@@ -6,6 +6,15 @@ storage view and the write-set a turn leaves behind, and the wire-error factory 
 """
 
 from ndo.actors._actor import ActorContext
+from ndo.actors._calls import (
+    MAX_CALL_DEPTH,
+    CallSender,
+    TurnInfo,
+    check_chain,
+    incoming_call,
+    outgoing_headers,
+)
+from ndo.actors._client import Transport, TurnTransport
 from ndo.actors._errors import error_from_wire
 from ndo.actors._methods import (
     ActorClassInfo,
@@ -28,17 +37,25 @@ from ndo.actors._storage import (
 __all__ = [
     "ALARM_REARM_DELAY",
     "ALARM_UNCHANGED",
+    "MAX_CALL_DEPTH",
     "WRITE_FRAMING",
     "ActorClassInfo",
     "ActorContext",
+    "CallSender",
     "MethodSpec",
     "StateReader",
     "StorageLimits",
+    "Transport",
+    "TurnInfo",
+    "TurnTransport",
     "TurnWrites",
+    "check_chain",
     "check_quota",
     "describe_class",
     "describe_classes",
     "error_from_wire",
+    "incoming_call",
     "is_method",
+    "outgoing_headers",
     "prefix_range",
 ]

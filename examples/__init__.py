@@ -1,6 +1,7 @@
 """Example durable objects, served by ``ndo serve`` when no module is given."""
 
 from ndo.examples.objects import (
+    Account,
     ChatMessage,
     ChatRoom,
     Counter,
@@ -11,6 +12,7 @@ from ndo.examples.objects import (
 )
 
 __all__ = [
+    "Account",
     "ChatMessage",
     "ChatRoom",
     "Counter",

@@ -11,14 +11,14 @@ messages that state the rule.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, ClassVar, Final
 
 import msgspec
 
-from ndo import Actor, BadRequestError, method
+from ndo import Actor, BadRequestError, ConflictError, method
 
 __all__ = [
+    "Account",
     "ChatMessage",
     "ChatRoom",
     "Counter",
@@ -71,7 +71,7 @@ class RateLimiter(Actor):
     @method
     async def check(self) -> RateDecision:
         """Consume one action if allowed; say when to retry if not."""
-        now = time.time()
+        now = self.now()
         tokens: float = await self.storage.get("tokens", float(self.BURST))
         updated: float = await self.storage.get("updated", now)
         tokens = min(float(self.BURST), tokens + (now - updated) / self.COOLDOWN)
@@ -139,7 +139,7 @@ class ChatRoom(Actor):
                 type="invalid_text",
             )
         seq: int = await self.storage.get("seq", 0) + 1
-        message = ChatMessage(seq=seq, user=user, text=text, time=time.time())
+        message = ChatMessage(seq=seq, user=user, text=text, time=self.now())
         self.storage.put_many({"seq": seq, _message_key(seq): message})
         if seq > self.KEEP:
             self.storage.delete(_message_key(seq - self.KEEP))
@@ -227,3 +227,51 @@ class DrawingBoard(Actor):
 
 def _stroke_key(seq: int) -> str:
     return f"s:{seq:012d}"
+
+
+Amount = Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000)]
+"""A positive amount of money, in cents."""
+
+
+class Account(Actor):
+    """A balance that can pay another account: a call from one object to another.
+
+    ``pay`` deposits into the other account (``self.call(Account, to).deposit(...)``) and then
+    lowers this balance, which commits after the handler returns. If the worker dies in between,
+    the caller's retry (same Idempotency-Key: ``ActorClient`` retries that way) runs ``pay``
+    again, and its deposit carries the same key derived from this turn, so it is answered from
+    memory rather than paid twice. Callers that give up before an answer can leave a deposit
+    made without its withdrawal: retry until answered.
+    """
+
+    @method
+    async def deposit(self, amount: Amount) -> int:
+        """Add ``amount`` and return the new balance."""
+        balance: int = await self.storage.get("balance", 0) + amount
+        self.storage.put("balance", balance)
+        return balance
+
+    @method
+    async def balance(self) -> int:
+        """Return the balance."""
+        balance: int = await self.storage.get("balance", 0)
+        return balance
+
+    @method
+    async def pay(self, to: str, amount: Amount) -> int:
+        """Move ``amount`` to account ``to``; return this account's new balance.
+
+        Raises:
+            BadRequestError: ``to`` is this account.
+            ConflictError: ``insufficient_funds``: the balance is lower than ``amount``.
+        """
+        if to == self.id.object_id:
+            raise BadRequestError("an account cannot pay itself", type="invalid_payee")
+        balance: int = await self.storage.get("balance", 0)
+        if amount > balance:
+            raise ConflictError(
+                f"balance {balance} is lower than {amount}", type="insufficient_funds"
+            )
+        await self.call(Account, to).deposit(amount=amount)
+        self.storage.put("balance", balance - amount)
+        return balance - amount

@@ -1,10 +1,11 @@
-"""A five-step tour of the bundled objects from Python, runnable against ``ndo serve``.
+"""A six-step tour of the bundled objects from Python, runnable against ``ndo serve``.
 
     ndo serve                       # in one terminal
     python -m ndo.examples.tour     # in another (or: --nats-url nats://host:4222)
 
 Each step prints what it did: a durable counter, a rate limiter, a chat room whose posts arrive
-as events, a typed error, and a retried call that applies once thanks to its idempotency key.
+as events, a typed error, a retried call that applies once thanks to its idempotency key, and
+an account paying another (a call from one object to another).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 
 from ndo import ActorClient, BadRequestError
-from ndo.examples.objects import ChatMessage, ChatRoom, Counter, RateLimiter
+from ndo.examples.objects import Account, ChatMessage, ChatRoom, Counter, RateLimiter
 
 __all__ = ["main", "tour"]
 
@@ -72,6 +73,14 @@ async def tour(nc: NatsClient, *, say: Callable[[str], None] = print, prefix: st
     say(
         f"5. The same increment sent twice with one Idempotency-Key -> replies {replies}; "
         f"counter -> {await counter.call(Counter.get)} (applied once)"
+    )
+
+    ann, bob = client.get(Account, f"ann-{run}"), client.get(Account, f"bob-{run}")
+    await ann.deposit(amount=100)
+    left = await ann.pay(to=bob.object_id, amount=30)
+    say(
+        f"6. Account/ann-{run} pays 30 to Account/bob-{run} (a call from one object to "
+        f"another) -> ann {left}, bob {await bob.balance()}"
     )
 
 

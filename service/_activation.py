@@ -50,7 +50,7 @@ from ndo.actors import (
     HandlerError,
     UnavailableError,
 )
-from ndo.actors.runtime import ActorClassInfo, ActorContext, StorageLimits
+from ndo.actors.runtime import ActorClassInfo, ActorContext, CallSender, StorageLimits
 from ndo.service._alarms import AlarmScheduler
 from ndo.service._codec import (
     MSGPACK_HEADERS,
@@ -132,6 +132,8 @@ class ActivationServices:
     """Told how each alarm delivery ended."""
     tasks: TaskSet
     """Owner of the pump tasks."""
+    calls: CallSender | None = None
+    """Sends the calls objects make to other objects (``None``: they cannot)."""
     journal: Journal = JOURNAL_OFF
     ownership: Ownership = NOT_SERVING
     """Fencing epochs of the partitions."""
@@ -189,6 +191,7 @@ class Activation(TurnRunner):
     and the turn engine) with a mailbox, a pump and a place in the commit pipeline."""
 
     __slots__ = (
+        "_durable",
         "_followed",
         "_idempotency",
         "_journal_token",
@@ -221,6 +224,8 @@ class Activation(TurnRunner):
     """Turns handed to the committer and not yet durable."""
     _room: asyncio.Future[None] | None
     """Set while the pump waits for ``_pending`` to drop below the bound."""
+    _durable: asyncio.Future[None] | None
+    """Set while a turn waits for every earlier write of the object to be durable."""
     _followed: _Turn | None
     """The newest turn still waiting for its commit; read-only turns answer after it."""
     _idempotency: IdempotencyCache[_Turn] | None
@@ -244,6 +249,7 @@ class Activation(TurnRunner):
         self._pump = None
         self._pending = 0
         self._room = None
+        self._durable = None
         self._followed = None
         self._idempotency = None
         self._journal_token = ""
@@ -255,7 +261,9 @@ class Activation(TurnRunner):
         storage = ActorStorage(
             services.storage, self.address.class_name, self.address.object_id, services.limits
         )
-        return ActorContext(self.address, self.partition, services.prefix, storage)
+        return ActorContext(
+            self.address, self.partition, services.prefix, storage, sender=services.calls
+        )
 
     # Mailbox
 
@@ -334,10 +342,29 @@ class Activation(TurnRunner):
             await self._room
         await services.committer.wait_for_room()
 
+    async def writes_durable(self) -> None:
+        """Wait until every write of this object's earlier turns is durable (the output gate of
+        a call the running turn makes to another object).
+
+        Raises:
+            UnavailableError: ``object_reset``: one of them failed, so the running turn will be
+                aborted too; the call must not leave.
+        """
+        generation = self.generation
+        while self._pending:
+            if self._durable is None:
+                self._durable = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._durable)
+        if generation != self.generation:
+            raise _reset_error()
+
     # Turns
 
     async def _run_turn(self, envelope: Envelope) -> None:
         services = self._services
+        if envelope.deadline and envelope.expired(time.monotonic()):
+            await self._send_error(envelope, _caller_gone(envelope))
+            return
         key = envelope.idempotency_key
         if key is not None and await self._answer_duplicate(envelope, key):
             return
@@ -535,6 +562,11 @@ class Activation(TurnRunner):
             self._room = None
             if not room.done():
                 room.set_result(None)
+        durable = self._durable
+        if durable is not None and not self._pending:
+            self._durable = None
+            if not durable.done():
+                durable.set_result(None)
         if self._followed is turn:
             self._followed = None
         if error is None:
@@ -668,6 +700,14 @@ def _commit_failure(error: BaseException) -> ActorError:
     return UnavailableError(
         f"the write was not made durable ({error}); nothing was applied, retry the call",
         type="fenced" if isinstance(error, FencedError) else "storage_failure",
+    )
+
+
+def _caller_gone(envelope: Envelope) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"the caller of {envelope.method} stopped waiting (its Ndo-Timeout-Ms passed) before the "
+        "call's turn came; it was not run",
+        type="deadline_exceeded",
     )
 
 

@@ -7,14 +7,20 @@ for it: ingress builds envelopes, the turn engine runs them, the journal records
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Final
 
 import msgspec
 
-from ndo.actors import Caller
-from ndo.actors.runtime import MethodSpec
+from ndo.actors import BadRequestError, Caller, PayloadTooLargeError
+from ndo.actors.runtime import MethodSpec, incoming_call
 from ndo.service._idempotency import call_fingerprint
+from ndo.subjects import Header
 
-__all__ = ["AlarmDelivery", "Envelope", "parse_request_info"]
+__all__ = ["MAX_KEY_LENGTH", "AlarmDelivery", "Envelope", "parse_request_info", "request_envelope"]
+
+MAX_KEY_LENGTH: Final = 256
+"""Longest ``Idempotency-Key`` accepted, in characters."""
 
 
 class AlarmDelivery(msgspec.Struct):
@@ -55,6 +61,8 @@ class Envelope:
         "alarm",
         "args",
         "caller",
+        "chain",
+        "deadline",
         "fingerprint",
         "idempotency_key",
         "msgpack",
@@ -80,6 +88,10 @@ class Envelope:
     """The delivery, for an alarm envelope."""
     caller: Caller | None
     """Who sent the request, when the deployment shares it (``WorkerConfig.caller_info``)."""
+    chain: str
+    """Objects waiting on this request (its ``Ndo-Call-Chain``; "" when none)."""
+    deadline: float
+    """``time.monotonic()`` by which the caller stops waiting (0.0: not said)."""
     received: float
     """``time.perf_counter()`` when the envelope was built (request latency starts here)."""
 
@@ -93,6 +105,8 @@ class Envelope:
         idempotency_key: str | None = None,
         alarm: AlarmDelivery | None = None,
         caller: Caller | None = None,
+        chain: str = "",
+        deadline: float = 0.0,
     ) -> None:
         """Create a request envelope (``spec`` and ``args``) or an alarm one (``alarm``)."""
         self.spec = spec
@@ -107,9 +121,72 @@ class Envelope:
         )
         self.alarm = alarm
         self.caller = caller
+        self.chain = chain
+        self.deadline = deadline
         self.received = time.perf_counter()
+
+    @property
+    def identity(self) -> str | None:
+        """A name a re-run of this turn has too (``TurnInfo``): the request's Idempotency-Key,
+        or the alarm's due time; ``None`` for a request without a key."""
+        if self.alarm is not None:
+            return f"alarm@{self.alarm.due!r}"
+        return self.idempotency_key
+
+    def expired(self, now: float) -> bool:
+        """Whether the caller stopped waiting before ``now`` (``time.monotonic()``)."""
+        return 0.0 < self.deadline <= now
 
     @property
     def method(self) -> str:
         """Method name for logs and metrics (``alarm`` for alarm deliveries)."""
         return "alarm" if self.spec is None else self.spec.name
+
+
+def request_envelope(
+    spec: MethodSpec,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    reply: str,
+    *,
+    target: str,
+    msgpack: bool,
+    max_payload: int,
+    caller_info: bool = False,
+) -> Envelope:
+    """The envelope of a request for ``target`` (``Class/id``): its body checked and decoded,
+    its headers read (Idempotency-Key, call chain and timeout, caller). Ingress and the test kit
+    build every request envelope here, so they refuse the same requests.
+
+    Raises:
+        ActorError: 413 body too large; 400 bad arguments or headers; 409 a call cycle; 504 the
+            caller already stopped waiting.
+    """
+    if len(body) > max_payload:
+        raise PayloadTooLargeError(
+            f"request body of {len(body)} bytes is over the {max_payload}-byte limit"
+        )
+    args = spec.decode_args(body, msgpack)
+    key = None
+    caller = None
+    chain, deadline = "", 0.0
+    if headers:
+        key = headers.get(Header.IDEMPOTENCY_KEY.value) or headers.get(Header.NATS_MSG_ID.value)
+        if key is not None and not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise BadRequestError(
+                f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters",
+                type="invalid_idempotency_key",
+            )
+        if caller_info:
+            caller = parse_request_info(headers.get(Header.REQUEST_INFO.value))
+        chain, deadline = incoming_call(headers, target)
+    return Envelope(
+        spec,
+        args,
+        reply,
+        msgpack=msgpack,
+        idempotency_key=key,
+        caller=caller,
+        chain=chain,
+        deadline=deadline,
+    )

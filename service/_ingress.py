@@ -43,13 +43,12 @@ from ndo.actors import (
     BadRequestError,
     HandlerError,
     NotFoundError,
-    PayloadTooLargeError,
     UnavailableError,
 )
 from ndo.actors.runtime import ActorClassInfo, MethodSpec
 from ndo.service._catalog import Catalog
 from ndo.service._codec import encode_error
-from ndo.service._envelope import AlarmDelivery, Envelope, parse_request_info
+from ndo.service._envelope import AlarmDelivery, Envelope, request_envelope
 from ndo.service._errors import RoutingError
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
@@ -74,7 +73,6 @@ _ROUTING_CHECK: Final = 15.0
 _MAX_ROUTES: Final = 8192
 """Parsed request subjects remembered; the cache is emptied when it is full."""
 
-_MAX_KEY_LENGTH: Final = 256
 """Longest idempotency key accepted, in characters."""
 
 _HOLD_FOR: Final = 1.0
@@ -368,7 +366,7 @@ class Ingress:
                 ):
                     return
                 raise _moving(route)
-            envelope = self._envelope(msg, spec, msgpack)
+            envelope = self._envelope(msg, spec, msgpack, route)
             activation = self._catalog.activate(info, object_id, partition)
             if not activation.enqueue(envelope):
                 raise UnavailableError(
@@ -480,26 +478,19 @@ class Ingress:
         self._routes[received] = route
         return route
 
-    def _envelope(self, msg: Msg, spec: MethodSpec, msgpack: bool) -> Envelope:
-        """Check the body and headers of a request and decode its arguments."""
-        if len(msg.data) > self._max_payload:
-            raise PayloadTooLargeError(
-                f"request body of {len(msg.data)} bytes is over the {self._max_payload}-byte limit"
-            )
-        args = spec.decode_args(msg.data, msgpack)
-        headers = msg.headers
-        key = None
-        if headers:
-            key = headers.get(Header.IDEMPOTENCY_KEY.value) or headers.get(Header.NATS_MSG_ID.value)
-            if key is not None and not 0 < len(key) <= _MAX_KEY_LENGTH:
-                raise BadRequestError(
-                    f"Idempotency-Key must be 1-{_MAX_KEY_LENGTH} characters",
-                    type="invalid_idempotency_key",
-                )
-        caller = None
-        if self._caller_info and headers:
-            caller = parse_request_info(headers.get(Header.REQUEST_INFO.value))
-        return Envelope(spec, args, msg.reply, msgpack=msgpack, idempotency_key=key, caller=caller)
+    def _envelope(self, msg: Msg, spec: MethodSpec, msgpack: bool, route: _Route) -> Envelope:
+        """Check the body and headers of a request for ``route``'s object and decode its
+        arguments."""
+        return request_envelope(
+            spec,
+            msg.data,
+            msg.headers,
+            msg.reply,
+            target=f"{route.info.name}/{route.object_id}",
+            msgpack=msgpack,
+            max_payload=self._max_payload,
+            caller_info=self._caller_info,
+        )
 
 
 def _moving(route: _Route) -> UnavailableError:

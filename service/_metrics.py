@@ -169,6 +169,13 @@ class WorkerMetrics:
             "Partition snapshots stored (the log is purged below each).",
             registry=r,
         )
+        self.object_calls = Counter(
+            "ndo_object_calls_total",
+            "Calls objects made to other objects (Actor.call), by calling class, called class "
+            "and outcome (ok or an error type).",
+            ["class_name", "target_class", "outcome"],
+            registry=r,
+        )
         self.background_failures = Counter(
             "ndo_background_failures_total",
             "Passes of a background task that failed, by task (idempotency_purge); the task "

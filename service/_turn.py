@@ -211,8 +211,10 @@ class TurnRunner:
             instance = self.instance or await self._start_instance(context)
             if alarm is not None:
                 storage.alarm_fired(alarm.due)
-            context.caller = envelope.caller
-            deadlines.start(self, task or asyncio.current_task())
+            context.begin_turn(envelope, envelope.caller)
+            context.deadline = deadlines.start(
+                self, task or asyncio.current_task(), envelope.deadline
+            )
             try:
                 if alarm is not None:
                     hook = getattr(instance, "alarm", None)
@@ -236,6 +238,7 @@ class TurnRunner:
                 raise
             else:
                 deadlines.end(self)  # a handler that swallowed the cancellation keeps its result
+            context.turn = None
             body = encode_result(result, envelope.msgpack)
             if len(body) > self._max_reply_bytes:
                 raise PayloadTooLargeError(
@@ -247,6 +250,7 @@ class TurnRunner:
         except Exception as exc:
             storage.abort_turn()
             context.take_events()
+            context.turn = None
             self.instance = None
             error = turn_error(
                 exc,
@@ -317,13 +321,35 @@ class DeadlineWatchdog:
         self._running = set()
         self._timer = None
 
-    def start(self, runner: TurnRunner, task: asyncio.Task[Any] | None) -> None:
-        """``runner``'s handler starts now, in ``task`` (cancelled if it runs too long)."""
-        runner._deadline = time.monotonic() + self.timeout
+    def start(
+        self, runner: TurnRunner, task: asyncio.Task[Any] | None, deadline: float = 0.0
+    ) -> float:
+        """``runner``'s handler starts now, in ``task`` (cancelled if it runs too long); return
+        the ``time.monotonic()`` by which it must end.
+
+        Args:
+            runner: the object whose handler starts.
+            task: the task to cancel at the deadline.
+            deadline: an earlier ``time.monotonic()`` deadline than the timeout gives (the
+                caller's, for a call with ``Ndo-Timeout-Ms``); 0.0: none.
+        """
+        now = time.monotonic()
+        end = now + self.timeout
+        sooner = 0.0 < deadline < end
+        if sooner:
+            end = deadline
+        runner._deadline = end
         runner._task = task
         self._running.add(runner)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._check)
+        timer = self._timer
+        if timer is None:
+            self._timer = asyncio.get_running_loop().call_later(end - now, self._check)
+        elif sooner:  # the armed check may come too late for this handler: move it earlier
+            loop = asyncio.get_running_loop()
+            if end - now < timer.when() - loop.time():
+                timer.cancel()
+                self._timer = loop.call_later(max(0.0, end - now), self._check)
+        return end
 
     def end(self, runner: TurnRunner) -> bool:
         """``runner``'s handler ended; True if it was cancelled for its deadline.

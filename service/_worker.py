@@ -45,6 +45,7 @@ from ndo.actors import Actor
 from ndo.actors.runtime import ActorClassInfo, describe_classes
 from ndo.service._activation import ActivationServices
 from ndo.service._alarms import AlarmScheduler
+from ndo.service._calls import WorkerCalls
 from ndo.service._catalog import Catalog
 from ndo.service._cluster import resolve_replicas
 from ndo.service._config import WorkerConfig
@@ -272,6 +273,7 @@ class Worker:
             self.committer.start()
             nc = self._nc = await self._connect()
             self._outbox.attach(nc)
+            self._services.calls = WorkerCalls(nc, config.prefix, self.catalog, self.metrics)
             self.replicas = resolve_replicas(config.replicas, nc)
             if isinstance(self.storage, ReplicatedStorage):
                 self.storage.on_lost = self._partition_lost

@@ -76,6 +76,12 @@ class Header(StrEnum):
     """HTTP-like error code on an error reply (400, 404, 409, 413, 500, 503, 504)."""
     ERROR = "Nats-Service-Error"
     """Human-readable error description on an error reply."""
+    CALL_CHAIN = "Ndo-Call-Chain"
+    """Objects waiting on this request, outermost first (``Class/id,...``): set on calls from
+    one object to another, so a call back into one of them is refused instead of deadlocking."""
+    TIMEOUT_MS = "Ndo-Timeout-Ms"
+    """Milliseconds the caller will still wait for the reply; the worker does not run a request
+    after that, and caps its handler's deadline with it."""
     REQUEST_INFO = "Nats-Request-Info"
     """Who sent a request, added by the server on a service import that shares it (JSON with
     ``acc``, ``user``, ``name``, ...); read only with ``WorkerConfig.caller_info``."""

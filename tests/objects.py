@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import ClassVar
 
 from ndo import Actor, AlarmInfo, ConflictError, method
+from ndo.examples import Counter
 
 
 class Slow(Actor):
@@ -152,3 +154,53 @@ class Reminder(Actor):
         fired.append([info.scheduled_time, info.attempt])
         self.storage.put("fired", fired)
         self.emit("fired", {"attempt": info.attempt})
+
+
+class Relay(Actor):
+    """Calls other objects from its handlers (calls between objects)."""
+
+    @method
+    async def forward(self, to: str, by: int = 1) -> int:
+        """Increment counter ``to`` through a typed stub and count the forwards made."""
+        value = await self.call(Counter, to).increment(by=by)
+        self.storage.put("sent", await self.storage.get("sent", 0) + 1)
+        return value
+
+    @method
+    async def sent(self) -> int:
+        """Forwards this relay made (committed)."""
+        count: int = await self.storage.get("sent", 0)
+        return count
+
+    @method
+    async def chain(self, path: list[str]) -> list[str]:
+        """Call relay ``path[0]`` with ``chain(path[1:])``; return the ids that answered."""
+        if not path:
+            return [self.id.object_id]
+        rest: list[str] = await self.call(Relay, path[0]).chain(path=path[1:])
+        return [self.id.object_id, *rest]
+
+    @method
+    async def call_self(self) -> int:
+        """Call this object itself (refused: it would wait for itself)."""
+        result: int = await self.call(Relay, self.id.object_id).sent()
+        return result
+
+    @method
+    async def wait_then_sleep(self, to: str, wait: float, seconds: float) -> str:
+        """Spend ``wait`` seconds, then make ``Slow`` ``to`` sleep ``seconds`` (deadlines)."""
+        await asyncio.sleep(wait)
+        result: str = await self.call(Slow, to).sleep(seconds=seconds)
+        return result
+
+    @method
+    async def forward_then_pause(self, to: str, marker: str) -> int:
+        """Increment counter ``to``; the first time (no file at ``marker``), create the file and
+        pause 20 s before committing, so a test can kill the worker in between."""
+        value = await self.call(Counter, to).increment()
+        if not os.path.exists(marker):
+            with open(marker, "w") as file:
+                file.write(str(value))
+            await asyncio.sleep(20)
+        self.storage.put("sent", await self.storage.get("sent", 0) + 1)
+        return value

@@ -9,22 +9,23 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from ndo.actors import ActorClient, BadRequestError
-from ndo.examples import ChatRoom, DrawingBoard
+from ndo.actors import ActorClient, BadRequestError, ConflictError
+from ndo.examples import Account, ChatRoom, DrawingBoard
 from ndo.examples.tour import tour
 from ndo.service import Worker
 
 
 async def test_tour_runs_every_step(worker: Worker, nc: NatsClient) -> None:
-    """The tour prints five steps with the results the bundled objects promise."""
+    """The tour prints six steps with the results the bundled objects promise."""
     lines: list[str] = []
     await tour(nc, say=lines.append)
-    assert [line.split(".")[0] for line in lines] == ["1", "2", "3", "4", "5"]
+    assert [line.split(".")[0] for line in lines] == ["1", "2", "3", "4", "5", "6"]
     assert "-> [1, 3, 6]; get -> 6" in lines[0]
     assert lines[1].count("yes") == 5 and lines[1].count("no, retry in") == 2
     assert "event on 'ann': 'hello from the tour'; history -> 1 message(s)" in lines[2]
     assert "400" in lines[3]
     assert "replies [16, 16]; counter -> 16 (applied once)" in lines[4]
+    assert lines[5].endswith("-> ann 70, bob 30")
 
 
 class TestExamplesBoundTheirInputs:
@@ -106,3 +107,28 @@ class TestExamplesBoundTheirInputs:
         points = [(10_000.0, -10_000.0)] * 2000
         assert await board.call(DrawingBoard.stroke, points, "#00ff00", 100, "") == 1
         assert await board.call(DrawingBoard.stroke, [(0, 0)], user="ann") == 2
+
+
+class TestAccount:
+    """The account example: one object paying another through a call between objects."""
+
+    async def test_pay_moves_money_once(self, worker: Worker, client: ActorClient) -> None:
+        """A payment lowers one balance and raises the other by the same amount."""
+        ann, bob = client.get(Account, "ann"), client.get(Account, "bob")
+        await ann.deposit(amount=100)
+        assert await ann.pay(to="bob", amount=30) == 70
+        assert await bob.balance() == 30
+
+    async def test_refusals_change_nothing(self, worker: Worker, client: ActorClient) -> None:
+        """Paying more than the balance, paying itself, or a non-positive amount is refused."""
+        ann = client.get(Account, "poor")
+        await ann.deposit(amount=10)
+        with pytest.raises(ConflictError) as refused:
+            await ann.pay(to="rich", amount=11)
+        assert refused.value.type == "insufficient_funds"
+        with pytest.raises(BadRequestError):
+            await ann.pay(to="poor", amount=1)
+        with pytest.raises(BadRequestError):
+            await ann.pay(to="rich", amount=0)
+        assert await ann.balance() == 10
+        assert await client.get(Account, "rich").balance() == 0

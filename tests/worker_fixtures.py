@@ -13,13 +13,14 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from ndo.actors import Actor, ActorClient, RetryPolicy
-from ndo.examples import ChatRoom, Counter, DrawingBoard, RateLimiter
+from ndo.examples import Account, ChatRoom, Counter, DrawingBoard, RateLimiter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.service import ReplicatedStorage, Worker, WorkerConfig
-from tests.objects import Faulty, Reminder, Slow, Store
+from tests.objects import Faulty, Relay, Reminder, Slow, Store
 
 ALL_CLASSES: list[type[Actor]] = [
     Counter,
+    Account,
     RateLimiter,
     ChatRoom,
     DrawingBoard,
@@ -27,6 +28,7 @@ ALL_CLASSES: list[type[Actor]] = [
     Faulty,
     Store,
     Reminder,
+    Relay,
 ]
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
