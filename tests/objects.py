@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+from pathlib import Path
 from typing import ClassVar
 
 from ndo import Actor, AlarmInfo, ConflictError, method
@@ -198,9 +198,9 @@ class Relay(Actor):
         """Increment counter ``to``; the first time (no file at ``marker``), create the file and
         pause 20 s before committing, so a test can kill the worker in between."""
         value = await self.call(Counter, to).increment()
-        if not os.path.exists(marker):
-            with open(marker, "w") as file:
-                file.write(str(value))
+        path = Path(marker)
+        if not await asyncio.to_thread(path.exists):
+            await asyncio.to_thread(path.write_text, str(value))
             await asyncio.sleep(20)
         self.storage.put("sent", await self.storage.get("sent", 0) + 1)
         return value
