@@ -14,14 +14,15 @@ Write an object::
 Call it::
 
     client = ActorClient(nc)
-    await client.get(Counter, "a1").call(Counter.increment, by=2)
+    await client.get(Counter, "a1").increment(by=2)
 
 The same names are re-exported by ``ndo`` itself. What the runtime needs to host objects
 (class descriptions, the per-object context, write-sets) is in ``ndo.actors.runtime``.
 """
 
-from ndo.actors._actor import Actor, ActorId, AlarmInfo, Caller, Event
-from ndo.actors._client import ActorClient, ActorStub, RetryPolicy
+from ndo.actors._actor import Actor
+from ndo.actors._client import ActorClient, RetryPolicy
+from ndo.actors._context import ActorId, AlarmInfo, Caller, Event
 from ndo.actors._errors import (
     ActorError,
     BadRequestError,
@@ -34,8 +35,9 @@ from ndo.actors._errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from ndo.actors._methods import method
+from ndo.actors._marks import method
 from ndo.actors._storage import ActorStorage
+from ndo.actors._stub import ActorStub
 
 __all__ = [
     "Actor",

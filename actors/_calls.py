@@ -31,18 +31,14 @@ import math
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final
 
+from ndo.actors._context import ActorContext
 from ndo.actors._errors import BadRequestError, ConflictError, DeadlineExceededError
 from ndo.subjects import Header
 
-if TYPE_CHECKING:
-    from ndo.actors._actor import ActorContext
-
 __all__ = [
     "MAX_CALL_DEPTH",
-    "CallSender",
-    "TurnInfo",
     "check_chain",
     "incoming_call",
     "outgoing_headers",
@@ -55,33 +51,6 @@ _TIMEOUT: Final = Header.TIMEOUT_MS.value
 _KEY: Final = Header.IDEMPOTENCY_KEY.value
 _MAX_CHAIN_CHARS: Final = MAX_CALL_DEPTH * 256
 """Longest ``Ndo-Call-Chain`` header read (a class name and an id per entry)."""
-
-
-class TurnInfo(Protocol):
-    """What a handler's outgoing calls need to know about the turn making them."""
-
-    @property
-    def chain(self) -> str:
-        """The ``Ndo-Call-Chain`` this turn's request came with ("" when none)."""
-        ...
-
-    @property
-    def identity(self) -> str | None:
-        """A name of this turn that a re-run of it has too (its Idempotency-Key, its alarm's
-        due time), or ``None`` when a re-run cannot be told from a new request."""
-        ...
-
-
-class CallSender(Protocol):
-    """How a host sends an object's calls to other objects (the worker: over NATS)."""
-
-    async def send(self, context: ActorContext, subject: str, body: bytes) -> bytes:
-        """Send one call made by the turn running in ``context`` and return the reply body.
-
-        Raises:
-            ActorError: the target (or the way to it) failed the call.
-        """
-        ...
 
 
 def outgoing_headers(context: ActorContext, target: str) -> dict[str, str]:

@@ -1,45 +1,27 @@
-"""Calling objects from Python: ``ActorClient`` and the per-object ``ActorStub``.
+"""Calling objects from Python: ``ActorClient``, the transport of stubs over a NATS connection.
 
-A stub call sends one NATS request to ``<prefix>.rpc.<Class>.<id>.<method>`` and decodes the
-reply with the method's return annotation. It retries "no responders", timeouts and 503s with
-exponential backoff, always with the same ``Idempotency-Key``, so a retried call is applied at
-most once (the worker remembers committed keys). Each try tells the worker how long it will wait
-(``Ndo-Timeout-Ms``), so a request its caller gave up on is not run.
-
-A stub sends through a ``Transport``: ``ActorClient`` itself for callers outside, a
-``TurnTransport`` for calls one object makes to another inside a handler (``Actor.call``), or a
-test kit's in-process one (``ndo.testing``).
+``client.get(Counter, "a1")`` is an ``ActorStub`` (``actors/_stub.py``) sending through the
+client. Each request retries "no responders", timeouts and 503s with exponential backoff, always
+with the same ``Idempotency-Key``, so a retried call is applied at most once (the worker
+remembers committed keys). Each try tells the worker how long it will wait (``Ndo-Timeout-Ms``),
+so a request its caller gave up on is not run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import inspect
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Concatenate,
-    Final,
-    Generic,
-    ParamSpec,
-    Protocol,
-    TypeVar,
-    get_type_hints,
-    overload,
-)
+from typing import Any, Final, TypeVar, overload
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from ndo.actors._actor import Actor, Event
+from ndo.actors._actor import Actor
 from ndo.actors._errors import (
     ActorError,
     CallTimeoutError,
@@ -48,29 +30,18 @@ from ndo.actors._errors import (
     UnavailableError,
     error_from_wire,
 )
-from ndo.actors._methods import is_method
 from ndo.actors._permissions import PermissionWatch
+from ndo.actors._stub import ActorStub
 from ndo.subjects import (
     DEFAULT_PREFIX,
     Header,
-    event_wildcard,
     id_from_name,
-    rpc_subject,
     validate_id,
 )
 
-if TYPE_CHECKING:
-    from ndo.actors._actor import ActorContext
-    from ndo.actors._calls import CallSender
-
-__all__ = ["ActorClient", "ActorStub", "RetryPolicy", "Transport", "TurnTransport"]
+__all__ = ["ActorClient", "RetryPolicy"]
 
 A = TypeVar("A", bound=Actor)
-P = ParamSpec("P")
-R = TypeVar("R")
-
-_JSON_ENCODER: Final = msgspec.json.Encoder()
-_ANY_DECODER: Final = msgspec.json.Decoder()
 
 
 class _WireError(msgspec.Struct):
@@ -84,19 +55,6 @@ class _ErrorBody(msgspec.Struct):
 
 
 _ERROR_DECODER: Final = msgspec.json.Decoder(_ErrorBody)
-
-
-class Transport(Protocol):
-    """Where a stub's calls go: ``ActorClient``, ``TurnTransport`` or a test kit."""
-
-    @property
-    def prefix(self) -> str:
-        """The deployment's subject prefix."""
-        ...
-
-    async def request(self, subject: str, body: bytes) -> bytes:
-        """Send one call and return the reply body (raises ``ActorError`` subclasses)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +111,11 @@ class ActorClient:
     def prefix(self) -> str:
         """The deployment's subject prefix."""
         return self._prefix
+
+    @property
+    def nc(self) -> NatsClient:
+        """The NATS connection the client sends on (stubs subscribe to events on it)."""
+        return self._nc
 
     @overload
     def get(self, actor_class: type[A], object_id: str) -> ActorStub[A]: ...
@@ -273,144 +236,3 @@ def _check_reply(msg: Msg) -> bytes:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 raise error_from_wire(int(code), description) from None
     return msg.data
-
-
-class TurnTransport:
-    """Sends the calls a handler makes to other objects, as calls of its turn (the host's
-    ``CallSender`` adds the call chain, the deadline and the derived Idempotency-Key)."""
-
-    __slots__ = ("_context", "_sender")
-
-    def __init__(self, sender: CallSender, context: ActorContext) -> None:
-        """Bind ``sender`` to the object whose turn makes the calls."""
-        self._sender = sender
-        self._context = context
-
-    @property
-    def prefix(self) -> str:
-        """The deployment's subject prefix."""
-        return self._context.prefix
-
-    async def request(self, subject: str, body: bytes) -> bytes:
-        """Send one call of the current turn."""
-        return await self._sender.send(self._context, subject, body)
-
-
-class ActorStub(Generic[A]):
-    """A handle on one object. Its methods are the object's ``@method``s:
-    ``await client.get(Counter, "a1").increment(by=2)`` (type-checked with the mypy plugin
-    ``ndo.actors.mypy_plugin``). ``await stub.call(Counter.increment, by=2)`` is the same call,
-    type-checked by mypy without a plugin; ``stub.call("increment", by=2)`` calls by name."""
-
-    __slots__ = ("_cls", "_transport", "class_name", "object_id")
-
-    class_name: str
-    """The object's class name."""
-    object_id: str
-    """The object's id."""
-    _cls: type[A] | None
-    """The object's class when the stub was made from it (typed results, methods by name)."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        class_name: str,
-        object_id: str,
-        cls: type[A] | None = None,
-    ) -> None:
-        """Create a stub (use ``ActorClient.get`` or ``Actor.call``)."""
-        self._transport = transport
-        self.class_name = class_name
-        self.object_id = object_id
-        self._cls = cls
-
-    def __repr__(self) -> str:
-        return f"<ActorStub {self.class_name}/{self.object_id}>"
-
-    def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-        """``stub.increment`` is ``functools.partial(stub.call, Counter.increment)`` (or, for a
-        stub made from a class name, a call by name taking keyword arguments)."""
-        if name.startswith("_"):
-            raise AttributeError(name)
-        cls = self._cls
-        if cls is None:
-            return functools.partial(self.call, name)
-        function = getattr(cls, name, None)
-        if function is None or not is_method(function):
-            raise AttributeError(
-                f"{cls.__name__} has no @method {name!r}; its stub's methods are the class's "
-                "@method functions"
-            )
-        return functools.partial(self.call, function)
-
-    @overload
-    async def call(
-        self,
-        method: Callable[Concatenate[A, P], Coroutine[Any, Any, R]],
-        /,
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> R: ...
-    @overload
-    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any: ...
-    async def call(self, method: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """Call ``method`` (a function of the actor class, or a method name) and return its
-        decoded result.
-
-        Raises:
-            ActorError: a subclass per wire error code; ``.retryable`` tells transient ones.
-        """
-        if isinstance(method, str):
-            if args:
-                raise TypeError("calls by method name take keyword arguments only")
-            name, return_type, arguments = method, Any, kwargs
-        else:
-            name = method.__name__
-            signature = _signature(method)
-            bound = signature.bind(None, *args, **kwargs)
-            arguments = dict(bound.arguments)
-            arguments.pop(next(iter(signature.parameters)))  # self
-            return_type = _return_type(method)
-        transport = self._transport
-        subject = rpc_subject(transport.prefix, self.class_name, self.object_id, name)
-        body = _JSON_ENCODER.encode(arguments) if arguments else b""
-        reply = await transport.request(subject, body)
-        return _decoder(return_type).decode(reply)
-
-    async def events(self, topic: str = "*") -> AsyncGenerator[Event, None]:
-        """Yield this object's events as they are published (``topic`` may be ``*``).
-
-        ``aclose()`` the generator (or leave its ``async for``) to unsubscribe. Only for stubs
-        of an ``ActorClient`` (a test kit collects events itself).
-        """
-        client = self._transport
-        if not isinstance(client, ActorClient):
-            raise TypeError("events() needs a stub made by ActorClient.get")
-        subject = event_wildcard(client.prefix, self.class_name, self.object_id, topic)
-        sub = await client._nc.subscribe(subject)
-        try:
-            async for msg in sub.messages:
-                yield Event(msg.subject, msg.data)
-        finally:
-            await sub.unsubscribe()
-
-
-@functools.lru_cache(maxsize=1024)
-def _decoder(return_type: Any) -> msgspec.json.Decoder[Any]:
-    """The reply decoder of one return type (built once)."""
-    return msgspec.json.Decoder(return_type)
-
-
-@functools.lru_cache(maxsize=4096)
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(fn)
-
-
-def _return_type(fn: Callable[..., Any]) -> Any:
-    """The annotated return type of ``fn``, resolved once and remembered on the function."""
-    cached = getattr(fn, "__ndo_return_type__", None)
-    if cached is None:
-        cached = get_type_hints(fn).get("return", Any)
-        with contextlib.suppress(AttributeError):
-            fn.__ndo_return_type__ = cached  # type: ignore[attr-defined]
-    return cached

@@ -13,11 +13,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, Final, get_type_hints
 
 import msgspec
 
 from ndo.actors._errors import BadRequestError, NotFoundError
+from ndo.actors._marks import is_method, method
 from ndo.subjects import InvalidSubjectError, validate_name
 
 if TYPE_CHECKING:
@@ -33,10 +34,9 @@ __all__ = [
     "method",
 ]
 
-_MARK: Final = "__ndo_method__"
-_F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
-
-RESERVED_METHODS: Final = frozenset({"on_start", "alarm", "emit", "storage", "id"})
+RESERVED_METHODS: Final = frozenset(
+    {"on_start", "on_stop", "alarm", "emit", "storage", "id", "call", "now", "caller"}
+)
 """Names a ``@method`` may not use: they are hooks or attributes of ``Actor``."""
 
 MAX_NESTING: Final = 128
@@ -52,23 +52,6 @@ _PARENS: Final = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _MSGPACK_OPENERS: Final = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
 """First bytes of MessagePack arrays and maps (fixmap, fixarray, array 16/32, map 16/32)."""
-
-
-def method(fn: _F) -> _F:
-    """Mark an ``async def`` of an ``Actor`` subclass as callable over NATS.
-
-    Its parameters (after ``self``) become the JSON object keys of the request body; their
-    annotations validate the values; defaults make them optional.
-    """
-    if not inspect.iscoroutinefunction(fn):
-        raise TypeError(f"@method {fn.__qualname__} must be an 'async def'")
-    setattr(fn, _MARK, True)
-    return fn
-
-
-def is_method(obj: object) -> bool:
-    """Tell whether ``obj`` is a function marked with ``@method``."""
-    return bool(getattr(obj, _MARK, False))
 
 
 @dataclass(frozen=True, slots=True)

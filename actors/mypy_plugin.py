@@ -33,8 +33,8 @@ from mypy.types import AnyType, CallableType, Instance, Type, TypeOfAny, get_pro
 __all__ = ["ActorStubPlugin", "plugin"]
 
 _ACTOR: Final = "ndo.actors._actor.Actor"
-_STUB: Final = "ndo.actors._client.ActorStub"
-_METHOD: Final = "ndo.actors._methods.method"
+_STUB: Final = "ndo.actors._stub.ActorStub"
+_METHOD: Final = "ndo.actors._marks.method"
 _KEY: Final = "ndo"
 """Key of the plugin's entry in ``TypeInfo.metadata``: ``{"methods": [names]}``."""
 

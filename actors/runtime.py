@@ -5,16 +5,8 @@ callable methods and their argument codecs), the context an instance is bound to
 storage view and the write-set a turn leaves behind, and the wire-error factory the client uses.
 """
 
-from ndo.actors._actor import ActorContext
-from ndo.actors._calls import (
-    MAX_CALL_DEPTH,
-    CallSender,
-    TurnInfo,
-    check_chain,
-    incoming_call,
-    outgoing_headers,
-)
-from ndo.actors._client import Transport, TurnTransport
+from ndo.actors._calls import MAX_CALL_DEPTH, check_chain, incoming_call, outgoing_headers
+from ndo.actors._context import ActorContext, CallSender, TurnInfo
 from ndo.actors._errors import error_from_wire
 from ndo.actors._methods import (
     ActorClassInfo,
@@ -33,6 +25,7 @@ from ndo.actors._storage import (
     check_quota,
     prefix_range,
 )
+from ndo.actors._stub import EventSource, Transport, TurnTransport
 
 __all__ = [
     "ALARM_REARM_DELAY",
@@ -42,6 +35,7 @@ __all__ = [
     "ActorClassInfo",
     "ActorContext",
     "CallSender",
+    "EventSource",
     "MethodSpec",
     "StateReader",
     "StorageLimits",
