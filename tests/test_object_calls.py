@@ -13,15 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 
 from ndo import (
     ActorClient,
+    ActorError,
     ConflictError,
     DeadlineExceededError,
     RetryPolicy,
     id_from_name,
 )
+from ndo.actors.runtime import MAX_CALL_DEPTH, check_chain, incoming_call
 from ndo.examples import Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.subjects import Header
@@ -216,3 +220,45 @@ class TestCrashBetweenCallAndCommit:
                 assert await call == 1
                 assert await patient.get(Counter, "once").get() == 1, "the call applied twice"
                 assert await patient.get(Relay, "crashy").sent() == 1
+
+
+class TestCallHeadersFuzz:
+    """Any text in the call headers is read or refused with a 4xx/504, never a crash."""
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(chain=st.text(max_size=300), timeout=st.one_of(st.none(), st.text(max_size=40)))
+    def test_incoming_call_never_crashes(self, chain: str, timeout: str | None) -> None:
+        """A chain and a timeout are accepted, or an ``ActorError`` of code 400, 409 or 504."""
+        headers = {Header.CALL_CHAIN.value: chain}
+        if timeout is not None:
+            headers[Header.TIMEOUT_MS.value] = timeout
+        refusal: ActorError | None = None
+        try:
+            found_chain, deadline = incoming_call(headers, "Counter/x")
+        except ActorError as error:
+            refusal = error
+        if refusal is not None:
+            assert refusal.code in (400, 409, 504), refusal
+        else:
+            assert found_chain == chain
+            assert deadline >= 0.0
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None)
+    @given(path=st.lists(st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True), max_size=20))
+    def test_a_chain_is_refused_exactly_when_it_holds_the_target_or_is_full(
+        self, path: list[str]
+    ) -> None:
+        """``check_chain`` refuses a cycle (the target waits in the chain) and a full chain."""
+        chain = ",".join(f"Relay/{i}" for i in path)
+        target = "Relay/t"
+        refusal = ""
+        try:
+            check_chain(chain, target)
+        except ConflictError as error:
+            refusal = error.type
+        if "t" in path:
+            assert refusal == "call_cycle"
+        elif len(path) >= MAX_CALL_DEPTH:
+            assert refusal == "call_too_deep"
+        else:
+            assert refusal == ""
