@@ -3,8 +3,8 @@
 ``client.get(Counter, "a1")`` is an ``ActorStub`` (``actors/_stub.py``) sending through the
 client. Each request retries "no responders", timeouts and 503s with exponential backoff, always
 with the same ``Idempotency-Key``, so a retried call is applied at most once (the worker
-remembers committed keys). Each try tells the worker how long it will wait (``Ndo-Timeout-Ms``),
-so a request its caller gave up on is not run.
+remembers committed keys). A request with a ``deadline`` (calls between objects) tells the
+worker the time left on each try (``Ndo-Timeout-Ms``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,9 @@ class ActorClient:
             timeout: seconds to wait for each try's reply (the client's default when omitted).
             idempotency_key: the key every try carries (a new random one when omitted).
             headers: more headers to send (an ``Idempotency-Key`` among them wins).
-            deadline: ``time.monotonic()`` after which no try starts and no reply is awaited.
+            deadline: ``time.monotonic()`` after which no try starts and no reply is awaited;
+                each try tells the worker the time left (``Ndo-Timeout-Ms``), so the handler
+                gets no more and a request still queued when it passes is not run.
 
         Raises:
             ActorError: the worker answered with an error (a subclass per code).
@@ -171,14 +173,15 @@ class ActorClient:
         for attempt in range(1, policy.attempts + 1):
             wait = timeout or self._timeout
             if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0.0:
+                left = deadline - time.monotonic()
+                if left <= 0.0:
                     if attempt == 1:
                         last = DeadlineExceededError(
                             f"no time was left to call {subject}", type="deadline_exceeded"
                         )
                     break
-            sent[Header.TIMEOUT_MS.value] = str(max(1, int(wait * 1000)))
+                wait = min(wait, left)
+                sent[Header.TIMEOUT_MS.value] = str(max(1, int(left * 1000)))
             try:
                 msg = await self._request_once(subject, body, wait, sent)
                 return _check_reply(msg)
