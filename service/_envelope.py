@@ -12,7 +12,7 @@ from typing import Final
 
 import msgspec
 
-from ndo.actors import BadRequestError, Caller, PayloadTooLargeError
+from ndo.actors import ActorId, BadRequestError, Caller, PayloadTooLargeError
 from ndo.actors.runtime import MethodSpec, incoming_call
 from ndo.service._idempotency import call_fingerprint
 from ndo.subjects import Header
@@ -149,12 +149,12 @@ def request_envelope(
     headers: Mapping[str, str] | None,
     reply: str,
     *,
-    target: str,
+    target: ActorId,
     msgpack: bool,
     max_payload: int,
     caller_info: bool = False,
 ) -> Envelope:
-    """The envelope of a request for ``target`` (``Class/id``): its body checked and decoded,
+    """The envelope of a request for object ``target``: its body checked and decoded,
     its headers read (Idempotency-Key, call chain and timeout, caller). Ingress and the test kit
     build every request envelope here, so they refuse the same requests.
 
@@ -179,7 +179,7 @@ def request_envelope(
             )
         if caller_info:
             caller = parse_request_info(headers.get(Header.REQUEST_INFO.value))
-        chain, deadline = incoming_call(headers, target)
+        chain, deadline = incoming_call(headers, f"{target.class_name}/{target.object_id}")
     return Envelope(
         spec,
         args,

@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 
 from ndo.actors import (
     ActorError,
+    ActorId,
     BadRequestError,
     HandlerError,
     NotFoundError,
@@ -103,6 +104,8 @@ class _Route(NamedTuple):
     partition: int
     rpc_subject: str
     """The ``<prefix>.rpc.<Class>.<id>.<method>`` subject (for forwarding)."""
+    address: ActorId
+    """The object's class name and id."""
 
 
 class Ingress:
@@ -350,7 +353,7 @@ class Ingress:
             route = self._routes.get(msg.subject)
             if route is None:
                 route = self._route(msg.subject, routed)
-            info, object_id, spec, partition, _ = route
+            info, object_id, spec, partition, _, _ = route
             if not held and partition in self._held:
                 # Earlier requests of this partition wait: this one queues behind them.
                 if self._hold(msg, routed, partition):
@@ -472,7 +475,14 @@ class Ingress:
             )
         spec = info.method_spec(address.method)
         partition = partition_of(address.class_name, address.object_id, self._partitions)
-        route = _Route(info, address.object_id, spec, partition, subject)
+        route = _Route(
+            info,
+            address.object_id,
+            spec,
+            partition,
+            subject,
+            ActorId(address.class_name, address.object_id),
+        )
         if len(self._routes) >= _MAX_ROUTES:
             self._routes.clear()
         self._routes[received] = route
@@ -486,7 +496,7 @@ class Ingress:
             msg.data,
             msg.headers,
             msg.reply,
-            target=f"{route.info.name}/{route.object_id}",
+            target=route.address,
             msgpack=msgpack,
             max_payload=self._max_payload,
             caller_info=self._caller_info,
