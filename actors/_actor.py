@@ -20,7 +20,9 @@ class Actor:
 
     Subclass it, declare callable methods with ``@method``, keep state in ``self.storage``.
     Optional hooks: ``async def on_start(self)`` runs before the first message of each activation
-    (load caches there), ``async def alarm(self, info: AlarmInfo)`` runs when an alarm is due.
+    (load caches there), ``async def on_stop(self)`` as the activation leaves memory (best effort:
+    flush what ``on_start`` or the handlers kept in memory), ``async def alarm(self, info:
+    AlarmInfo)`` when an alarm is due.
     The runtime creates instances; define no ``__init__`` of your own (use ``on_start``).
     """
 
@@ -94,3 +96,19 @@ class Actor:
 
     async def on_start(self) -> None:
         """Hook run before the first message of an activation. Default: nothing."""
+
+    async def on_stop(self) -> None:
+        """Hook run, best effort, as the activation leaves memory in an orderly way. Default:
+        nothing.
+
+        It runs like a turn, after the messages already queued: when the object was idle too
+        long (``idle_timeout``), was evicted for ``--max-active``, its partition is handed to
+        another worker, or the worker shuts down (within ``drain_timeout``). It never runs after
+        a crash, nor after a failed turn (whose instance is dropped without it): keep nothing
+        in memory that must not be lost. Its writes and events commit like a turn's while the
+        object belongs to this worker; at a hand-over they may be refused (fenced) if the new
+        owner took over first, and are then lost (logged). If it raises, its writes are
+        discarded, the failure is logged and counted (``ndo_on_stop_total``), and the object
+        leaves anyway. A message that arrives meanwhile is served by a new instance
+        (``on_start`` again), which stays.
+        """

@@ -13,16 +13,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, get_type_hints
+from typing import Any, Final, get_type_hints
 
 import msgspec
 
+from ndo.actors._actor import Actor
 from ndo.actors._errors import BadRequestError, NotFoundError
 from ndo.actors._marks import is_method, method
 from ndo.subjects import InvalidSubjectError, validate_name
-
-if TYPE_CHECKING:
-    from ndo.actors._actor import Actor
 
 __all__ = [
     "MAX_NESTING",
@@ -112,6 +110,8 @@ class ActorClassInfo:
     methods: dict[str, MethodSpec]
     has_alarm: bool
     """Whether the class defines ``async def alarm(self, info)``."""
+    has_on_stop: bool = False
+    """Whether the class overrides ``Actor.on_stop`` (the runtime runs none otherwise)."""
 
     def method_spec(self, name: str) -> MethodSpec:
         """The callable method ``name``.
@@ -244,7 +244,22 @@ def describe_class(cls: type[Actor]) -> ActorClassInfo:
         cls=cls,
         methods=methods,
         has_alarm=alarm is not None and inspect.iscoroutinefunction(alarm),
+        has_on_stop=_has_on_stop(cls),
     )
+
+
+def _has_on_stop(cls: type[Actor]) -> bool:
+    """Whether ``cls`` overrides ``Actor.on_stop``.
+
+    Raises:
+        TypeError: its ``on_stop`` is not an ``async def``.
+    """
+    on_stop = getattr(cls, "on_stop", Actor.on_stop)
+    if on_stop is Actor.on_stop:
+        return False
+    if not inspect.iscoroutinefunction(on_stop):
+        raise TypeError(f"{cls.__name__}.on_stop must be an 'async def'")
+    return True
 
 
 def describe_classes(classes: Iterable[type[Actor]]) -> dict[str, ActorClassInfo]:

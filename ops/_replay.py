@@ -18,7 +18,8 @@ always on scratch ``InMemoryStorage``, never on a worker's data directory.
   today's class on the worker's own turn engine (``ndo.service.TurnRunner``: ``on_start`` when
   the record says a fresh instance ran, the handler deadline, the same error mapping) and its
   reply (or error) and write-set are compared with the record. Later steps run on the state
-  today's code produced. Steps the runtime answered without running the handler (``duplicate``)
+  today's code produced. A ``stop`` step re-runs ``on_stop`` (on the live instance, or on a new
+  one after ``on_start``). Steps the runtime answered without running the handler (``duplicate``)
   or discarded (``aborted``) are skipped; the write-sets of a dropped alarm and of a
   ``truncated`` record (its input is unknown) are applied as recorded.
 
@@ -709,6 +710,8 @@ class Reexecutor:
             return StepOutcome(executed=False, status="applied", writes=writes)
         if record.truncated:  # its input is not known: apply what the record has
             return StepOutcome(executed=False, status="applied", writes=await self._apply(record))
+        if record.kind == "stop":
+            return await self._stop()
         if record.fresh:
             self._runner.drop_instance()
         msgpack = record.headers.get(Header.CONTENT_TYPE.value) == MSGPACK_CONTENT_TYPE
@@ -727,6 +730,16 @@ class Reexecutor:
             reply=_normalize(jsonable_reply(outcome.body, msgpack)),
             writes=writes,
         )
+
+    async def _stop(self) -> StepOutcome:
+        """Re-run a ``stop`` step: ``on_stop`` (nothing, when today's class has none)."""
+        outcome = await self._runner.stop(start=True)
+        if outcome is None:
+            return StepOutcome(executed=True, status="ok")
+        if outcome.error is not None:
+            return _failed(outcome.error)
+        assert outcome.changes is not None
+        return StepOutcome(executed=True, status="ok", writes=await self._commit(outcome.changes))
 
 
 def _failed(error: ActorError) -> StepOutcome:
@@ -868,7 +881,9 @@ def result_cell(record: JournalRecord) -> str:
     """How a step ended, for a table cell (``-> 5``, ``error 500 handler_error: ...``)."""
     error = record.error
     if record.status == "ok":
-        return "" if record.kind == "alarm_dropped" else "-> " + _compact(record.reply)
+        if record.kind in ("alarm_dropped", "stop"):
+            return ""
+        return "-> " + _compact(record.reply)
     if record.status == "duplicate":
         return "duplicate -> " + _compact(record.reply)
     assert error is not None

@@ -22,6 +22,12 @@ before the next turn (the engine does both). A commit that fails resets the obje
 generation): the turns queued behind it in the committer are abandoned with an error, and the
 next message reloads the object from durable storage.
 
+``on_stop``: when an object with the hook leaves memory in an orderly way, the catalog (or the
+worker) queues ``STOP_ENVELOPE`` in its mailbox (``queue_stop``), so the hook runs after what is
+already queued, through the same pump and commit pipeline as a turn (output gate, fencing epoch,
+commit failures). An evicted object stays in the catalog until that turn is over (durable or
+failed), then leaves unless messages arrived meanwhile; those are served by a new instance.
+
 Activations talk to ``ActivationServices`` — the few collaborators every object of a worker
 shares — never to the worker itself.
 """
@@ -33,6 +39,7 @@ import contextvars
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -66,8 +73,14 @@ from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
 from ndo.service._ownership import NOT_SERVING, Ownership
 from ndo.service._tasks import TaskSet
-from ndo.service._turn import DeadlineWatchdog, TurnOutcome, TurnRunner, object_write
-from ndo.service.journal import TurnStatus
+from ndo.service._turn import (
+    STOP_ENVELOPE,
+    DeadlineWatchdog,
+    TurnOutcome,
+    TurnRunner,
+    object_write,
+)
+from ndo.service.journal import TurnKind, TurnStatus
 from ndo.storage import (
     CommitAbandonedError,
     FencedError,
@@ -134,6 +147,9 @@ class ActivationServices:
     """Owner of the pump tasks."""
     calls: CallSender | None = None
     """Sends the calls objects make to other objects (``None``: they cannot)."""
+    stopped: Callable[[Activation], None] | None = None
+    """Told when the ``on_stop`` of an object queued to leave (``Activation.leaving``) is over:
+    the catalog then removes it, unless messages arrived meanwhile."""
     journal: Journal = JOURNAL_OFF
     ownership: Ownership = NOT_SERVING
     """Fencing epochs of the partitions."""
@@ -186,6 +202,17 @@ class _Turn:
         await self.activation._turn_durable(self, error)
 
 
+class _StopTurn(_Turn):
+    """An ``on_stop`` turn waiting for its commit; when it is over, the object may leave."""
+
+    __slots__ = ()
+
+    async def commit_done(self, error: BaseException | None) -> None:
+        activation = self.activation
+        await activation._turn_durable(self, error)
+        activation._stop_ended(None if error is None else _commit_failure(error))
+
+
 class Activation(TurnRunner):
     """The in-memory life of one object on this worker: a ``TurnRunner`` (its context, instance
     and the turn engine) with a mailbox, a pump and a place in the commit pipeline."""
@@ -201,9 +228,11 @@ class Activation(TurnRunner):
         "_pump",
         "_room",
         "_services",
+        "_stop_queued",
         "address",
         "generation",
         "last_used",
+        "leaving",
         "partition",
         "state",
     )
@@ -215,6 +244,8 @@ class Activation(TurnRunner):
     state: ActivationState
     last_used: float
     """``time.monotonic()`` of the last message, for idle eviction."""
+    leaving: str
+    """Why the object was evicted while its ``on_stop`` runs before it leaves ("" otherwise)."""
     _services: ActivationServices
     _mailbox: deque[Envelope] | None
     _pump: asyncio.Task[None] | None
@@ -233,6 +264,8 @@ class Activation(TurnRunner):
     """This activation's token in journal records ("" until the first record)."""
     _journal_writes: int
     """State-changing journal records released so far (their ``write_count``)."""
+    _stop_queued: bool
+    """``STOP_ENVELOPE`` waits in the mailbox."""
 
     def __init__(
         self, services: ActivationServices, info: ActorClassInfo, object_id: str, partition: int
@@ -245,6 +278,7 @@ class Activation(TurnRunner):
         self.generation = 0
         self.state = ActivationState.VALID
         self.last_used = time.monotonic()
+        self.leaving = ""
         self._mailbox = None
         self._pump = None
         self._pending = 0
@@ -254,6 +288,7 @@ class Activation(TurnRunner):
         self._idempotency = None
         self._journal_token = ""
         self._journal_writes = 0
+        self._stop_queued = False
 
     def new_context(self) -> ActorContext:
         """A fresh context reading through the worker's storage (its cache starts empty)."""
@@ -271,6 +306,12 @@ class Activation(TurnRunner):
     def idle(self) -> bool:
         """True when nothing is queued, running or waiting for a commit (safe to evict)."""
         return self._pump is None and self._pending == 0 and not self._mailbox
+
+    @property
+    def spent(self) -> bool:
+        """No instance, nothing queued and no write in flight: dropping the activation loses
+        nothing (a pump still running has nothing left to do)."""
+        return self.instance is None and not self._mailbox and self._pending == 0
 
     @property
     def queued(self) -> int:
@@ -295,6 +336,35 @@ class Activation(TurnRunner):
             self._pump = self._services.tasks.start_eagerly(self._run_pump(), "ndo-pump")
         return True
 
+    def queue_stop(self, leaving: str = "") -> bool:
+        """Queue ``on_stop`` behind the messages already queued (once); it runs through the
+        pump and the commit pipeline like a turn.
+
+        Args:
+            leaving: the eviction reason when the object is to leave the catalog once its
+                ``on_stop`` is over (``ActivationServices.stopped``); "" when it stays.
+
+        Returns:
+            False, and nothing queued, when the class has no ``on_stop`` or the object has no
+            instance and nothing queued or running that would build one.
+        """
+        if not self.info.has_on_stop or (
+            self.instance is None and not self._mailbox and self._pump is None
+        ):
+            return False
+        if leaving:
+            self.leaving = leaving
+        if self._stop_queued:
+            return True
+        self._stop_queued = True
+        mailbox = self._mailbox
+        if mailbox is None:
+            mailbox = self._mailbox = deque()
+        mailbox.append(STOP_ENVELOPE)  # past max_mailbox if need be: at most one is queued
+        if self._pump is None:
+            self._pump = self._services.tasks.start_eagerly(self._run_pump(), "ndo-pump")
+        return True
+
     def deactivate(self) -> None:
         """Mark the activation dead (the catalog already removed it)."""
         self.state = ActivationState.DEACTIVATED
@@ -315,7 +385,20 @@ class Activation(TurnRunner):
                     await self._wait_for_room()
                 envelope = mailbox.popleft()
                 spec = envelope.spec
-                name = "alarm" if spec is None else spec.name
+                if spec is not None:
+                    name = spec.name
+                elif envelope is STOP_ENVELOPE:
+                    method = "on_stop"
+                    _METHOD_VAR.set(method)
+                    try:
+                        await self._run_stop()
+                    except Exception:  # a runtime bug: log it; the object may still leave
+                        _log.exception("on_stop crashed in the runtime")
+                        self.drop_instance()
+                        self._stop_ended(HandlerError("internal error in the ndo runtime"))
+                    continue
+                else:
+                    name = "alarm"
                 if name != method:
                     method = name
                     _METHOD_VAR.set(name)
@@ -438,8 +521,92 @@ class Activation(TurnRunner):
             self._idempotency.remember(key, turn)
         self._submit(write, turn)
 
+    async def _run_stop(self) -> None:
+        """Run ``STOP_ENVELOPE``: the instance's ``on_stop``, whose write-set and events go
+        through the commit pipeline like a turn's (nobody waits for a reply)."""
+        self._stop_queued = False
+        services = self._services
+        generation = self.generation
+        outcome = await self.stop(self._pump)
+        if outcome is None:  # no instance (a failed turn dropped it): nothing to run
+            self._stop_ended(None, ran=False)
+            return
+        error = outcome.error
+        if error is None and generation != self.generation:  # reset while on_stop ran
+            error = _reset_error()
+        if error is not None:
+            status: TurnStatus = "error" if outcome.error is not None else "aborted"
+            self._journal(self._failure_entry(STOP_ENVELOPE, outcome, status, error, "stop"))
+            self._stop_ended(error, outcome.cause)
+            return
+        changes = outcome.changes
+        assert changes is not None
+        events = outcome.events
+        unchanged = changes.is_empty()
+        journal = services.journal
+        entry = None
+        recorded = journal.enabled and (not unchanged or events or journal.reads)
+        if recorded or (journal.enabled and self._followed is not None):
+            entry = JournalEntry(
+                self.address,
+                self.partition,
+                STOP_ENVELOPE,
+                status="ok",
+                kind="stop",
+                changes=None if unchanged else changes,
+                started=outcome.started,
+                duration=outcome.duration,
+                fresh=outcome.fresh,
+                only_if_aborted=not recorded,
+            )
+        if unchanged and not events and self._followed is None:
+            if entry is not None:
+                self._record(entry)
+            self._stop_ended(None)
+            return
+        epoch = services.ownership.epoch_of(self.partition)
+        if epoch < 0 and not unchanged:  # the partition is not held here: storage would refuse
+            self.reload()  # the cache holds the refused writes
+            fenced = _commit_failure(FencedError({self.partition}))
+            if entry is not None:
+                self._journal(entry.aborted(fenced))
+            self._stop_ended(fenced)
+            return
+        turn = _StopTurn(self, STOP_ENVELOPE, b"", None, events)
+        turn.journal = entry
+        write = None if unchanged else object_write(self.address, self.partition, epoch, changes)
+        self._submit(write, turn)
+
+    def _stop_ended(
+        self, error: ActorError | None, cause: BaseException | None = None, *, ran: bool = True
+    ) -> None:
+        """An ``on_stop`` turn is over (``ran``: it ran, and ``error`` says how it ended): count
+        and log it, and let the catalog remove an evicted object."""
+        services = self._services
+        if ran:
+            outcome = "ok" if error is None else error.type
+            services.metrics.count(services.metrics.on_stop, self.address.class_name, outcome)
+        if error is not None:
+            _log.warning(
+                "on_stop failed; its writes and events were discarded",
+                class_name=self.address.class_name,
+                object_id=self.address.object_id,
+                error_type=error.type,
+                error=error.message,
+                exc_type=None if cause is None else type(cause).__name__,
+            )
+        if self.leaving:
+            if services.stopped is not None:
+                services.stopped(self)
+            self.leaving = ""
+
     def _failure_entry(
-        self, envelope: Envelope, outcome: TurnOutcome, status: TurnStatus, error: ActorError
+        self,
+        envelope: Envelope,
+        outcome: TurnOutcome,
+        status: TurnStatus,
+        error: ActorError,
+        kind: TurnKind | None = None,
     ) -> JournalEntry:
         """The journal entry of a turn that ended in ``error`` (no reply, no write-set)."""
         return JournalEntry(
@@ -447,14 +614,16 @@ class Activation(TurnRunner):
             self.partition,
             envelope,
             status=status,
+            kind=kind,
             error=error,
             started=outcome.started,
             duration=outcome.duration,
             fresh=outcome.fresh,
         )
 
-    def _submit(self, write: ObjectWrite, turn: _Turn) -> None:
-        """Hand a write-set to the committer; ``turn`` answers when it is durable."""
+    def _submit(self, write: ObjectWrite | None, turn: _Turn) -> None:
+        """Hand a write-set to the committer; ``turn`` answers when it is durable (``None``:
+        nothing to write, only the object's earlier writes to wait for)."""
         self._pending += 1
         self._followed = turn
         self._services.committer.submit(PendingCommit(write, turn))
@@ -573,7 +742,7 @@ class Activation(TurnRunner):
             await self._release(turn)
             return
         if turn.generation == self.generation:
-            self._reset(error)
+            self._reset(error, log=turn.envelope is not STOP_ENVELOPE)  # on_stop logs its own
         failure = _commit_failure(error)
         key = turn.envelope.idempotency_key
         if key is not None and self._idempotency is not None:
@@ -589,14 +758,15 @@ class Activation(TurnRunner):
                 alarms.done(self.address, current.envelope.alarm, error)  # retried
             pending.extend(current.followers or ())
 
-    def _reset(self, error: BaseException) -> None:
+    def _reset(self, error: BaseException, *, log: bool = True) -> None:
         """Forget the in-memory object after a failed commit; it reloads from storage."""
-        _log.error(
-            "commit failed; object reset",
-            class_name=self.address.class_name,
-            object_id=self.address.object_id,
-            error=str(error),
-        )
+        if log:
+            _log.error(
+                "commit failed; object reset",
+                class_name=self.address.class_name,
+                object_id=self.address.object_id,
+                error=str(error),
+            )
         self.generation += 1
         self.reload()
         self._followed = None

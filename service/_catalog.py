@@ -2,6 +2,11 @@
 
 ``max_active`` is a hard bound: when every object in memory is busy (queued, running or
 committing) a new one is refused with 503 "overloaded" instead of growing the table.
+
+An evicted object whose instance has an ``on_stop`` does not leave at once: its ``on_stop`` is
+queued in its mailbox (``Activation.queue_stop``) and it leaves when that turn is over, unless
+messages arrived meanwhile (a new instance serves them, and it stays). Until then it counts as
+busy; the one activation per id holds throughout.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class Catalog:
     _services: ActivationServices
     # State
     _table: OrderedDict[ActorId, Activation]
+    _leaving: int
+    """Evicted objects still in the table while their ``on_stop`` runs."""
 
     def __init__(
         self,
@@ -48,6 +55,8 @@ class Catalog:
         self._max_active = max_active
         self._idle_timeout = idle_timeout
         self._table = OrderedDict()
+        self._leaving = 0
+        services.stopped = self._stopped
 
     def __len__(self) -> int:
         return len(self._table)
@@ -80,14 +89,15 @@ class Catalog:
         # Make room before inserting: the newcomer is idle until its first message is queued,
         # and must never be its own LRU victim (that message would land on an orphan).
         if len(self._table) >= self._max_active:
-            over = len(self._table) + 1 - self._max_active
-            evicted = self._evict_lru(over, scan=_EVICTION_SCAN)
-            if evicted < over:  # the least recently used are busy: look through them all
-                self._evict_lru(over - evicted, scan=len(self._table))
+            over = len(self._table) + 1 - self._max_active - self._leaving
+            if over > 0:  # (objects running on_stop before they leave make room already)
+                evicted = self._evict_lru(over, scan=_EVICTION_SCAN)
+                if evicted < over:  # the least recently used are busy: look through them all
+                    self._evict_lru(over - evicted, scan=len(self._table))
             if len(self._table) >= self._max_active:
                 raise UnavailableError(
                     f"this worker holds {len(self._table)} objects in memory (--max-active) and "
-                    "all are busy; retry with backoff",
+                    "all are busy (or running on_stop before they leave); retry with backoff",
                     type="overloaded",
                 )
         activation = Activation(self._services, info, object_id, partition)
@@ -97,7 +107,7 @@ class Catalog:
 
     def _evict_lru(self, over: int, *, scan: int) -> int:
         """Evict up to ``over`` idle activations among the ``scan`` least recently used;
-        return how many."""
+        return how many (removed, or leaving once their ``on_stop`` ran)."""
         victims: list[Activation] = []
         for i, activation in enumerate(self._table.values()):
             if i >= scan or len(victims) >= over:
@@ -105,7 +115,7 @@ class Catalog:
             if activation.idle:
                 victims.append(activation)
         for activation in victims:
-            self._remove(activation, "lru")
+            self._evict(activation, "lru")
         return len(victims)
 
     def evict_idle(self, now: float) -> int:
@@ -118,31 +128,63 @@ class Catalog:
             if activation.idle:
                 victims.append(activation)
         for activation in victims:
-            self._remove(activation, "idle")
+            self._evict(activation, "idle")
         return len(victims)
 
     def evict_all_idle(self, reason: str = "shutdown") -> int:
-        """Evict every idle activation (at shutdown); return how many."""
+        """Remove every idle activation at once, running no ``on_stop`` (at the end of
+        shutdown, after ``stop_all``); return how many."""
         victims = [a for a in self._table.values() if a.idle]
         for activation in victims:
             self._remove(activation, reason)
         return len(victims)
 
+    def stop_all(self) -> int:
+        """Queue ``on_stop`` for every object whose instance has one (at shutdown, once no new
+        message can arrive); they stay in the table. Return how many were queued."""
+        return sum(1 for a in list(self._table.values()) if a.queue_stop())
+
+    def stop_partition(self, partition: int) -> None:
+        """Queue ``on_stop`` for the objects of ``partition`` whose instance has one (its
+        hand-over began: they run while it drains, its epoch still held); they stay in the
+        table until ``deactivate_partition``."""
+        for activation in [a for a in self._table.values() if a.partition == partition]:
+            activation.queue_stop()
+
     def deactivate_partition(self, partition: int) -> list[Activation]:
         """Remove every activation of ``partition`` (its lease moved or ended).
 
-        Idle ones are simply dropped. Busy ones are removed too, so no new message reaches
-        them; they finish what they already queued, and their writes are fenced. They are
-        returned so the caller can wait for them before serving the partition again.
+        Idle ones without a live ``on_stop`` are simply dropped. The others are removed too,
+        so no new message reaches them; they finish what they already queued, then run
+        ``on_stop``, and their writes are fenced if the partition was claimed elsewhere
+        meanwhile. They are returned so the caller can wait for them before serving the
+        partition again.
         """
         victims = [a for a in self._table.values() if a.partition == partition]
         for activation in victims:
             self._remove(activation, "moved")
+        for activation in victims:
+            activation.queue_stop()
         return [a for a in victims if not a.idle]
 
     def busy_partitions(self) -> set[int]:
         """Partitions that have an activation with queued, running or uncommitted turns."""
         return {a.partition for a in self._table.values() if not a.idle}
+
+    def _evict(self, activation: Activation, reason: str) -> None:
+        """Remove an idle activation, or queue its ``on_stop`` and remove it when that is over
+        (``_stopped``)."""
+        self._leaving += 1  # first: an eager pump may run on_stop to its end right here
+        if not activation.queue_stop(reason):
+            self._leaving -= 1
+            self._remove(activation, reason)
+
+    def _stopped(self, activation: Activation) -> None:
+        """The ``on_stop`` of an object evicted by ``_evict`` is over: it leaves, unless a
+        message arrived meanwhile (queued, or served by a new instance)."""
+        self._leaving -= 1
+        if self._table.get(activation.address) is activation and activation.spent:
+            self._remove(activation, activation.leaving)
 
     def _remove(self, activation: Activation, reason: str) -> None:
         del self._table[activation.address]

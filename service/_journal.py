@@ -20,8 +20,9 @@ loses its records. Each loss is counted in ``ndo_journal_failures_total{reason}`
 (rate limited); none fails a request.
 
 What is recorded: every turn that changed state or could explain a problem (writes, alarm
-deliveries, errors, aborted turns, duplicates); a read-only turn that succeeded only with
-``reads`` (``--journal-reads``): reads are most of the traffic and change nothing replay needs.
+deliveries, errors, aborted turns, duplicates, ``on_stop`` turns that wrote, emitted or failed);
+a read-only turn that succeeded only with ``reads`` (``--journal-reads``): reads are most of the
+traffic and change nothing replay needs.
 
 Record order: records of one object leave in the order its turns ran. Committed turns are
 released in commit order; a turn that needs no commit (a failure, a duplicate) is recorded
@@ -196,7 +197,7 @@ class JournalEntry:
     def changes_state(self) -> bool:
         """Whether replay needs this record to reconstruct the object's state: a committed
         write-set, or an alarm delivery (which consumes the alarm)."""
-        return self.kind != "request" or self.advances_state
+        return self.kind in ("alarm", "alarm_dropped") or self.advances_state
 
     def aborted(self, error: ActorError) -> JournalEntry:
         """This turn, discarded by the runtime with ``error``.
@@ -254,7 +255,7 @@ def journal_record(
         class_name=entry.address.class_name,
         object_id=entry.address.object_id,
         partition=entry.partition,
-        method="alarm" if entry.kind != "request" else envelope.method,
+        method=envelope.method if entry.kind in ("request", "stop") else "alarm",
         args=args,
         headers=headers,
         alarm=None

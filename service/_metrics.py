@@ -87,6 +87,13 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.on_stop = Counter(
+            "ndo_on_stop_total",
+            "on_stop hooks run as an object left memory, by class and outcome (ok, an error "
+            "type, or fenced: its writes were refused because its partition had moved).",
+            ["class_name", "outcome"],
+            registry=r,
+        )
         self.commits = Counter(
             "ndo_commits_total", "Storage transactions committed (one fsync each).", registry=r
         )

@@ -8,6 +8,11 @@ scheduler and the log what is served now.
 Objects of a partition that went away while they were busy ("leftovers") finish what they had
 queued (their writes are fenced); the partition is not fenced for a new tenure until they are
 idle, so two tenures of one partition never run turns at once on this worker.
+
+``on_stop``: when a partition leaves the served set (its hand-over began: it drains with its
+epoch still held), its objects' ``on_stop`` hooks are queued, so they run and commit before the
+partition is released; objects of a partition dropped without a drain run theirs as leftovers,
+whose writes are fenced once another worker claimed it.
 """
 
 from __future__ import annotations
@@ -149,9 +154,12 @@ class LocalPartitions:
                 del self._leftovers[p]
 
     def partitions_changed(self, serving: frozenset[int]) -> None:
-        """The served partitions changed: let held requests and the alarm scheduler look again,
-        and log a summary once the moves of the moment have settled (one line, not one per
-        partition)."""
+        """The served partitions changed: run ``on_stop`` of the objects of partitions no
+        longer served (they drain, or were dropped already), let held requests and the alarm
+        scheduler look again, and log a summary once the moves of the moment have settled (one
+        line, not one per partition)."""
+        for partition in self._serving - serving:
+            self._catalog.stop_partition(partition)
         self._serving = serving
         self._ingress.partitions_changed()
         self._alarms.partitions_changed()

@@ -13,7 +13,9 @@ all go through ``TurnRunner``, so they agree on every rule of a turn:
   (its call has an Idempotency-Key) counts toward the turn's write size (``max_turn_bytes``);
 * a handler that raised, ran past its deadline or returned something unencodable discards its
   writes and events, and its exception becomes exactly one ``ActorError`` (``turn_error``);
-* a turn that succeeded leaves its write-set (``TurnWrites``) and its events in the outcome.
+* a turn that succeeded leaves its write-set (``TurnWrites``) and its events in the outcome;
+* ``on_stop`` (``TurnRunner.stop``, as an object leaves memory) is a turn of its own under the
+  same rules, with the shared message ``STOP_ENVELOPE``; the instance is dropped after it.
 
 What happens next (commit, reply, events, journal, idempotency) is the caller's business: the
 activation's commit pipeline, or replay's scratch store. The engine never does I/O of its own
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ndo.actors import (
     ActorError,
@@ -51,7 +53,30 @@ from ndo.storage import ObjectWrite
 if TYPE_CHECKING:
     from ndo.actors import Actor
 
-__all__ = ["DeadlineWatchdog", "TurnOutcome", "TurnRunner", "object_write", "turn_error"]
+__all__ = [
+    "STOP_ENVELOPE",
+    "DeadlineWatchdog",
+    "TurnOutcome",
+    "TurnRunner",
+    "object_write",
+    "turn_error",
+]
+
+
+class _StopMessage(Envelope):
+    """The message that runs ``on_stop``: no method, no alarm, nobody waiting for a reply."""
+
+    __slots__ = ()
+
+    @property
+    def method(self) -> str:
+        """``on_stop`` (for logs, errors and the journal)."""
+        return "on_stop"
+
+
+STOP_ENVELOPE: Final[Envelope] = _StopMessage(None, None, "")
+"""The message of every ``on_stop`` turn (``TurnRunner.stop``): one shared instance, which a
+host's mailbox may hold to run the hook in order with the object's other messages."""
 
 
 class TurnOutcome:
@@ -216,16 +241,20 @@ class TurnRunner:
                 self, task or asyncio.current_task(), envelope.deadline
             )
             try:
-                if alarm is not None:
+                spec = envelope.spec
+                if spec is not None:
+                    assert envelope.args is not None
+                    result = await spec.call(instance, envelope.args)
+                elif alarm is not None:
                     hook = getattr(instance, "alarm", None)
                     if hook is None:
                         raise NotFoundError(
                             f"{self.info.name} has no alarm() handler", type="no_alarm"
                         )
                     result = await hook(AlarmInfo(alarm.due, alarm.attempt))
-                else:
-                    assert envelope.spec is not None and envelope.args is not None
-                    result = await envelope.spec.call(instance, envelope.args)
+                else:  # STOP_ENVELOPE (see stop)
+                    await instance.on_stop()
+                    result = None
                 if storage.quota_due():
                     await check_quota(storage)
             except asyncio.CancelledError:
@@ -263,6 +292,32 @@ class TurnRunner:
         return TurnOutcome(
             fresh, started, duration, body, storage.end_turn(), context.take_events()
         )
+
+    async def stop(
+        self, task: asyncio.Task[Any] | None = None, *, start: bool = False
+    ) -> TurnOutcome | None:
+        """Run the live instance's ``on_stop`` as a turn, then drop the instance (the object
+        leaves memory, or its next message builds a new one with ``on_start``).
+
+        The rules of ``run`` hold: the handler deadline, the quota check, one ``ActorError`` for
+        a failure (its writes and events discarded). On success the outcome holds the write-set
+        and events, for the host to commit like a turn's; its ``body`` means nothing.
+
+        Args:
+            task: as for ``run``.
+            start: build an instance first (``on_start``) when none is live (replay re-runs a
+                recorded ``on_stop`` on its own).
+
+        Returns:
+            The outcome; ``None`` when nothing ran: the class has no ``on_stop``, or no instance
+            is live (and ``start`` is False).
+        """
+        if not self.info.has_on_stop or (self.instance is None and not start):
+            return None
+        try:
+            return await self.run(STOP_ENVELOPE, task)
+        finally:
+            self.instance = None
 
     def drop_alarm(self) -> TurnWrites:
         """The write-set that deletes the object's alarm, with no user code run (an alarm the

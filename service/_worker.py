@@ -17,9 +17,11 @@ routing → choose the ownership → take requests → join (serve partitions) �
 discovery → background tasks.
 
 Shutdown order (``stop``): stop taking new requests → hand every partition over (drain its
-mailboxes and commits, deactivate its objects, release its lease) → wait for what is left, up to
-``drain_timeout`` → stop the committer (flushes what is queued) → flush the journal → cancel
-owned tasks → close NATS → close storage. Each step runs even if an earlier one failed.
+mailboxes and commits, run its objects' ``on_stop``, deactivate them, release its lease) → queue
+``on_stop`` for the objects still in memory and wait for what is left (queued turns, ``on_stop``
+turns, their commits), up to ``drain_timeout`` → stop the committer (flushes what is queued) →
+flush the journal → cancel owned tasks → close NATS → close storage. Each step runs even if an
+earlier one failed.
 """
 
 from __future__ import annotations
@@ -402,6 +404,7 @@ class Worker:
         if ingress is not None:
             await ingress.close()
         if was_running:
+            self.catalog.stop_all()  # behind what is queued: one drain waits for both
             await self._drain()
 
     async def _drain(self) -> None:

@@ -55,9 +55,10 @@ __all__ = [
 JOURNAL_VERSION: Final = 1
 """Version of ``JournalRecord`` written by this ndo; readers refuse newer ones."""
 
-TurnKind: TypeAlias = Literal["request", "alarm", "alarm_dropped"]
-"""What started the step: a request, an alarm delivery, or the runtime dropping an alarm that
-failed ``alarm_max_attempts`` times (no user code ran; its write-set deletes the alarm)."""
+TurnKind: TypeAlias = Literal["request", "alarm", "alarm_dropped", "stop"]
+"""What started the step: a request, an alarm delivery, the runtime dropping an alarm that
+failed ``alarm_max_attempts`` times (no user code ran; its write-set deletes the alarm), or the
+object leaving memory (``stop``: its ``on_stop`` hook ran; method ``on_stop``)."""
 
 TurnStatus: TypeAlias = Literal["ok", "error", "aborted", "duplicate"]
 """How the step ended.
@@ -131,7 +132,7 @@ class JournalRecord(
     partition: int
     """The partition the object hashes to."""
     method: str
-    """Method called (``alarm`` for alarm steps)."""
+    """Method called (``alarm`` for alarm steps, ``on_stop`` for ``stop`` steps)."""
     args: dict[str, Any] = {}
     """The decoded arguments, defaults filled in."""
     headers: dict[str, str] = {}

@@ -204,3 +204,50 @@ class Relay(Actor):
             await asyncio.sleep(20)
         self.storage.put("sent", await self.storage.get("sent", 0) + 1)
         return value
+
+
+class Flusher(Actor):
+    """Counts in memory and writes the count only in ``on_stop`` (a best-effort flush)."""
+
+    pending: int
+    pause: float
+    fail: bool
+
+    async def on_start(self) -> None:
+        self.pending = 0
+        self.pause = 0.0
+        self.fail = False
+
+    @method
+    async def add(self, by: int = 1) -> int:
+        """Count ``by`` in memory only; return this instance's count (restarts at 0 with each
+        instance)."""
+        self.pending += by
+        return self.pending
+
+    @method
+    async def flushed(self) -> dict[str, int]:
+        """What the ``on_stop`` hooks wrote: the counts' sum and how many ran."""
+        return {
+            "total": await self.storage.get("total", 0),
+            "stops": await self.storage.get("stops", 0),
+        }
+
+    @method
+    async def stop_slowly(self, pause: float) -> None:
+        """Make this instance's ``on_stop`` wait ``pause`` seconds before it writes."""
+        self.pause = pause
+
+    @method
+    async def stop_badly(self) -> None:
+        """Make this instance's ``on_stop`` raise after it wrote."""
+        self.fail = True
+
+    async def on_stop(self) -> None:
+        await asyncio.sleep(self.pause)
+        total: int = await self.storage.get("total", 0)
+        self.storage.put("total", total + self.pending)
+        self.storage.put("stops", await self.storage.get("stops", 0) + 1)
+        self.emit("stopped", {"flushed": self.pending})
+        if self.fail:
+            raise RuntimeError("on_stop failed on purpose")

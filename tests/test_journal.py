@@ -74,7 +74,8 @@ from ndo.subjects import (
     rpc_subject,
 )
 from tests.conftest import NatsServerFactory
-from tests.objects import Faulty, Reminder, Store
+from tests.helpers import eventually
+from tests.objects import Faulty, Flusher, Reminder, Store
 from tests.worker_fixtures import ALL_CLASSES, WorkerFactory
 
 _FLUSH_GAP: float = 0.2
@@ -935,6 +936,49 @@ class TestAlarmJournal:
         dropped_line = next(line for line in lines if line["kind"] == "alarm_dropped")
         assert dropped_line["replayed"]["status"] == "applied"
         assert dropped_line["replayed"]["writes"]["alarm"] is None
+
+
+class TestStopJournal:
+    """on_stop turns are journaled as ``stop`` steps; replay applies and re-runs them."""
+
+    async def test_stop_steps_recorded_reconstructed_and_replayed(
+        self, start_worker: WorkerFactory, client: ActorClient, nc: NatsClient, nats_url: str
+    ) -> None:
+        """An on_stop that wrote is a ``stop`` step (method ``on_stop``) with its writes, and
+        one that failed a ``stop`` error step; the rebuilt state includes the writes, and
+        --execute re-runs both on_stop hooks without divergence (the reads that built the
+        in-memory count are in the journal: ``journal_reads``)."""
+        worker = await start_worker(
+            classes=[Flusher], journal_reads=True, idle_timeout=0.2, scan_interval=0.05
+        )
+        await client.get(Flusher, "j").call(Flusher.add, by=2)
+        await client.get(Flusher, "j").call(Flusher.add, by=3)
+        await client.get(Flusher, "bad").call(Flusher.add, by=4)
+        await client.get(Flusher, "bad").call(Flusher.stop_badly)
+        await eventually(lambda: len(worker.catalog) == 0, timeout=10)
+        await worker.stop()
+        steps = await _steps(nc, "Flusher", "j")
+        assert [(s.record.kind, s.record.method, s.record.status) for s in steps] == [
+            ("request", "add", "ok"),
+            ("request", "add", "ok"),
+            ("stop", "on_stop", "ok"),
+        ]
+        stop = steps[-1]
+        assert stop.record.writes is not None
+        assert stop.record.writes.put == {"total": 5, "stops": 1}
+        assert stop.state == {"total": 5, "stops": 1}
+        assert stop.record.write_count == 1 and stop.missing_before == 0
+        failed = (await _steps(nc, "Flusher", "bad"))[-1].record
+        assert (failed.kind, failed.status, failed.writes) == ("stop", "error", None)
+        assert failed.error is not None and failed.error.type == "handler_error"
+        for object_id in ("j", "bad"):
+            code, lines, err = await _replay_json(
+                nats_url, class_name="Flusher", object_id=object_id, execute=True, classes=[Flusher]
+            )
+            assert code == EXIT_OK, err
+            assert lines[-1]["kind"] == "stop" and lines[-1]["executed"]
+            assert not any(line["diverged"] for line in lines)
+        assert lines[-1]["replayed"]["error"]["type"] == "handler_error"
 
 
 class TestJournalFailures:
