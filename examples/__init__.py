@@ -8,6 +8,7 @@ from ndo.examples.objects import (
     DrawingBoard,
     RateDecision,
     RateLimiter,
+    Session,
     Stroke,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "DrawingBoard",
     "RateDecision",
     "RateLimiter",
+    "Session",
     "Stroke",
 ]

@@ -1,5 +1,6 @@
-"""The example objects `ndo serve` runs by default: a counter, a rate limiter, a chat room and a
-collaborative drawing board. Each is also a small lesson in writing durable objects.
+"""The example objects `ndo serve` runs by default: a counter, a rate limiter, a chat room, a
+collaborative drawing board, accounts that pay each other and a session that expires. Each is
+also a small lesson in writing durable objects.
 
 Objects anyone may call bound their own inputs: the chat room and the drawing board check every
 user name, message and stroke (sizes, characters, coordinates) and refuse the rest with a
@@ -15,7 +16,7 @@ from typing import Annotated, ClassVar, Final
 
 import msgspec
 
-from ndo import Actor, BadRequestError, ConflictError, method
+from ndo import Actor, AlarmInfo, BadRequestError, ConflictError, method
 
 __all__ = [
     "Account",
@@ -25,6 +26,7 @@ __all__ = [
     "DrawingBoard",
     "RateDecision",
     "RateLimiter",
+    "Session",
     "Stroke",
 ]
 
@@ -275,3 +277,47 @@ class Account(Actor):
         await self.call(Account, to).deposit(amount=amount)
         self.storage.put("balance", balance - amount)
         return balance - amount
+
+
+SessionData = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+        Annotated[str, msgspec.Meta(max_length=1000)],
+    ],
+    msgspec.Meta(max_length=32),
+]
+"""At most 32 entries, keys of 1-64 characters, values of at most 1000."""
+
+
+class Session(Actor):
+    """A session that forgets its data after ``IDLE`` seconds without a call (sliding expiry):
+    each call moves the object's alarm to ``IDLE`` seconds from now; when it fires, the data is
+    deleted and an ``expired`` event emitted. Time comes from ``self.now()``, so a test's fake
+    clock (``ndo.testing``) decides when that is."""
+
+    IDLE: ClassVar[float] = 1800.0
+    """Seconds without a call after which the session expires."""
+
+    @method
+    async def save(self, data: SessionData) -> float:
+        """Replace the session's data; return when it expires (epoch seconds)."""
+        self.storage.put("data", data)
+        return await self._extend()
+
+    @method
+    async def load(self) -> dict[str, str]:
+        """Return the session's data (empty once expired) and move its expiry back."""
+        data: dict[str, str] = await self.storage.get("data", {})
+        if data:
+            await self._extend()
+        return data
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        """Idle for ``IDLE`` seconds: forget everything, and say so."""
+        self.storage.delete_all()
+        self.emit("expired", {"at": info.scheduled_time})
+
+    async def _extend(self) -> float:
+        expires = self.now() + self.IDLE
+        await self.storage.set_alarm(expires)
+        return expires

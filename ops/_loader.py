@@ -12,7 +12,8 @@ from ndo.actors import Actor
 __all__ = ["DEFAULT_MODULES", "load_actor_classes"]
 
 DEFAULT_MODULES = ("ndo.examples.objects",)
-"""Served when ``ndo serve`` gets no module: Counter, RateLimiter, ChatRoom, DrawingBoard."""
+"""Served when ``ndo serve`` gets no module: the bundled examples (Counter, RateLimiter, ChatRoom,
+DrawingBoard, Account, Session)."""
 
 
 def load_actor_classes(targets: list[str] | tuple[str, ...]) -> list[type[Actor]]:

@@ -5,8 +5,8 @@
 * the body decoder (``MethodSpec.decode_args``): random bytes, random JSON and MessagePack trees,
   deep nesting, huge integers, NaN and infinities, bytes that are not UTF-8 — a ``Struct`` whose
   every later encoding works, or a 400;
-* the turn engine (``TurnRunner``) on in-memory storage: random calls give a reply or an
-  ``ActorError`` under 500, and only the calls that succeeded change the object.
+* the turn engine (``TurnRunner``), through the test kit (``ndo.testing``): random calls give a
+  reply or an ``ActorError`` under 500, and only the calls that succeeded change the object.
 
 Every test is bounded (``max_examples``) and derandomized, so CI runs the same examples each time
 and the file stays within seconds; no example database is written.
@@ -27,17 +27,17 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ndo.actors import Actor, ActorError, ActorId, ActorStorage, BadRequestError, method
+from ndo.actors import Actor, ActorError, BadRequestError, HandlerError, method
 from ndo.actors._methods import MAX_NESTING
-from ndo.actors.runtime import ActorClassInfo, ActorContext, StorageLimits, describe_class
-from ndo.service import DeadlineWatchdog, Envelope, TurnRunner
+from ndo.actors.runtime import ActorClassInfo, describe_class
+from ndo.service import Envelope
 from ndo.service._codec import encode_error, replay_reply, stored_fingerprint, stored_reply
 from ndo.service._idempotency import call_fingerprint
-from ndo.service._turn import object_write
-from ndo.storage import InMemoryStorage
 from ndo.subjects import (
     MAX_ID_LENGTH,
     MAX_NAME_LENGTH,
+    MSGPACK_CONTENT_TYPE,
+    Header,
     InvalidSubjectError,
     id_from_name,
     is_reply_subject,
@@ -50,6 +50,7 @@ from ndo.subjects import (
     validate_name,
     validate_prefix,
 )
+from ndo.testing import ObjectHarness
 
 FUZZ = settings(
     max_examples=150,
@@ -456,18 +457,6 @@ def _same(left: Any, right: Any) -> bool:
 # The turn engine
 
 
-class _Scratch(TurnRunner):
-    """The fuzz object: a ``TurnRunner`` over in-memory storage, as ``ndo replay`` builds one."""
-
-    def __init__(self, storage: InMemoryStorage, info: ActorClassInfo = INFO) -> None:
-        self.storage = storage
-        super().__init__(info, DeadlineWatchdog(10.0), max_reply_bytes=64 * 1024)
-
-    def new_context(self) -> ActorContext:
-        view = ActorStorage(self.storage, self.info.name, "fuzz", StorageLimits())
-        return ActorContext(ActorId(self.info.name, "fuzz"), 0, "ndo", view)
-
-
 class Builder(Actor):
     """Returns a value it nests itself, deeper than any encoder goes."""
 
@@ -487,9 +476,13 @@ def calls(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     return name, body, msgpack
 
 
+_MSGPACK = {Header.CONTENT_TYPE.value: MSGPACK_CONTENT_TYPE}
+
+
 class TestTurnEngine:
-    """Random calls through the turn engine: a reply or an ActorError under 500, and only the
-    calls that succeeded change the object."""
+    """Random calls through the test kit (ingress's checks, then the worker's turn engine and a
+    commit): a reply or an ActorError under 500, and only the calls that succeeded change the
+    object."""
 
     @FUZZ_LONG
     @given(st.lists(calls(), min_size=1, max_size=8))
@@ -503,53 +496,42 @@ class TestTurnEngine:
         500 that says so; nothing escapes the engine."""
 
         async def nest(depth: int) -> Any:
-            storage = InMemoryStorage()
-            await storage.open()
-            runner = _Scratch(storage, describe_class(Builder))
-            spec = runner.info.methods["nest"]
-            args = spec.decode_args(b'{"depth": %d}' % depth)
-            return await runner.run(Envelope(spec, args, "", msgpack=depth % 2 == 1))
+            msgpack = depth % 2 == 1  # the reply is encoded as the request was
+            encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
+            async with ObjectHarness([Builder]) as harness:
+                return await harness.request(
+                    "ndo.rpc.Builder.b.nest",
+                    encode({"depth": depth}),
+                    headers=_MSGPACK if msgpack else None,
+                )
 
-        outcome = asyncio.run(nest(100_000))
-        assert outcome.error is not None and outcome.error.code == 500
-        assert "nested too deeply" in outcome.error.message
-        outcome = asyncio.run(nest(100_001))
-        assert outcome.error is not None and "nested too deeply" in outcome.error.message
-        assert asyncio.run(nest(50)).error is None
+        for depth in (100_000, 100_001):
+            with pytest.raises(HandlerError, match="nested too deeply"):
+                asyncio.run(nest(depth))
+        assert asyncio.run(nest(50))
 
 
 async def _drive(sequence: list[tuple[str, bytes, bool]]) -> None:
-    storage = InMemoryStorage()
-    await storage.open()
-    runner = _Scratch(storage)
     model: dict[str, bytes] = {}
-    try:
+    async with ObjectHarness([Target]) as harness:
         for name, body, msgpack in sequence:
             refused: ActorError | None = None
             try:
-                spec = INFO.method_spec(name)
-                args = spec.decode_args(body, msgpack)
+                await harness.request(
+                    f"ndo.rpc.Target.fuzz.{name}", body, headers=_MSGPACK if msgpack else None
+                )
             except ActorError as error:
                 refused = error
             if refused is not None:
-                assert refused.code < 500, refused
-                event(f"refused before the turn: {refused.type}")
-                continue
-            outcome = await runner.run(Envelope(spec, args, "", msgpack=msgpack))
-            if outcome.error is not None:
-                assert outcome.error.code < 500, (name, body, outcome.error, outcome.cause)
-                event(f"refused by the turn: {outcome.error.type}")
+                assert refused.code < 500, (name, body, refused, refused.__cause__)
+                event(f"refused: {refused.type}")
                 continue
             event(f"{name} succeeded")
-            assert outcome.changes is not None
-            await storage.commit([object_write(ActorId("Target", "fuzz"), 0, 0, outcome.changes)])
-            _apply(model, name, args)
-        stored = await storage.read_range(
+            _apply(model, name, INFO.methods[name].decode_args(body, msgpack))
+        stored = await harness.storage.read_range(
             "Target", "fuzz", start=None, end=None, limit=None, reverse=False
         )
-        assert dict(stored) == model
-    finally:
-        await storage.close()
+    assert dict(stored) == model
 
 
 def _apply(model: dict[str, bytes], name: str, args: Any) -> None:
