@@ -22,6 +22,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Self
 
+import msgspec
+from nats.aio.client import Client as NatsClient
+
+from ndo.service import CONFIG_KEY, DeploymentRecord, LeaseRecord, lease_bucket, lease_key
+from ndo.storage import SqliteStorage
+
 NDO_COMMAND: tuple[str, ...] = (sys.executable, "-m", "ndo.ops.cli")
 """How the tests run the ``ndo`` command (the venv's interpreter, no PATH lookup)."""
 
@@ -308,3 +314,26 @@ async def held_lock(script: str, path: Path) -> AsyncIterator[None]:
         yield
     finally:
         await asyncio.to_thread(holder.release)
+
+
+async def steal_lease(nc: NatsClient, partition: int, rogue: SqliteStorage) -> int:
+    """Take ``partition``'s lease the way a new holder would after an expiry: a KV write over
+    the current holder's, then its epoch (the bucket's epoch base plus the write's revision)
+    fenced into ``rogue``'s storage. Returns that epoch."""
+    js = nc.jetstream()
+    kv = await js.key_value(lease_bucket("ndo"))
+    config = await kv.get(CONFIG_KEY)
+    assert config.value is not None
+    base = msgspec.json.decode(config.value, type=DeploymentRecord)
+    current = await kv.get(lease_key(partition))
+    ack = await js.publish(
+        f"$KV.{lease_bucket('ndo')}.{lease_key(partition)}",
+        msgspec.json.encode(LeaseRecord(owner="rogue", name="rogue")),
+        headers={
+            "Nats-Expected-Last-Subject-Sequence": str(current.revision),
+            "Nats-TTL": "2s",
+        },
+    )
+    epoch = base.epoch_base + ack.seq
+    await rogue.claim_partitions([partition], "rogue", epoch=epoch)
+    return epoch

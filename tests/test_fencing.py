@@ -22,13 +22,8 @@ from ndo.actors import ActorClient, RetryPolicy
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.ops._status import fetch_status
 from ndo.service import (
-    CONFIG_KEY,
-    DeploymentRecord,
-    LeaseRecord,
     Worker,
     WorkerConfig,
-    lease_bucket,
-    lease_key,
 )
 from ndo.storage import ObjectWrite, SqliteStorage
 from ndo.subjects import partition_of
@@ -38,6 +33,7 @@ from tests.cluster_fixtures import (
     object_in_partition,
     request,
 )
+from tests.helpers import steal_lease
 from tests.objects import Slow
 from tests.worker_fixtures import ALL_CLASSES
 
@@ -76,20 +72,7 @@ class TestRogueHolder:
             await asyncio.sleep(0.3)  # the handler has read n=1 and is awaiting
             # Take the lease the way a new holder would after an expiry: a KV write, then its
             # epoch (bucket epoch base + the write's revision) fenced into storage.
-            js = nc.jetstream()
-            kv = await js.key_value(lease_bucket("ndo"))
-            base = msgspec.json.decode((await kv.get(CONFIG_KEY)).value, type=DeploymentRecord)
-            current = await kv.get(lease_key(partition))
-            ack = await js.publish(
-                f"$KV.{lease_bucket('ndo')}.{lease_key(partition)}",
-                msgspec.json.encode(LeaseRecord(owner="rogue", name="rogue")),
-                headers={
-                    "Nats-Expected-Last-Subject-Sequence": str(current.revision),
-                    "Nats-TTL": "2s",
-                },
-            )
-            rogue_epoch = base.epoch_base + ack.seq
-            await rogue.claim_partitions([partition], "rogue", epoch=rogue_epoch)
+            rogue_epoch = await steal_lease(nc, partition, rogue)
             outcome = await in_flight
             assert outcome[0] == "error" and outcome[1][:2] == (503, "fenced"), outcome
             assert await rogue.read("Slow", object_id, "n") == msgspec.msgpack.encode(1)

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -21,19 +20,14 @@ from ndo.actors import Actor, ActorClient, ActorId, RetryPolicy, method
 from ndo.actors.runtime import describe_class
 from ndo.examples import Counter
 from ndo.service import (
-    CONFIG_KEY,
-    DeploymentRecord,
-    LeaseRecord,
     Worker,
     WorkerConfig,
-    lease_bucket,
-    lease_key,
 )
 from ndo.storage import SqliteStorage
 from ndo.subjects import event_subject, partition_of
 from tests.cluster_fixtures import one_object_per_partition
 from tests.conftest import NatsServerFactory
-from tests.helpers import eventually
+from tests.helpers import eventually, steal_lease
 from tests.objects import Flusher
 from tests.worker_fixtures import WorkerFactory, worker_factory
 
@@ -266,22 +260,7 @@ class TestHandover:
         await rogue.open()
         try:
             with capture_logs() as logs:
-                js = nc.jetstream()
-                kv = await js.key_value(lease_bucket("ndo"))
-                config = await kv.get(CONFIG_KEY)
-                assert config.value is not None
-                base = msgspec.json.decode(config.value, type=DeploymentRecord)
-                current = await kv.get(lease_key(partition))
-                ack = await js.publish(
-                    f"$KV.{lease_bucket('ndo')}.{lease_key(partition)}",
-                    msgspec.json.encode(LeaseRecord(owner="rogue", name="rogue")),
-                    headers={
-                        "Nats-Expected-Last-Subject-Sequence": str(current.revision),
-                        "Nats-TTL": "2s",
-                    },
-                )
-                epoch = base.epoch_base + ack.seq
-                await rogue.claim_partitions([partition], "rogue", epoch=epoch)
+                await steal_lease(nc, partition, rogue)
                 await eventually(lambda: _on_stop(worker, "fenced") == 1, timeout=10)
             failures = [entry for entry in logs if entry["event"] == _FAILED_EVENT]
             assert [(f["object_id"], f["error_type"]) for f in failures] == [(object_id, "fenced")]
