@@ -52,8 +52,6 @@ from ndo.actors import (
     ActorStub,
     BadRequestError,
     Caller,
-    ConflictError,
-    DeadlineExceededError,
     Event,
     HandlerError,
     NotFoundError,
@@ -79,7 +77,8 @@ from ndo.service import (
     object_write,
 )
 from ndo.service._codec import replay_reply, stored_fingerprint, stored_reply
-from ndo.service._envelope import request_envelope
+from ndo.service._envelope import caller_gone, request_envelope
+from ndo.service._idempotency import key_reused
 from ndo.storage import (
     ALARM_UNCHANGED,
     IdempotentReply,
@@ -440,11 +439,7 @@ class ObjectHarness:
         """Answer one request of ``target`` as its activation would (in the turn's task)."""
         async with target.lock:
             if envelope.expired(time.monotonic()):
-                raise DeadlineExceededError(
-                    f"the caller of {envelope.method} stopped waiting (its Ndo-Timeout-Ms "
-                    "passed) before the call's turn came; it was not run",
-                    type="deadline_exceeded",
-                )
+                raise _received(caller_gone(envelope))
             key = envelope.idempotency_key
             if key is not None:
                 replayed = await self._stored_reply(target, envelope, key)
@@ -492,15 +487,7 @@ class ObjectHarness:
             return None
         first = stored_fingerprint(stored)
         if first is not None and first != envelope.fingerprint:
-            raise _received(
-                ConflictError(
-                    f"Idempotency-Key {key!r} was first used for another call of this object "
-                    f"(another method or other arguments) in the last "
-                    f"{self.config.idempotency_window:g} s; use a fresh key for each logical "
-                    "call, and the same key only to retry that exact call",
-                    type="idempotency_key_reused",
-                )
-            )
+            raise _received(key_reused(key, self.config.idempotency_window))
         try:
             body, _ = replay_reply(stored, envelope.msgpack)
         except ActorError as error:

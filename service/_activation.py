@@ -51,7 +51,6 @@ from ndo.actors import (
     ActorError,
     ActorId,
     ActorStorage,
-    ConflictError,
     DeadlineExceededError,
     Event,
     HandlerError,
@@ -66,8 +65,8 @@ from ndo.service._codec import (
     stored_fingerprint,
     stored_reply,
 )
-from ndo.service._envelope import AlarmDelivery, Envelope
-from ndo.service._idempotency import IdempotencyCache
+from ndo.service._envelope import AlarmDelivery, Envelope, caller_gone
+from ndo.service._idempotency import IdempotencyCache, key_reused
 from ndo.service._journal import JOURNAL_OFF, Journal, JournalEntry
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
@@ -446,7 +445,7 @@ class Activation(TurnRunner):
     async def _run_turn(self, envelope: Envelope) -> None:
         services = self._services
         if envelope.deadline and envelope.expired(time.monotonic()):
-            await self._send_error(envelope, _caller_gone(envelope))
+            await self._send_error(envelope, caller_gone(envelope))
             return
         key = envelope.idempotency_key
         if key is not None and await self._answer_duplicate(envelope, key):
@@ -693,7 +692,7 @@ class Activation(TurnRunner):
             return False
         first = seen.envelope.fingerprint if isinstance(seen, _Turn) else stored_fingerprint(seen)
         if first is not None and first != envelope.fingerprint:
-            await self._send_error(envelope, _key_reused(key, services.idempotency_window))
+            await self._send_error(envelope, key_reused(key, services.idempotency_window))
             return True
         metrics = services.metrics
         metrics.count(metrics.idempotent_replays, cls)
@@ -842,15 +841,6 @@ def _follow(leader: _Turn, follower: _Turn) -> None:
         leader.followers.append(follower)
 
 
-def _key_reused(key: str, window: float) -> ConflictError:
-    return ConflictError(
-        f"Idempotency-Key {key!r} was first used for another call of this object (another "
-        f"method or other arguments) in the last {window:g} s; use a fresh key for each "
-        "logical call, and the same key only to retry that exact call",
-        type="idempotency_key_reused",
-    )
-
-
 def _commit_failure(error: BaseException) -> ActorError:
     """What the caller of a turn whose write-set was not made durable is told."""
     if isinstance(error, CommitAbandonedError):
@@ -870,14 +860,6 @@ def _commit_failure(error: BaseException) -> ActorError:
     return UnavailableError(
         f"the write was not made durable ({error}); nothing was applied, retry the call",
         type="fenced" if isinstance(error, FencedError) else "storage_failure",
-    )
-
-
-def _caller_gone(envelope: Envelope) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"the caller of {envelope.method} stopped waiting (its Ndo-Timeout-Ms passed) before the "
-        "call's turn came; it was not run",
-        type="deadline_exceeded",
     )
 
 

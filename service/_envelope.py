@@ -12,12 +12,25 @@ from typing import Final
 
 import msgspec
 
-from ndo.actors import ActorId, BadRequestError, Caller, PayloadTooLargeError
+from ndo.actors import (
+    ActorId,
+    BadRequestError,
+    Caller,
+    DeadlineExceededError,
+    PayloadTooLargeError,
+)
 from ndo.actors.runtime import MethodSpec, incoming_call
 from ndo.service._idempotency import call_fingerprint
 from ndo.subjects import Header
 
-__all__ = ["MAX_KEY_LENGTH", "AlarmDelivery", "Envelope", "parse_request_info", "request_envelope"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "AlarmDelivery",
+    "Envelope",
+    "caller_gone",
+    "parse_request_info",
+    "request_envelope",
+]
 
 MAX_KEY_LENGTH: Final = 256
 """Longest ``Idempotency-Key`` accepted, in characters."""
@@ -189,4 +202,13 @@ def request_envelope(
         caller=caller,
         chain=chain,
         deadline=deadline,
+    )
+
+
+def caller_gone(envelope: Envelope) -> DeadlineExceededError:
+    """The 504 for a request whose caller stopped waiting before its turn came (not run)."""
+    return DeadlineExceededError(
+        f"the caller of {envelope.method} stopped waiting (its Ndo-Timeout-Ms passed) before the "
+        "call's turn came; it was not run",
+        type="deadline_exceeded",
     )

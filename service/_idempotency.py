@@ -21,7 +21,15 @@ from typing import Final, Generic, TypeVar
 
 import msgspec
 
-__all__ = ["MAX_REMEMBERED", "MAX_REMEMBERED_BYTES", "IdempotencyCache", "call_fingerprint"]
+from ndo.actors import ConflictError
+
+__all__ = [
+    "MAX_REMEMBERED",
+    "MAX_REMEMBERED_BYTES",
+    "IdempotencyCache",
+    "call_fingerprint",
+    "key_reused",
+]
 
 _P = TypeVar("_P")
 MAX_REMEMBERED: Final = 50_000
@@ -147,3 +155,13 @@ class IdempotencyCache(Generic[_P]):
             self._drop(oldest_key)
             if expires > now:  # dropped while still valid: storage must be asked until then
                 self._horizon = max(self._horizon, expires)
+
+
+def key_reused(key: str, window: float) -> ConflictError:
+    """The 409 for an Idempotency-Key first used, within ``window`` seconds, for another call."""
+    return ConflictError(
+        f"Idempotency-Key {key!r} was first used for another call of this object (another "
+        f"method or other arguments) in the last {window:g} s; use a fresh key for each "
+        "logical call, and the same key only to retry that exact call",
+        type="idempotency_key_reused",
+    )
