@@ -194,6 +194,17 @@ class Relay(Actor):
         return result
 
     @method
+    async def note(self, value: int) -> None:
+        """Write ``value`` (a turn whose commit a test can stall)."""
+        self.storage.put("note", value)
+
+    @method
+    async def touch(self, to: str) -> int:
+        """Call ``Probe`` ``to`` (which records the call in memory, before any commit)."""
+        count: int = await self.call(Probe, to).touch()
+        return count
+
+    @method
     async def forward_then_pause(self, to: str, marker: str) -> int:
         """Increment counter ``to``; the first time (no file at ``marker``), create the file and
         pause 20 s before committing, so a test can kill the worker in between."""
@@ -251,3 +262,15 @@ class Flusher(Actor):
         self.emit("stopped", {"flushed": self.pending})
         if self.fail:
             raise RuntimeError("on_stop failed on purpose")
+
+
+class Probe(Actor):
+    """Records in memory (class-wide) every call it gets, as soon as its handler runs."""
+
+    touched: ClassVar[list[str]] = []
+
+    @method
+    async def touch(self) -> int:
+        """Record the call; return how many calls this process's probes got."""
+        Probe.touched.append(self.id.object_id)
+        return len(Probe.touched)

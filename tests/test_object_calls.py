@@ -29,8 +29,8 @@ from ndo.actors.runtime import MAX_CALL_DEPTH, check_chain, incoming_call
 from ndo.examples import Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.subjects import Header
-from tests.helpers import ServeProcess
-from tests.objects import Relay, Slow
+from tests.helpers import LockHolder, ServeProcess
+from tests.objects import Probe, Relay, Slow
 from tests.worker_fixtures import WorkerFactory
 
 
@@ -122,6 +122,27 @@ class TestCallsBetweenObjects:
             await client.get(Relay, "hurried").wait_then_sleep(to="sleeper", wait=0.0, seconds=0.1)
             == "done"
         )
+
+    async def test_a_call_waits_for_the_callers_earlier_writes(
+        self, start_worker: WorkerFactory, client: ActorClient, data_dir: Path
+    ) -> None:
+        """Output gate: while an earlier write of the caller is not durable (its commit stalled
+        behind another process's write lock), the caller's call does not leave."""
+        await start_worker()
+        relay = client.get(Relay, "gated")
+        await relay.note(value=0)  # the object is active and its storage open
+        Probe.touched.clear()
+        holder = LockHolder.write_lock(data_dir)
+        try:
+            noted = asyncio.create_task(relay.note(value=1))
+            touched = asyncio.create_task(relay.touch(to="p1"))
+            await asyncio.sleep(0.5)
+            assert Probe.touched == [], "the call left before the caller's write was durable"
+        finally:
+            holder.release()
+        assert await noted is None
+        assert await touched == 1
+        assert Probe.touched == ["p1"]
 
     async def test_calls_are_counted(self, worker: object, client: ActorClient) -> None:
         """``ndo_object_calls_total`` counts calls by both classes and outcome."""

@@ -16,7 +16,7 @@ from ndo.actors import Actor, ActorClient, RetryPolicy
 from ndo.examples import Account, ChatRoom, Counter, DrawingBoard, RateLimiter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.service import ReplicatedStorage, Worker, WorkerConfig
-from tests.objects import Faulty, Relay, Reminder, Slow, Store
+from tests.objects import Faulty, Probe, Relay, Reminder, Slow, Store
 
 ALL_CLASSES: list[type[Actor]] = [
     Counter,
@@ -29,6 +29,7 @@ ALL_CLASSES: list[type[Actor]] = [
     Store,
     Reminder,
     Relay,
+    Probe,
 ]
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
