@@ -1,6 +1,6 @@
 """Browsers reach objects over NATS WebSockets: ``ndo serve --websocket-port`` (the embedded
 server's ``websocket`` listener) carries the same wire protocol, checked here with a minimal
-RFC 6455 client speaking raw NATS protocol, as ``examples/drawing_board.html`` does."""
+RFC 6455 client speaking raw NATS protocol, as the browser demo (``examples/demo/``) does."""
 
 from __future__ import annotations
 
