@@ -457,6 +457,16 @@ class ActorStorage:
         self._in_alarm = False
         return changes
 
+    def replace_all(self, entries: Mapping[str, bytes], alarm: float | None) -> TurnWrites:
+        """Runtime (``ndo inspect``'s import and delete, between turns): the object's whole
+        state becomes ``entries`` (encoded values) and ``alarm`` (``None``: none), as a turn of
+        its own; its changes are returned as ``end_turn`` returns them."""
+        self.abort_turn()
+        self._writes = dict(entries)
+        self._cleared = True
+        self._alarm_write = alarm
+        return self.end_turn()
+
     def abort_turn(self) -> None:
         """Discard this turn's changes (the handler failed)."""
         self._writes = {}

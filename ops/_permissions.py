@@ -13,8 +13,10 @@ Roles:
   may check (the subject as published, ``<prefix>.rpc.<Class>.<id>.<method>``, and as the
   partition mapping rewrites it, ``<prefix>.part.<n>.<Class>.<id>.<method>``: nats-server checks
   publish permissions after mapping), its inbox, and optionally the classes' events.
-* **tools** (``ndo status``, ``replay``, ``tail``): read-only access to the lease bucket, the
-  journal stream, the partition log stream and the snapshot bucket.
+* **tools** (``ndo status``, ``replay``, ``tail``, ``inspect objects|show|export``): read-only
+  access to the lease bucket, the journal stream, the partition log stream and the snapshot
+  bucket, and ``ndo inspect``'s read requests.
+* **admin**: the tools' rights, and ``ndo inspect import`` and ``delete``, which change objects.
 """
 
 from __future__ import annotations
@@ -26,18 +28,26 @@ from typing import Final
 
 from ndo.service import lease_bucket, log_stream_name, snapshot_bucket
 from ndo.service.journal import journal_stream_name
-from ndo.subjects import DEFAULT_REPLY_PREFIXES, validate_name, validate_prefix
+from ndo.subjects import (
+    DEFAULT_REPLY_PREFIXES,
+    INSPECT_READS,
+    INSPECT_WRITES,
+    inspect_subject,
+    validate_name,
+    validate_prefix,
+)
 
 __all__ = [
     "ROLES",
     "Permissions",
+    "admin_permissions",
     "caller_permissions",
     "render_user",
     "tools_permissions",
     "worker_permissions",
 ]
 
-ROLES: Final = ("worker", "caller", "tools")
+ROLES: Final = ("worker", "caller", "tools", "admin")
 """The roles ``ndo permissions`` prints."""
 
 
@@ -139,8 +149,9 @@ def caller_permissions(
 
 
 def tools_permissions(prefix: str) -> Permissions:
-    """What ``ndo status``, ``replay`` and ``tail`` need: read the lease bucket, the journal
-    and, for ``status`` of replicated storage, the partition logs and snapshots."""
+    """What ``ndo status``, ``replay``, ``tail`` and ``inspect``'s reads need: read the lease
+    bucket, the journal and, for ``status`` of replicated storage, the partition logs and
+    snapshots; ask partition holders for ``ndo inspect objects``, ``show`` and ``export``."""
     validate_prefix(prefix)
     publish = (
         "$JS.API.INFO",
@@ -150,8 +161,18 @@ def tools_permissions(prefix: str) -> Permissions:
         *_stream_reader(f"OBJ_{snapshot_bucket(prefix)}"),
         "$JS.FC.>",
         "$SRV.INFO.ndo",
+        inspect_subject(prefix, "info"),
+        *(f"{prefix}.sys.inspect.*.{op}" for op in INSPECT_READS),
     )
     return Permissions(publish, (f"{DEFAULT_REPLY_PREFIXES[0]}>",))
+
+
+def admin_permissions(prefix: str) -> Permissions:
+    """The tools' rights, and ``ndo inspect import`` and ``delete`` (they change objects,
+    through their owners)."""
+    tools = tools_permissions(prefix)
+    writes = tuple(f"{prefix}.sys.inspect.*.{op}" for op in INSPECT_WRITES)
+    return Permissions(tools.publish + writes, tools.subscribe)
 
 
 def render_user(permissions: Permissions, *, user: str, password: str = "") -> str:

@@ -708,6 +708,9 @@ class Reexecutor:
         if record.kind == "alarm_dropped":
             writes = await self._commit(self._runner.drop_alarm())
             return StepOutcome(executed=False, status="applied", writes=writes)
+        if record.kind == "inspect":  # an operator replaced the state: no user code ran
+            self._runner.drop_instance()
+            return StepOutcome(executed=False, status="applied", writes=await self._apply(record))
         if record.truncated:  # its input is not known: apply what the record has
             return StepOutcome(executed=False, status="applied", writes=await self._apply(record))
         if record.kind == "stop":

@@ -7,12 +7,17 @@ wait for hand-overs the way an operator would watch them.
 
 A value in the bucket that ndo did not write (another client on the bus) never stops the
 report: its partition's row says ``(unreadable)`` and a note under the members says why.
+
+The class migrations storage has applied are not in the bucket: each worker reports them in its
+NATS service API metadata (``service._discovery``), read here with ``discover_workers``; a
+worker of an ndo that does not report them is left out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 from collections.abc import Sequence
 
@@ -22,7 +27,9 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from ndo.ops._errors import StatusError
+from ndo.ops._text import table
 from ndo.service import (
+    MIGRATIONS_METADATA,
     SERVICE_NAME,
     OwnershipError,
     PartitionLog,
@@ -35,16 +42,40 @@ from ndo.service import (
 from ndo.storage import StorageError
 
 __all__ = [
+    "ClassRename",
     "DeploymentStatus",
     "DiscoveredWorker",
     "MemberStatus",
+    "MigrationStatus",
     "PartitionStatus",
     "StatusError",
     "discover_workers",
     "fetch_status",
     "format_discovered",
     "format_status",
+    "merged_migrations",
 ]
+
+
+class ClassRename(msgspec.Struct, frozen=True, kw_only=True):
+    """One class renamed by a migration (``{"from": ..., "to": ...}`` in JSON)."""
+
+    from_: str = msgspec.field(name="from")
+    to: str
+
+
+class MigrationStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A class migration as the workers report it (applied once, by ``worker``)."""
+
+    tag: str
+    applied_at: float
+    """Epoch seconds it was applied."""
+    worker: str
+    """The worker that applied it."""
+    renamed: list[ClassRename] = []
+    deleted: list[str] = []
+    objects_renamed: int = 0
+    objects_deleted: int = 0
 
 
 class MemberStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +139,9 @@ class DeploymentStatus(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[str] = []
     """What could not be read, one note each: bucket entries (``key: why``; foreign or corrupt
     values) and, with replicated storage, partition logs and snapshots (``partition p: why``)."""
+    migrations: list[MigrationStatus] | None = None
+    """The class migrations the live workers report, oldest first (None: not asked, or no
+    worker reported them)."""
 
     def holders(self) -> dict[int, str]:
         """Partition -> member id of every held partition."""
@@ -128,20 +162,23 @@ class DiscoveredWorker(msgspec.Struct, frozen=True, kw_only=True):
     """Classes it serves."""
     version: str
     """ndo version it runs."""
+    migrations: list[MigrationStatus] | None = None
+    """The class migrations its storage has applied (None: it does not report them)."""
 
 
 async def discover_workers(
-    nc: NatsClient, prefix: str, *, wait: float = 0.5
+    nc: NatsClient, prefix: str, *, wait: float = 0.5, expect: int | None = None
 ) -> list[DiscoveredWorker]:
     """Workers of deployment ``prefix`` that answer ``$SRV.INFO.ndo`` within ``wait`` seconds
-    (any worker, with or without JetStream), sorted by name."""
+    (any worker, with or without JetStream), sorted by name; ``expect``: stop waiting once that
+    many answered."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     found: dict[str, DiscoveredWorker] = {}
     try:
         await nc.publish(f"$SRV.INFO.{SERVICE_NAME}", b"", reply=inbox)
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and (expect is None or len(found) < expect):
             try:
                 msg = await sub.next_msg(timeout=left)
             except nats.errors.TimeoutError:
@@ -154,7 +191,10 @@ async def discover_workers(
                 name = metadata["worker"]
                 classes = [c for c in metadata.get("classes", "").split(",") if c]
                 found[name] = DiscoveredWorker(
-                    name=name, classes=classes, version=str(info.get("version", ""))
+                    name=name,
+                    classes=classes,
+                    version=str(info.get("version", "")),
+                    migrations=_reported_migrations(metadata.get(MIGRATIONS_METADATA)),
                 )
     finally:
         with contextlib.suppress(nats.errors.Error):
@@ -162,22 +202,77 @@ async def discover_workers(
     return sorted(found.values(), key=lambda w: w.name)
 
 
+def _reported_migrations(value: object) -> list[MigrationStatus] | None:
+    """A worker's migrations metadata, decoded (None: absent or not readable)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return msgspec.json.decode(value, type=list[MigrationStatus])
+    except msgspec.DecodeError:
+        return None
+
+
+def merged_migrations(workers: Sequence[DiscoveredWorker]) -> list[MigrationStatus] | None:
+    """The migrations the ``workers`` report, each tag once, oldest first (None: none of them
+    reports migrations)."""
+    reports = [w.migrations for w in workers if w.migrations is not None]
+    if not reports:
+        return None
+    by_tag: dict[str, MigrationStatus] = {}
+    for report in reports:
+        for migration in report:
+            by_tag.setdefault(migration.tag, migration)
+    return sorted(by_tag.values(), key=lambda m: m.applied_at)
+
+
 def format_discovered(workers: Sequence[DiscoveredWorker], reason: str) -> str:
     """Text table of workers found through discovery when there is no lease bucket."""
     lines = [f"{reason}; workers answering the NATS service API:", ""]
-    lines += _table(
+    lines += table(
         ("WORKER", "VERSION", "CLASSES"),
         [(w.name, w.version, ",".join(w.classes)) for w in workers],
     )
     lines += ["", "each serves every partition alone (no leases): run only one per deployment"]
+    lines += _migrations_lines(merged_migrations(workers))
     return "\n".join(lines)
 
 
+def _migrations_lines(migrations: list[MigrationStatus] | None) -> list[str]:
+    """The "Class migrations" section of the text status."""
+    if migrations is None:
+        return []
+    if not migrations:
+        return ["", "class migrations: none applied"]
+    return [
+        "",
+        "class migrations (applied once each, in this order):",
+        *table(
+            ("TAG", "APPLIED (UTC)", "BY", "CHANGES", "OBJECTS"),
+            [
+                (
+                    m.tag,
+                    datetime.datetime.fromtimestamp(m.applied_at, datetime.UTC).strftime(
+                        "%Y-%m-%d %H:%M:%S"
+                    ),
+                    m.worker,
+                    ", ".join(
+                        [f"renamed {r.from_} -> {r.to}" for r in m.renamed]
+                        + [f"deleted {c}" for c in m.deleted]
+                    ),
+                    f"{m.objects_renamed} renamed, {m.objects_deleted} deleted",
+                )
+                for m in migrations
+            ],
+        ),
+    ]
+
+
 async def fetch_status(
-    nc: NatsClient, prefix: str, *, replication: bool = True
+    nc: NatsClient, prefix: str, *, replication: bool = True, migrations: bool = False
 ) -> DeploymentStatus:
     """Read a deployment's members and leases (and, with replicated storage and
-    ``replication``, each partition's log position and snapshot).
+    ``replication``, each partition's log position and snapshot; with ``migrations``, the class
+    migrations the live workers report, asked through the NATS service API).
 
     Raises:
         StatusError: no JetStream, or no lease bucket (no worker ever ran with leases).
@@ -217,6 +312,10 @@ async def fetch_status(
         )
     if replication and config.storage == "replicated":
         rows = await _with_replication(nc, prefix, rows, problems)
+    applied = None
+    if migrations and view.members:
+        found = await discover_workers(nc, prefix, expect=len(view.members))
+        applied = merged_migrations(found)
     return DeploymentStatus(
         prefix=prefix,
         bucket=bucket,
@@ -238,6 +337,7 @@ async def fetch_status(
         taken_at=time.time(),
         storage=config.storage,
         problems=problems,
+        migrations=applied,
     )
 
 
@@ -272,14 +372,6 @@ async def _with_replication(
     return list(await asyncio.gather(*(one(row) for row in rows)))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    return [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-
-
 def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
     """The status as text tables: members, then (``partitions``) one row per partition."""
     now = status.taken_at
@@ -289,7 +381,7 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
         f"storage {status.storage}",
         "",
     ]
-    lines += _table(
+    lines += table(
         ("WORKER", "HOST", "PID", "ROUTING", "UP", "HELD", "PARTITIONS"),
         [
             (
@@ -317,9 +409,10 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
             "  (values in the lease bucket that ndo did not write: the workers take such a "
             "lease over at a new epoch, and do not count such a member)"
         )
+    lines += _migrations_lines(status.migrations)
     if partitions and status.storage == "replicated":
         lines.append("")
-        lines += _table(
+        lines += table(
             ("PARTITION", "HOLDER", "EPOCH", "LOG", "APPLIED", "BEHIND", "SNAPSHOT"),
             [
                 (
@@ -336,7 +429,7 @@ def format_status(status: DeploymentStatus, *, partitions: bool = True) -> str:
         )
     elif partitions:
         lines.append("")
-        lines += _table(
+        lines += table(
             ("PARTITION", "HOLDER", "EPOCH", "REVISION"),
             [
                 (

@@ -1,5 +1,6 @@
 """The ``ndo`` command line: ``serve`` runs a worker, ``call`` calls an object, ``replay`` and
-``tail`` read objects' journals, ``status`` and ``mapping`` describe a deployment,
+``tail`` read objects' journals, ``inspect`` lists, shows, exports, imports and deletes stored
+objects, ``status`` and ``mapping`` describe a deployment,
 ``permissions`` prints the NATS permissions each role needs, ``bench`` measures it.
 
 Every option can also come from an ``NDO_<OPTION>`` environment variable (``--nats-url`` ->
@@ -32,7 +33,9 @@ from ndo.actors import ActorClient, ActorError, RetryPolicy
 from ndo.ops._browser_access import browser_access
 from ndo.ops._config_file import ConfigFileError, load_config_file
 from ndo.ops._connect import DEFAULT_NATS_URL, CannotConnectError, connect_once
+from ndo.ops._demo import DEFAULT_DEMO_PORT, DemoServer
 from ndo.ops._errors import OpsError
+from ndo.ops._inspect import add_inspect_parser, inspect_options, run_inspect
 from ndo.ops._loader import DEFAULT_MODULES, load_actor_classes
 from ndo.ops._logging import configure_logging, quiet_tls_eof_warning
 from ndo.ops._loop import LOOP_CHOICES, resolve_loop
@@ -50,6 +53,7 @@ from ndo.ops._options import (
 )
 from ndo.ops._permissions import (
     ROLES,
+    admin_permissions,
     caller_permissions,
     render_user,
     tools_permissions,
@@ -92,8 +96,8 @@ _SERVE_OPTIONS: Final = (
     CliOption(
         dest="websocket_port",
         type=int,
-        help="embedded server also accepts WebSocket clients (browsers: "
-        "examples/drawing_board.html) on this port, without TLS",
+        help="embedded server also accepts WebSocket clients (browsers: see --demo) on this "
+        "port, without TLS",
     ),
     CliOption(
         dest="websocket_allowed_origin",
@@ -106,6 +110,19 @@ _SERVE_OPTIONS: Final = (
         "--websocket-password) to call objects; default: any page of an allowed origin may",
     ),
     CliOption(dest="websocket_password", help="password of --websocket-user"),
+    CliOption(
+        dest="demo",
+        default=False,
+        help="with --websocket-port: also serve the browser demo (a drawing board and a chat "
+        "room, docs/demo.md) on http://127.0.0.1:<demo-port>/; needs `npm install` in the "
+        "repository (the nats.ws client)",
+    ),
+    CliOption(
+        dest="demo_port",
+        type=int,
+        default_text=str(DEFAULT_DEMO_PORT),
+        help="port of --demo's page on 127.0.0.1; 0: any",
+    ),
     CliOption(dest="metrics_port", type=int, help="serve Prometheus metrics on this port"),
     CliOption(dest="metrics_host", default="127.0.0.1", help="address of the metrics endpoint"),
     CliOption(
@@ -204,9 +221,10 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
     _add_config_option(serve, 'all options (data-dir = "/srv/ndo") and modules = [...]')
     options = serve_options()
     file_values = dict(file_values or {})
-    check_file_keys(file_values, options, extra={"modules"})
+    check_file_keys(file_values, options, extra={"modules", "migrations"})
     if "modules" in file_values:
         serve.set_defaults(modules=file_values.pop("modules"))
+    serve.set_defaults(migrations=file_values.pop("migrations", ()))  # the file's [[migrations]]
     add_options(serve, options, file_values)
 
     replay = commands.add_parser(
@@ -310,9 +328,12 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
         help="print the least NATS permissions a worker, a caller or the tools need",
         description="Print a nats-server `users` entry with the least permissions ROLE needs "
         "(docs/security.md explains each subject). worker: `ndo serve`; caller: a client "
-        "calling some classes and methods; tools: `ndo status`, `replay` and `tail`.",
+        "calling some classes and methods; tools: `ndo status`, `replay`, `tail` and `inspect`'s "
+        "reads; admin: the tools' rights and `ndo inspect import` and `delete`.",
     )
-    permissions.add_argument("role", choices=ROLES, metavar="ROLE", help="worker, caller or tools")
+    permissions.add_argument(
+        "role", choices=ROLES, metavar="ROLE", help="worker, caller, tools or admin"
+    )
     add_options(permissions, (_PREFIX_OPTION,))
     permissions.add_argument(
         "--class",
@@ -364,6 +385,7 @@ def build_parser(file_values: Mapping[str, Any] | None = None) -> argparse.Argum
         default=_env("timeout", 5.0),
         help="seconds to wait for each try [env NDO_TIMEOUT; default 5]",
     )
+    add_inspect_parser(commands, lambda parser: _add_connection_options(parser, file_values))
     add_bench_parser(commands)
     return parser
 
@@ -399,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "status":
         return asyncio.run(_status(args))
+    if args.command == "inspect":
+        return _inspect(args)
     if args.command == "permissions":
         return _permissions(args)
     if args.command == "mapping":
@@ -427,6 +451,20 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError("--websocket-allowed-origin/-user/-password need --websocket-port")
         if (args.websocket_user is None) != (args.websocket_password is None):
             raise ValueError("--websocket-user and --websocket-password go together")
+        if args.demo and args.nats_url is not None:
+            raise ValueError(
+                "--demo serves a page for the embedded nats-server's WebSocket listener: "
+                "leave out --nats-url"
+            )
+        if args.demo and args.websocket_port is None:
+            raise ValueError(
+                "--demo needs --websocket-port (the page talks to the embedded nats-server "
+                "over WebSocket), e.g. ndo serve --websocket-port 9222 --demo"
+            )
+        if args.demo_port is not None and not args.demo:
+            raise ValueError("--demo-port needs --demo")
+        if args.demo_port is not None and not 0 <= args.demo_port <= 65535:
+            raise ValueError(f"--demo-port must be 0 (any) or 1-65535, got {args.demo_port}")
         configure_logging(args.log_format, args.log_level)
         classes = load_actor_classes(args.modules or list(DEFAULT_MODULES))
         config = build_worker_config(args)
@@ -462,10 +500,20 @@ async def _run_service(
             ) from None
         _log.info("metrics endpoint", url=f"http://{args.metrics_host}:{args.metrics_port}/metrics")
     embedded: EmbeddedNatsServer | None = None
+    demo: DemoServer | None = None
     try:
+        if args.demo:
+            # First: its port (0: any) is one of the WebSocket listener's allowed origins.
+            demo = DemoServer(
+                websocket_url=f"ws://127.0.0.1:{args.websocket_port}",
+                prefix=config.prefix,
+                login=args.websocket_user is not None,
+                port=DEFAULT_DEMO_PORT if args.demo_port is None else args.demo_port,
+            )
+            await demo.start()
         if args.nats_url is None:
             # Started with the partition mapping: requests go straight to their partition's worker.
-            embedded = _embedded_server(config, args)
+            embedded = _embedded_server(config, args, () if demo is None else demo.origins)
             await embedded.start()
             config = msgspec.structs.replace(config, nats_url=embedded.url)
             _log.info(
@@ -476,7 +524,7 @@ async def _run_service(
                 if args.websocket_port is None
                 else f"ws://127.0.0.1:{args.websocket_port}",
             )
-        async with Worker(config, classes, registry=registry) as worker:
+        async with Worker(config, classes, registry=registry, migrations=args.migrations) as worker:
             _log.info(
                 "serving; press Ctrl-C to stop",
                 partitions=f"{len(worker.partitions)} of {config.partitions}",
@@ -484,9 +532,13 @@ async def _run_service(
                 classes=sorted(c.__name__ for c in classes),
                 loop=loop_name,
             )
+            if demo is not None:
+                _log.info(f"demo: open {demo.url} in two windows", url=demo.url)
             await stop.wait()
             _log.info("shutting down")
     finally:
+        if demo is not None:
+            await demo.stop()
         if embedded is not None:
             await embedded.stop()
         if metrics_server is not None:
@@ -509,6 +561,8 @@ def _permissions(args: argparse.Namespace) -> int:
                 events=args.events,
                 inbox_prefix=parse_reply_prefixes(args.inbox_prefix)[0],
             )
+        elif args.role == "admin":
+            granted = admin_permissions(args.prefix)
         else:
             granted = tools_permissions(args.prefix)
     except (InvalidSubjectError, ValueError) as exc:
@@ -519,19 +573,25 @@ def _permissions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedded_server(config: WorkerConfig, args: argparse.Namespace) -> EmbeddedNatsServer:
+def _embedded_server(
+    config: WorkerConfig, args: argparse.Namespace, demo_origins: tuple[str, ...] = ()
+) -> EmbeddedNatsServer:
     """``ndo serve``'s own nats-server: the partition mapping, and the WebSocket listener held to
-    its origins and to caller rights (``ops/_browser_access.py``)."""
+    its origins (those of the options, and the demo page's ``demo_origins``) and to caller
+    rights (``ops/_browser_access.py``)."""
     access = None
     origins: tuple[str, ...] = ()
     if args.websocket_port is not None:
         access = browser_access(
             config.prefix, user=args.websocket_user or "", password=args.websocket_password or ""
         )
-        origins = tuple(
-            origin.strip()
-            for origin in (args.websocket_allowed_origin or "").split(",")
-            if origin.strip()
+        origins = (
+            tuple(
+                origin.strip()
+                for origin in (args.websocket_allowed_origin or "").split(",")
+                if origin.strip()
+            )
+            + demo_origins
         )
     return EmbeddedNatsServer(
         store_dir=config.data_dir / "nats",
@@ -555,7 +615,7 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"ndo status: {exc}", file=sys.stderr)
         return 1
     try:
-        status = await fetch_status(nc, args.prefix)
+        status = await fetch_status(nc, args.prefix, migrations=True)
     except StatusError as exc:
         # No lease bucket (no JetStream, or only standalone workers): list who answers the
         # NATS service API instead, which every worker does.
@@ -640,6 +700,22 @@ async def _call(args: argparse.Namespace) -> int:
     except json.JSONDecodeError:
         print(reply.decode(errors="replace"))
     return 0
+
+
+# inspect
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        auth = auth_from_args(args)
+    except ValueError as exc:
+        print(f"ndo inspect: {exc}", file=sys.stderr)
+        return 2
+    options = inspect_options(args, args.nats_url or DEFAULT_NATS_URL, auth)
+    try:
+        return asyncio.run(run_inspect(options))
+    except KeyboardInterrupt:
+        return 130
 
 
 # replay and tail

@@ -15,9 +15,15 @@ from ndo.service._config import (
     split_servers,
 )
 from ndo.service._connection import NatsAuth, is_refusal, redact_url, refusal_hint
-from ndo.service._discovery import SERVICE_NAME
+from ndo.service._discovery import MIGRATIONS_METADATA, SERVICE_NAME
 from ndo.service._envelope import AlarmDelivery, Envelope
-from ndo.service._errors import DeploymentMismatchError, OwnershipError, RoutingError, ServiceError
+from ndo.service._errors import (
+    DeploymentMismatchError,
+    OrphanClassesError,
+    OwnershipError,
+    RoutingError,
+    ServiceError,
+)
 from ndo.service._lease_bucket import (
     CONFIG_KEY,
     BucketView,
@@ -42,6 +48,7 @@ from ndo.service._worker import Worker, WorkerState, WorkerStats
 __all__ = [
     "CONFIG_KEY",
     "HIDDEN_WORKER_FIELDS",
+    "MIGRATIONS_METADATA",
     "QUEUE_GROUP",
     "SERVICE_NAME",
     "WORKER_OPTIONS",
@@ -55,6 +62,7 @@ __all__ = [
     "LeaseView",
     "MemberRecord",
     "NatsAuth",
+    "OrphanClassesError",
     "OwnershipError",
     "PartitionLog",
     "ReplicatedStorage",

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import msgspec
 import structlog
 from structlog.contextvars import bind_contextvars
 
@@ -65,7 +66,7 @@ from ndo.service._codec import (
     stored_fingerprint,
     stored_reply,
 )
-from ndo.service._envelope import AlarmDelivery, Envelope, caller_gone
+from ndo.service._envelope import AlarmDelivery, Envelope, InspectEnvelope, caller_gone
 from ndo.service._idempotency import IdempotencyCache, key_reused
 from ndo.service._journal import JOURNAL_OFF, Journal, JournalEntry
 from ndo.service._metrics import WorkerMetrics
@@ -79,6 +80,7 @@ from ndo.service._turn import (
     TurnRunner,
     object_write,
 )
+from ndo.service.inspection import WriteReply
 from ndo.service.journal import TurnKind, TurnStatus
 from ndo.storage import (
     CommitAbandonedError,
@@ -144,6 +146,8 @@ class ActivationServices:
     """Told how each alarm delivery ended."""
     tasks: TaskSet
     """Owner of the pump tasks."""
+    worker: str = ""
+    """The worker's name (in the replies of ``ndo inspect``'s writes)."""
     calls: CallSender | None = None
     """Sends the calls objects make to other objects (``None``: they cannot)."""
     stopped: Callable[[Activation], None] | None = None
@@ -396,6 +400,19 @@ class Activation(TurnRunner):
                         self.drop_instance()
                         self._stop_ended(HandlerError("internal error in the ndo runtime"))
                     continue
+                elif isinstance(envelope, InspectEnvelope):
+                    method = envelope.method
+                    _METHOD_VAR.set(method)
+                    try:
+                        await self._run_inspect(envelope)
+                    except Exception:  # a runtime bug: answer, log, keep the object serving
+                        _log.exception("inspect operation crashed in the runtime")
+                        self.reload()
+                        await self._send_error(
+                            envelope,
+                            HandlerError("internal error in the ndo runtime; see its logs"),
+                        )
+                    continue
                 else:
                     name = "alarm"
                 if name != method:
@@ -574,6 +591,71 @@ class Activation(TurnRunner):
         turn = _StopTurn(self, STOP_ENVELOPE, b"", None, events)
         turn.journal = entry
         write = None if unchanged else object_write(self.address, self.partition, epoch, changes)
+        self._submit(write, turn)
+
+    async def _run_inspect(self, envelope: InspectEnvelope) -> None:
+        """Run an operator's import or delete (``ndo inspect``): the object's state replaced by
+        one write-set, committed and answered in order with its turns, idempotent under the
+        request's key, journaled (kind ``inspect``); no user code runs, and the next turn
+        builds a new instance on the new state."""
+        services = self._services
+        key = envelope.idempotency_key
+        if key is not None and await self._answer_duplicate(envelope, key):
+            return
+        epoch = services.ownership.epoch_of(self.partition)
+        if epoch < 0:
+            await self._send_error(
+                envelope,
+                UnavailableError(
+                    f"partition {self.partition} is moving to another worker; retry",
+                    type="moving",
+                ),
+            )
+            return
+        try:
+            changes, existed = await self.replace_state(
+                envelope.entries, envelope.new_alarm, only_if_empty=not envelope.replace
+            )
+        except ActorError as error:
+            await self._send_error(envelope, error)
+            return
+        except StorageError as exc:
+            await self._send_error(
+                envelope,
+                UnavailableError(
+                    f"could not read the object ({exc}); nothing was changed, retry",
+                    type="storage_failure",
+                ),
+            )
+            return
+        body = msgspec.json.encode(
+            WriteReply(
+                partition=self.partition,
+                worker=services.worker,
+                existed=existed,
+                keys=len(envelope.entries),
+            )
+        )
+        turn = _Turn(self, envelope, body, None, None)
+        if services.journal.enabled:
+            turn.journal = JournalEntry(
+                self.address,
+                self.partition,
+                envelope,
+                status="ok",
+                kind="inspect",
+                body=body,
+                changes=changes,
+            )
+        write = object_write(self.address, self.partition, epoch, changes)
+        if key is not None:
+            assert self._idempotency is not None  # made by _answer_duplicate
+            write.idempotent_reply = IdempotentReply(
+                key,
+                stored_reply(body, False, envelope.fingerprint),
+                time.time() + services.idempotency_window,
+            )
+            self._idempotency.remember(key, turn)
         self._submit(write, turn)
 
     def _stop_ended(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -23,13 +23,24 @@ from nats.aio.subscription import Subscription
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
 
 from ndo.service._outbox import Outbox
+from ndo.storage import AppliedMigration
 
-__all__ = ["SERVICE_NAME", "SERVICE_VERSION", "Discovery", "start_discovery"]
+__all__ = [
+    "MIGRATIONS_METADATA",
+    "SERVICE_NAME",
+    "SERVICE_VERSION",
+    "Discovery",
+    "migrations_metadata",
+    "start_discovery",
+]
 
 SERVICE_NAME: Final = "ndo"
 """Name workers register under (``nats micro info ndo``)."""
 SERVICE_VERSION: Final = "0.1.0"
 """Version reported to the service API."""
+
+MIGRATIONS_METADATA: Final = "migrations"
+"""Metadata key of the class migrations storage has applied (``migrations_metadata``)."""
 
 _DESCRIPTION: Final = "NATS Durable Objects worker"
 
@@ -112,10 +123,40 @@ class Discovery:
         return json.dumps(stats.to_dict()).encode()
 
 
+def migrations_metadata(migrations: Sequence[AppliedMigration]) -> str:
+    """The applied class migrations as one compact JSON array (a metadata value is a string):
+    ``[{"tag", "applied_at", "worker", "renamed": [{"from", "to"}], "deleted",
+    "objects_renamed", "objects_deleted"}, ...]``."""
+    return json.dumps(
+        [
+            {
+                "tag": m.tag,
+                "applied_at": m.applied_at,
+                "worker": m.worker,
+                "renamed": [{"from": old, "to": new} for old, new in m.renamed],
+                "deleted": list(m.deleted),
+                "objects_renamed": m.objects_renamed,
+                "objects_deleted": m.objects_deleted,
+            }
+            for m in migrations
+        ],
+        separators=(",", ":"),
+    )
+
+
 async def start_discovery(
-    nc: NatsClient, outbox: Outbox, *, worker: str, prefix: str, classes: Iterable[str]
+    nc: NatsClient,
+    outbox: Outbox,
+    *,
+    worker: str,
+    prefix: str,
+    classes: Iterable[str],
+    migrations: Sequence[AppliedMigration] = (),
 ) -> Discovery:
-    """Register this worker with the NATS service API; ``await discovery.stop()`` to leave."""
+    """Register this worker with the NATS service API; ``await discovery.stop()`` to leave.
+
+    ``migrations``: the class migrations its storage has applied, shown by ``ndo status``.
+    """
     discovery = Discovery(
         outbox,
         {
@@ -123,6 +164,7 @@ async def start_discovery(
             "prefix": prefix,
             "classes": ",".join(sorted(classes)),
             "rpc_subject": f"{prefix}.rpc.<Class>.<id>.<method>",
+            MIGRATIONS_METADATA: migrations_metadata(migrations),
         },
     )
     await discovery.start(nc)

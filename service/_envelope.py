@@ -6,6 +6,7 @@ for it: ingress builds envelopes, the turn engine runs them, the journal records
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "AlarmDelivery",
     "Envelope",
+    "InspectEnvelope",
     "caller_gone",
     "parse_request_info",
     "request_envelope",
@@ -154,6 +156,49 @@ class Envelope:
     def method(self) -> str:
         """Method name for logs and metrics (``alarm`` for alarm deliveries)."""
         return "alarm" if self.spec is None else self.spec.name
+
+
+class InspectEnvelope(Envelope):
+    """An operator's ``ndo inspect import`` or ``delete`` of one object, waiting in its mailbox
+    so that it is ordered with the object's turns (no user code runs for it)."""
+
+    __slots__ = ("entries", "new_alarm", "operation", "replace")
+
+    operation: str
+    """``import`` or ``delete``."""
+    entries: dict[str, bytes]
+    """The object's keys and encoded values afterwards (empty for ``delete``)."""
+    new_alarm: float | None
+    """Its alarm afterwards (``None``: none)."""
+    replace: bool
+    """Overwrite an object that holds something (else: 409 ``object_exists``)."""
+
+    def __init__(
+        self,
+        operation: str,
+        body: bytes,
+        reply: str,
+        *,
+        entries: dict[str, bytes],
+        alarm: float | None,
+        replace: bool,
+        idempotency_key: str | None,
+    ) -> None:
+        """Describe the operation; ``body`` (the request as sent) binds its Idempotency-Key."""
+        super().__init__(None, None, reply, idempotency_key=idempotency_key)
+        self.operation = operation
+        self.entries = entries
+        self.new_alarm = alarm
+        self.replace = replace
+        if idempotency_key is not None:
+            digest = hashlib.blake2b(f"inspect.{operation}".encode(), digest_size=16)
+            digest.update(b"\x00" + body)
+            self.fingerprint = digest.digest()
+
+    @property
+    def method(self) -> str:
+        """``inspect.import`` or ``inspect.delete`` (for logs and the journal)."""
+        return f"inspect.{self.operation}"
 
 
 def request_envelope(

@@ -255,7 +255,7 @@ def journal_record(
         class_name=entry.address.class_name,
         object_id=entry.address.object_id,
         partition=entry.partition,
-        method=envelope.method if entry.kind in ("request", "stop") else "alarm",
+        method=envelope.method if entry.kind in ("request", "stop", "inspect") else "alarm",
         args=args,
         headers=headers,
         alarm=None

@@ -29,6 +29,7 @@ from ndo.service._alarms import AlarmScheduler
 from ndo.service._assignment import partitions_text
 from ndo.service._catalog import Catalog
 from ndo.service._ingress import Ingress
+from ndo.service._inspector import Inspector
 from ndo.service._replicated import ReplicatedStorage
 from ndo.storage import Storage, StorageError
 
@@ -50,6 +51,8 @@ class LocalPartitions:
     """Longest wait for a previous tenure's busy objects before claiming a partition again."""
     # Collaborators
     _ingress: Ingress
+    _inspector: Inspector
+    """Answers ``ndo inspect`` for the partitions subscribed here."""
     _catalog: Catalog
     _storage: Storage
     _alarms: AlarmScheduler
@@ -68,6 +71,7 @@ class LocalPartitions:
         name: str,
         *,
         ingress: Ingress,
+        inspector: Inspector,
         catalog: Catalog,
         storage: Storage,
         alarms: AlarmScheduler,
@@ -77,6 +81,7 @@ class LocalPartitions:
         self.name = name
         self._leftover_wait = 2 * handler_timeout + 5.0
         self._ingress = ingress
+        self._inspector = inspector
         self._catalog = catalog
         self._storage = storage
         self._alarms = alarms
@@ -101,16 +106,19 @@ class LocalPartitions:
     # PartitionHost
 
     async def subscribe(self, partition: int) -> None:
-        """Receive ``partition``'s requests."""
+        """Receive ``partition``'s requests (and ``ndo inspect``'s)."""
         await self._ingress.subscribe(partition)
+        await self._inspector.subscribe(partition)
 
     async def subscribe_all(self) -> None:
-        """Receive every partition's requests."""
+        """Receive every partition's requests (and ``ndo inspect``'s)."""
         await self._ingress.subscribe_all()
+        await self._inspector.subscribe_all()
 
     def unsubscribe(self, partitions: Collection[int]) -> None:
         """Stop receiving the requests of ``partitions``."""
         self._ingress.unsubscribe(partitions)
+        self._inspector.unsubscribe(partitions)
 
     async def claim(self, partitions: Collection[int], epoch: int | None) -> dict[int, int]:
         """Wait for leftovers of an earlier tenure, then fence ``partitions`` in storage.

@@ -70,16 +70,21 @@ from ndo.service._partition_log import (
 )
 from ndo.service._snapshots import SnapshotStore
 from ndo.storage import (
+    AppliedMigration,
     AppliedRecord,
+    ClassMigration,
     FencedError,
     LogRecord,
+    MigrationError,
     ObjectWrite,
     PartialCommitError,
     SqliteStorage,
     Storage,
     StorageError,
     StoredAlarm,
+    StoredObject,
     encode_log_record,
+    pending_migrations,
 )
 
 __all__ = ["ReplicaStats", "ReplicatedStorage"]
@@ -290,6 +295,24 @@ class ReplicatedStorage(Storage):
 
     async def object_size(self, class_name: str, object_id: str) -> int:
         return await self.local.object_size(class_name, object_id)
+
+    async def list_objects(
+        self,
+        partition: int,
+        *,
+        class_name: str | None = None,
+        id_prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[StoredObject]:
+        return await self.local.list_objects(
+            partition, class_name=class_name, id_prefix=id_prefix, after=after, limit=limit
+        )
+
+    async def count_objects(
+        self, partition: int, *, class_name: str | None = None, id_prefix: str = ""
+    ) -> dict[str, int]:
+        return await self.local.count_objects(partition, class_name=class_name, id_prefix=id_prefix)
 
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float
@@ -840,6 +863,44 @@ class ReplicatedStorage(Storage):
             return snapshot.seq
         finally:
             self._snapshotting.discard(partition)
+
+    # Class migrations
+
+    async def stored_classes(self) -> list[str]:
+        """The classes in the local copy (only the partitions this machine held last)."""
+        return await self.local.stored_classes()
+
+    async def applied_migrations(self) -> list[AppliedMigration]:
+        return await self.local.applied_migrations()
+
+    async def apply_migrations(
+        self,
+        migrations: Sequence[ClassMigration],
+        *,
+        partition_of: Callable[[str, str], int],
+        worker: str,
+    ) -> list[AppliedMigration]:
+        """Refuse pending migrations: not supported with replicated storage (yet).
+
+        The partition logs are the durable record and this SQLite file only a copy of them: a
+        rename made here would be undone by the next catch-up or restore, and differ from every
+        other machine's copy. Migrations recorded in the copy are only checked.
+
+        Raises:
+            MigrationError: some of ``migrations`` were never applied.
+        """
+        pending = pending_migrations(migrations, await self.local.applied_migrations())
+        if pending:
+            tags = ", ".join(repr(m.tag) for m in pending)
+            raise MigrationError(
+                f"class migration(s) {tags} cannot be applied with --storage replicated: the "
+                "durable record is each partition's JetStream log, and a rename or deletion "
+                "made in this machine's SQLite copy would be undone by the log (and differ from "
+                "the other machines' copies). Remove them from the config file and keep serving "
+                "the classes under their stored names (a Python class keeps its stored name "
+                "when it keeps its class name); see docs/migrations.md"
+            )
+        return []
 
 
 def _verdict(partition: int, entry: LogEntry, at: int) -> _Verdict:

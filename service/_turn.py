@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from ndo.actors import (
     ActorError,
     ActorId,
     AlarmInfo,
+    ConflictError,
     DeadlineExceededError,
     Event,
     HandlerError,
@@ -325,6 +327,32 @@ class TurnRunner:
         storage = self.context.storage
         storage.alarm_fired(0.0)
         return storage.end_turn()
+
+    async def replace_state(
+        self, entries: Mapping[str, bytes], alarm: float | None, *, only_if_empty: bool
+    ) -> tuple[TurnWrites, bool]:
+        """The write-set that makes the object hold exactly ``entries`` (encoded values) and
+        ``alarm``, with no user code run (``ndo inspect`` import; empty ``entries`` and no alarm:
+        delete), ordered after every earlier turn. The instance is dropped without ``on_stop``:
+        the next turn builds one (``on_start``) on the new state.
+
+        Returns:
+            The write-set, and whether the object held a key or an alarm before.
+
+        Raises:
+            ConflictError: ``object_exists``: ``only_if_empty`` and the object holds something
+                (nothing is changed).
+        """
+        storage = self.context.storage
+        existed = bool(await storage.list(limit=1)) or await storage.get_alarm() is not None
+        if existed and only_if_empty:
+            raise ConflictError(
+                f"{self.info.name}/{self.context.id.object_id} already holds state; nothing was "
+                "changed (replace it with --replace)",
+                type="object_exists",
+            )
+        self.instance = None
+        return storage.replace_all(entries, alarm), existed
 
     async def _start_instance(self, context: ActorContext) -> Actor:
         instance = self.info.cls(context)

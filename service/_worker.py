@@ -12,7 +12,8 @@ lifecycle:
   alone, or a share through JetStream leases — acting through ``LocalPartitions``;
 * the alarm scheduler, the journal publisher, service discovery.
 
-Start order: open storage → start the committer → connect → start the journal → detect the
+Start order: open storage → apply class migrations and refuse orphaned classes
+(``service._migrations``) → start the committer → connect → start the journal → detect the
 routing → choose the ownership → take requests → join (serve partitions) → register for
 discovery → background tasks.
 
@@ -55,9 +56,11 @@ from ndo.service._connection import is_refusal, redact_url, refusal_hint
 from ndo.service._discovery import Discovery, start_discovery
 from ndo.service._errors import ServiceError
 from ndo.service._ingress import Ingress
+from ndo.service._inspector import Inspector
 from ndo.service._journal import JOURNAL_OFF, JournalPublisher
 from ndo.service._leases import open_ownership
 from ndo.service._metrics import WorkerMetrics
+from ndo.service._migrations import check_migrations, migrate_at_start
 from ndo.service._nats_client import TolerantNatsClient
 from ndo.service._outbox import Outbox
 from ndo.service._ownership import NOT_SERVING, Ownership
@@ -66,7 +69,16 @@ from ndo.service._replicated import ReplicatedStorage
 from ndo.service._routing import RoutingMode, detect_routing
 from ndo.service._tasks import TaskSet
 from ndo.service._turn import DeadlineWatchdog
-from ndo.storage import ALARM_UNCHANGED, GroupCommitter, ObjectWrite, SqliteStorage, Storage
+from ndo.storage import (
+    ALARM_UNCHANGED,
+    AppliedMigration,
+    ClassMigration,
+    GroupCommitter,
+    InMemoryStorage,
+    ObjectWrite,
+    SqliteStorage,
+    Storage,
+)
 
 __all__ = ["Worker", "WorkerState", "WorkerStats"]
 
@@ -120,6 +132,9 @@ class Worker:
     """Delivers due alarms."""
     replicas: int
     """Replicas of the JetStream assets this worker creates (known after ``start``)."""
+    applied_migrations: list[AppliedMigration]
+    """Every class migration storage has applied, in order (known after ``start``)."""
+    _migrations: tuple[ClassMigration, ...]
     _classes: dict[str, ActorClassInfo]
     _services: ActivationServices
     _deadlines: DeadlineWatchdog
@@ -130,6 +145,7 @@ class Worker:
     _journal: JournalPublisher | None
     """Records turns to the journal stream; None when off or without JetStream."""
     _ingress: Ingress | None
+    _inspector: Inspector | None
     _partitions: LocalPartitions | None
     _ownership: Ownership
     _discovery: Discovery | None
@@ -144,6 +160,7 @@ class Worker:
         *,
         registry: CollectorRegistry | None = None,
         storage: Storage | None = None,
+        migrations: Iterable[ClassMigration] = (),
     ) -> None:
         """Create a worker.
 
@@ -152,15 +169,20 @@ class Worker:
             classes: the ``Actor`` subclasses to serve.
             registry: Prometheus registry for the metrics (a private one when omitted).
             storage: storage backend; defaults to SQLite in ``config.data_dir``.
+            migrations: class migrations to apply at start, in order, each once
+                (docs/migrations.md).
 
         Raises:
             TypeError: a class cannot be served (its message says why).
-            ValueError: two classes share a name, or there are none.
+            ValueError: two classes share a name, or there are none; a migration names an
+                invalid class, or two share a tag.
         """
         self.config = config
         self.name = config.worker_name or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics(registry)
         self._classes = describe_classes(classes)
+        self._migrations = check_migrations(migrations)
+        self.applied_migrations = []
         self.storage = storage or _default_storage(config, self.name, self.metrics)
         self.committer = GroupCommitter(
             self.storage, observer=self._observe_commit, on_failure=self._commit_failed
@@ -192,6 +214,7 @@ class Worker:
             outbox=self._outbox,
             alarms=self.alarms,
             tasks=self._tasks,
+            worker=self.name,
         )
         self.catalog = Catalog(
             self._services,
@@ -203,6 +226,7 @@ class Worker:
         self._nc = None
         self._journal = None
         self._ingress = None
+        self._inspector = None
         self._partitions = None
         self._discovery = None
         self.state = WorkerState.CREATED
@@ -272,6 +296,13 @@ class Worker:
         config = self.config
         try:
             await self.storage.open()
+            self.applied_migrations = await migrate_at_start(
+                self.storage,
+                self._migrations,
+                self._classes,
+                partitions=config.partitions,
+                worker=self.name,
+            )
             self.committer.start()
             nc = self._nc = await self._connect()
             self._outbox.attach(nc)
@@ -296,9 +327,19 @@ class Worker:
                 outbox=self._outbox,
                 metrics=self.metrics,
             )
+            inspector = self._inspector = Inspector(
+                nc,
+                self._services,
+                self.catalog,
+                classes=self._classes,
+                partitions=config.partitions,
+                storage_kind=_storage_kind(self.storage),
+            )
+            await inspector.start()
             self._partitions = LocalPartitions(
                 self.name,
                 ingress=ingress,
+                inspector=inspector,
                 catalog=self.catalog,
                 storage=self.storage,
                 alarms=self.alarms,
@@ -317,7 +358,12 @@ class Worker:
             await ownership.start()
             _log.info("routing", mode=mode.value, leases=ownership.member_id is not None)
             self._discovery = await start_discovery(
-                nc, self._outbox, worker=self.name, prefix=config.prefix, classes=self._classes
+                nc,
+                self._outbox,
+                worker=self.name,
+                prefix=config.prefix,
+                classes=self._classes,
+                migrations=self.applied_migrations,
             )
             await nc.flush()
             self._tasks.spawn(ingress.follow_routing(), "ndo-routing-check")
@@ -398,6 +444,8 @@ class Worker:
         ingress = self._ingress
         if ingress is not None:
             await ingress.stop()
+        if self._inspector is not None:
+            await self._inspector.close()
         if was_running:
             await self._ownership.leave()
         await self._ownership.close()
@@ -547,6 +595,13 @@ class Worker:
         self._ownership.on_reconnect()
         if self._ingress is not None:
             self._ingress.on_reconnect()
+
+
+def _storage_kind(storage: Storage) -> str:
+    """How ``ndo inspect`` names the worker's storage: replicated, memory or local."""
+    if isinstance(storage, ReplicatedStorage):
+        return "replicated"
+    return "memory" if isinstance(storage, InMemoryStorage) else "local"
 
 
 def _default_storage(config: WorkerConfig, name: str, metrics: WorkerMetrics) -> Storage:

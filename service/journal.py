@@ -55,10 +55,12 @@ __all__ = [
 JOURNAL_VERSION: Final = 1
 """Version of ``JournalRecord`` written by this ndo; readers refuse newer ones."""
 
-TurnKind: TypeAlias = Literal["request", "alarm", "alarm_dropped", "stop"]
+TurnKind: TypeAlias = Literal["request", "alarm", "alarm_dropped", "stop", "inspect"]
 """What started the step: a request, an alarm delivery, the runtime dropping an alarm that
-failed ``alarm_max_attempts`` times (no user code ran; its write-set deletes the alarm), or the
-object leaving memory (``stop``: its ``on_stop`` hook ran; method ``on_stop``)."""
+failed ``alarm_max_attempts`` times (no user code ran; its write-set deletes the alarm), the
+object leaving memory (``stop``: its ``on_stop`` hook ran; method ``on_stop``), or an operator
+replacing or deleting its state (``inspect``: ``ndo inspect import`` or ``delete``, method
+``inspect.import`` / ``inspect.delete``; no user code ran)."""
 
 TurnStatus: TypeAlias = Literal["ok", "error", "aborted", "duplicate"]
 """How the step ended.

@@ -14,6 +14,7 @@ from ndo.storage._committer import (
 from ndo.storage._errors import (
     CorruptStorageError,
     FencedError,
+    MigrationError,
     PartialCommitError,
     PartitionCountError,
     StorageBusyError,
@@ -23,19 +24,25 @@ from ndo.storage._errors import (
 )
 from ndo.storage._log_record import LogRecord, decode_log_record, encode_log_record
 from ndo.storage._memory import InMemoryStorage
+from ndo.storage._migrations import describe_migration, pending_migrations
 from ndo.storage._records import (
     ALARM_UNCHANGED,
+    AppliedMigration,
     AppliedRecord,
+    ClassMigration,
     IdempotentReply,
     ObjectWrite,
     StoredAlarm,
+    StoredObject,
 )
 from ndo.storage._snapshot import PartitionSnapshot, decode_snapshot, encode_snapshot
 from ndo.storage._sqlite import SqliteStorage, Synchronous
 
 __all__ = [
     "ALARM_UNCHANGED",
+    "AppliedMigration",
     "AppliedRecord",
+    "ClassMigration",
     "CommitAbandonedError",
     "CommitStats",
     "CommitWaiter",
@@ -45,6 +52,7 @@ __all__ = [
     "IdempotentReply",
     "InMemoryStorage",
     "LogRecord",
+    "MigrationError",
     "ObjectWrite",
     "PartialCommitError",
     "PartitionCountError",
@@ -56,10 +64,13 @@ __all__ = [
     "StorageClosedError",
     "StorageError",
     "StoredAlarm",
+    "StoredObject",
     "Synchronous",
     "WriteRejectedError",
     "decode_log_record",
     "decode_snapshot",
+    "describe_migration",
     "encode_log_record",
     "encode_snapshot",
+    "pending_migrations",
 ]

@@ -8,9 +8,15 @@ and values as opaque bytes; it knows nothing of NATS or of user types.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
-from ndo.storage._records import ObjectWrite, StoredAlarm
+from ndo.storage._records import (
+    AppliedMigration,
+    ClassMigration,
+    ObjectWrite,
+    StoredAlarm,
+    StoredObject,
+)
 
 __all__ = ["Storage"]
 
@@ -60,6 +66,31 @@ class Storage(ABC):
     @abstractmethod
     async def object_size(self, class_name: str, object_id: str) -> int:
         """Return the object's stored size: the UTF-8 bytes of its keys plus their values."""
+
+    @abstractmethod
+    async def list_objects(
+        self,
+        partition: int,
+        *,
+        class_name: str | None = None,
+        id_prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[StoredObject]:
+        """Return up to ``limit`` objects of ``partition`` that hold a key or an alarm, in
+        ``(class, id)`` order: only ``class_name``'s (when given), only ids starting with
+        ``id_prefix``, only those after ``after`` (a ``(class, id)`` page cursor).
+
+        A read of committed state for the operator tools (``ndo inspect``); it never waits for
+        a commit.
+        """
+
+    @abstractmethod
+    async def count_objects(
+        self, partition: int, *, class_name: str | None = None, id_prefix: str = ""
+    ) -> dict[str, int]:
+        """Return how many objects of ``partition`` each class has (filtered as
+        ``list_objects``; classes with none are left out)."""
 
     @abstractmethod
     async def read_idempotent(
@@ -123,3 +154,40 @@ class Storage(ABC):
     @abstractmethod
     async def purge_idempotency(self, now: float, limit: int) -> int:
         """Delete up to ``limit`` expired idempotency records; return how many were deleted."""
+
+    # Class migrations
+
+    @abstractmethod
+    async def stored_classes(self) -> list[str]:
+        """Return the names of the classes that have any stored key or alarm, sorted."""
+
+    @abstractmethod
+    async def applied_migrations(self) -> list[AppliedMigration]:
+        """Return the class migrations this store applied, in the order it applied them."""
+
+    @abstractmethod
+    async def apply_migrations(
+        self,
+        migrations: Sequence[ClassMigration],
+        *,
+        partition_of: Callable[[str, str], int],
+        worker: str,
+    ) -> list[AppliedMigration]:
+        """Apply, in order and in one transaction, the ``migrations`` not applied before, and
+        record each (a tag already recorded is skipped).
+
+        A rename moves every key, alarm and idempotency record of the old class to the new
+        one, at the partition ``partition_of(new_class, object_id)``; a deletion deletes them.
+
+        Args:
+            migrations: the declared migrations, in the order to apply them.
+            partition_of: the partition of ``(class_name, object_id)``.
+            worker: the applying worker's name (recorded).
+
+        Returns:
+            The migrations applied by this call (empty when all were applied before).
+
+        Raises:
+            MigrationError: nothing was applied: a recorded tag whose declaration changed, a
+                rename onto a class with stored objects, or other workers use the store.
+        """

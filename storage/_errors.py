@@ -9,7 +9,8 @@
     ├── CorruptStorageError      the database file is damaged (found at open; not retryable)
     ├── FencedError              a newer owner holds the partition; this worker must drop it
     ├── PartialCommitError       some partitions of a batch were made durable, others not
-    └── PartitionCountError      the data directory was created with another partition count
+    ├── PartitionCountError      the data directory was created with another partition count
+    └── MigrationError           class migrations cannot be applied as declared (nothing was)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "CorruptStorageError",
     "FencedError",
+    "MigrationError",
     "PartialCommitError",
     "PartitionCountError",
     "StorageBusyError",
@@ -135,3 +137,10 @@ class PartialCommitError(StorageError):
             f"partition(s) {sorted(self.failed)} were not made durable"
             + (f" ({first})" if first is not None else "")
         )
+
+
+class MigrationError(StorageError):
+    """Class migrations cannot be applied as declared: a tag recorded with other content, a
+    rename onto a class that already has objects, other workers still using the data, or a
+    backend that cannot migrate. Deterministic (but for live workers): fix the declaration or
+    the deployment; nothing of the declared migrations was applied."""

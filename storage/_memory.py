@@ -7,11 +7,20 @@ tests use real SQLite files.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from ndo.storage._base import Storage
 from ndo.storage._errors import FencedError, StorageClosedError
-from ndo.storage._records import ALARM_UNCHANGED, ObjectWrite, StoredAlarm
+from ndo.storage._migrations import pending_migrations, rename_target_error
+from ndo.storage._records import (
+    ALARM_UNCHANGED,
+    AppliedMigration,
+    ClassMigration,
+    ObjectWrite,
+    StoredAlarm,
+    StoredObject,
+)
 
 __all__ = ["InMemoryStorage"]
 
@@ -26,6 +35,9 @@ class InMemoryStorage(Storage):
     _alarms: dict[_ObjectKey, StoredAlarm]
     _idempotency: dict[tuple[str, str, str], tuple[bytes, float]]
     _fences: dict[int, int]
+    _partition_of: dict[_ObjectKey, int]
+    """The partition each object was last written in (``list_objects``)."""
+    _migrations: list[AppliedMigration]
     _closed: bool
     commits: int
     """Transactions committed (for tests that count them)."""
@@ -36,6 +48,8 @@ class InMemoryStorage(Storage):
         self._alarms = {}
         self._idempotency = {}
         self._fences = {}
+        self._partition_of = {}
+        self._migrations = []
         self._closed = False
         self.commits = 0
 
@@ -96,6 +110,50 @@ class InMemoryStorage(Storage):
         stored = self._objects.get((class_name, object_id), {})
         return sum(len(k.encode("utf-8")) + len(v) for k, v in stored.items())
 
+    async def list_objects(
+        self,
+        partition: int,
+        *,
+        class_name: str | None = None,
+        id_prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[StoredObject]:
+        self._check()
+        found = []
+        for obj in sorted(self._selected(partition, class_name, id_prefix)):
+            if after is not None and obj <= after:
+                continue
+            stored = self._objects.get(obj, {})
+            alarm = self._alarms.get(obj)
+            size = sum(len(k.encode("utf-8")) + len(v) for k, v in stored.items())
+            found.append(
+                StoredObject(*obj, len(stored), size, None if alarm is None else alarm.due)
+            )
+            if len(found) >= limit:
+                break
+        return found
+
+    async def count_objects(
+        self, partition: int, *, class_name: str | None = None, id_prefix: str = ""
+    ) -> dict[str, int]:
+        self._check()
+        counts: dict[str, int] = {}
+        for cls, _ in self._selected(partition, class_name, id_prefix):
+            counts[cls] = counts.get(cls, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def _selected(self, partition: int, class_name: str | None, id_prefix: str) -> set[_ObjectKey]:
+        """Objects of ``partition`` holding a key or an alarm, filtered as ``list_objects``."""
+        held = {obj for obj, stored in self._objects.items() if stored} | set(self._alarms)
+        return {
+            obj
+            for obj in held
+            if self._partition_of.get(obj) == partition
+            and (class_name is None or obj[0] == class_name)
+            and obj[1].startswith(id_prefix)
+        }
+
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float
     ) -> bytes | None:
@@ -123,6 +181,7 @@ class InMemoryStorage(Storage):
             if entry.partition in fenced:
                 continue
             obj = (entry.class_name, entry.object_id)
+            self._partition_of[obj] = entry.partition
             if entry.cleared:
                 self._objects.pop(obj, None)
             if entry.writes:
@@ -185,3 +244,72 @@ class InMemoryStorage(Storage):
         for k in expired:
             del self._idempotency[k]
         return len(expired)
+
+    # Class migrations
+
+    async def stored_classes(self) -> list[str]:
+        self._check()
+        return sorted(
+            {c for (c, _), keys in self._objects.items() if keys} | {c for c, _ in self._alarms}
+        )
+
+    async def applied_migrations(self) -> list[AppliedMigration]:
+        self._check()
+        return list(self._migrations)
+
+    async def apply_migrations(
+        self,
+        migrations: Sequence[ClassMigration],
+        *,
+        partition_of: Callable[[str, str], int],
+        worker: str,
+    ) -> list[AppliedMigration]:
+        self._check()
+        # Work on copies and keep them only if every migration applies: all or nothing.
+        objects = {obj: dict(keys) for obj, keys in self._objects.items() if keys}
+        alarms = dict(self._alarms)
+        replies = dict(self._idempotency)
+        placed = dict(self._partition_of)
+        done: list[AppliedMigration] = []
+        for migration in pending_migrations(migrations, self._migrations):
+            renamed = deleted = 0
+            for old, new in migration.renamed:
+                if any(c == new for c, _ in (*objects, *alarms)):
+                    raise rename_target_error(migration, old, new)
+                ids = {o for c, o in (*objects, *alarms) if c == old}
+                renamed += len(ids)
+                for oid in ids:
+                    part = partition_of(new, oid)
+                    if (old, oid) in objects:
+                        objects[(new, oid)] = objects.pop((old, oid))
+                    if (old, oid) in alarms:
+                        alarms[(new, oid)] = StoredAlarm(new, oid, part, alarms.pop((old, oid)).due)
+                    placed.pop((old, oid), None)
+                    placed[(new, oid)] = part
+                for c, o, k in [key for key in replies if key[0] == old]:
+                    replies[(new, o, k)] = replies.pop((c, o, k))
+            for cls in migration.deleted:
+                ids = {o for c, o in (*objects, *alarms) if c == cls}
+                deleted += len(ids)
+                for oid in ids:
+                    objects.pop((cls, oid), None)
+                    alarms.pop((cls, oid), None)
+                    placed.pop((cls, oid), None)
+                for key in [key for key in replies if key[0] == cls]:
+                    del replies[key]
+            done.append(
+                AppliedMigration(
+                    tag=migration.tag,
+                    applied_at=time.time(),
+                    worker=worker,
+                    renamed=migration.renamed,
+                    deleted=migration.deleted,
+                    objects_renamed=renamed,
+                    objects_deleted=deleted,
+                )
+            )
+        if done:
+            self._objects, self._alarms, self._idempotency = objects, alarms, replies
+            self._partition_of = placed
+            self._migrations.extend(done)
+        return done

@@ -27,9 +27,11 @@ failed the rollback) is rolled back before the next write. ``open`` refuses a da
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -43,13 +45,23 @@ from ndo.storage._base import Storage
 from ndo.storage._errors import (
     CorruptStorageError,
     FencedError,
+    MigrationError,
     PartitionCountError,
     StorageBusyError,
     StorageClosedError,
     StorageError,
     WriteRejectedError,
 )
-from ndo.storage._records import ALARM_UNCHANGED, AppliedRecord, ObjectWrite, StoredAlarm
+from ndo.storage._migrations import pending_migrations, rename_target_error
+from ndo.storage._records import (
+    ALARM_UNCHANGED,
+    AppliedMigration,
+    AppliedRecord,
+    ClassMigration,
+    ObjectWrite,
+    StoredAlarm,
+    StoredObject,
+)
 from ndo.storage._snapshot import PartitionSnapshot
 
 __all__ = ["SqliteStorage", "Synchronous"]
@@ -81,6 +93,11 @@ CREATE TABLE IF NOT EXISTS fences (
 );
 CREATE TABLE IF NOT EXISTS log_positions (
     part INTEGER PRIMARY KEY, seq INTEGER NOT NULL, epoch INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS migrations (
+    tag TEXT NOT NULL UNIQUE, applied_at REAL NOT NULL, worker TEXT NOT NULL,
+    renamed TEXT NOT NULL, deleted TEXT NOT NULL,
+    objects_renamed INTEGER NOT NULL, objects_deleted INTEGER NOT NULL
 );
 """
 
@@ -169,6 +186,25 @@ def _add_part_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN part INTEGER NOT NULL DEFAULT -1")
 
 
+def _object_filter(
+    partition: int, class_name: str | None, id_prefix: str, after: tuple[str, str] | None
+) -> tuple[str, list[Any]]:
+    """``WHERE`` text and parameters selecting rows of ``list_objects``' objects (the columns
+    ``part``, ``cls`` and ``oid`` exist in both ``kv`` and ``alarms``)."""
+    where: list[str] = ["part = ?"]
+    params: list[Any] = [partition]
+    if class_name is not None:
+        where.append("cls = ?")
+        params.append(class_name)
+    if id_prefix:
+        where.append("substr(oid, 1, ?) = ?")
+        params += [len(id_prefix), id_prefix]
+    if after is not None:
+        where.append("(cls, oid) > (?, ?)")
+        params += list(after)
+    return " AND ".join(where), params
+
+
 def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
@@ -188,8 +224,14 @@ class SqliteStorage(Storage):
     # Connections (None until open)
     _writer: aiosqlite.Connection | None
     _reader: aiosqlite.Connection | None
+    _inspector: aiosqlite.Connection | None
+    """Read-only connection of the operator tools' scans (``list_objects``), opened on first
+    use so that a long scan never queues the worker's own reads behind it."""
     _lock_fd: int | None
     """Open file descriptor of ``<db>.writelock`` (None until open)."""
+    _workers_fd: int | None
+    """Open file descriptor of ``<db>.workers``, locked shared while a worker uses the file
+    (class migrations need it exclusively); None until ``apply_migrations``."""
     _closed: bool
 
     def __init__(
@@ -214,7 +256,9 @@ class SqliteStorage(Storage):
         self._write_lock_timeout = write_lock_timeout
         self._writer = None
         self._reader = None
+        self._inspector = None
         self._lock_fd = None
+        self._workers_fd = None
         self._closed = False
 
     @property
@@ -309,16 +353,19 @@ class SqliteStorage(Storage):
         conn.execute("COMMIT")
 
     async def close(self) -> None:
-        """Close both connections (idempotent)."""
+        """Close the connections (idempotent)."""
         self._closed = True
-        writer, reader = self._writer, self._reader
-        self._writer = self._reader = None
-        for conn in (reader, writer):
+        writer, reader, inspector = self._writer, self._reader, self._inspector
+        self._writer = self._reader = self._inspector = None
+        for conn in (inspector, reader, writer):
             if conn is not None:
                 await conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._workers_fd is not None:  # class migrations: this worker leaves the file
+            os.close(self._workers_fd)
+            self._workers_fd = None
 
     # Reads
 
@@ -418,6 +465,76 @@ class SqliteStorage(Storage):
             (class_name, object_id),
         )
         return int(rows[0][0])
+
+    async def list_objects(
+        self,
+        partition: int,
+        *,
+        class_name: str | None = None,
+        id_prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[StoredObject]:
+        where, params = _object_filter(partition, class_name, id_prefix, after)
+        # Objects with keys (their alarm joined), then objects that hold only an alarm.
+        rows = await self._inspect(
+            f"""WITH keyed AS (
+                SELECT cls, oid, count(*) AS n,
+                       sum(length(CAST(key AS BLOB)) + length(value)) AS size
+                FROM kv WHERE {where} GROUP BY cls, oid
+            ), alarmed AS (SELECT cls, oid, due FROM alarms WHERE {where})
+            SELECT keyed.cls, keyed.oid, n, size, due FROM keyed LEFT JOIN alarmed
+                ON alarmed.cls = keyed.cls AND alarmed.oid = keyed.oid
+            UNION ALL
+            SELECT cls, oid, 0, 0, due FROM alarmed WHERE NOT EXISTS (
+                SELECT 1 FROM kv WHERE kv.cls = alarmed.cls AND kv.oid = alarmed.oid)
+            ORDER BY 1, 2 LIMIT ?""",
+            (*params, *params, limit),
+        )
+        return [
+            StoredObject(cls, oid, int(n), int(size), None if due is None else float(due))
+            for cls, oid, n, size, due in rows
+        ]
+
+    async def count_objects(
+        self, partition: int, *, class_name: str | None = None, id_prefix: str = ""
+    ) -> dict[str, int]:
+        where, params = _object_filter(partition, class_name, id_prefix, None)
+        rows = await self._inspect(
+            f"""SELECT cls, count(*) FROM (
+                SELECT cls, oid FROM kv WHERE {where}
+                UNION SELECT cls, oid FROM alarms WHERE {where}
+            ) GROUP BY cls ORDER BY cls""",
+            (*params, *params),
+        )
+        return {str(cls): int(count) for cls, count in rows}
+
+    async def _inspect(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Run a read-only scan on the tools' own connection (opened on first use)."""
+        if self._inspector is None:
+            if self._closed or self._reader is None:
+                raise StorageClosedError()
+            conn = await aiosqlite.connect(self._path, isolation_level=None)
+            try:
+                await conn.execute("PRAGMA query_only=1")
+                await conn.execute(
+                    f"PRAGMA busy_timeout={max(1, round(self._write_lock_timeout * 1000))}"
+                )
+            except sqlite3.Error as exc:
+                await conn.close()
+                raise self._error(exc, "cannot open a reader") from exc
+            if self._inspector is None and not self._closed:
+                self._inspector = conn
+            else:  # opened twice meanwhile, or closed: keep one
+                await conn.close()
+                if self._inspector is None:
+                    raise StorageClosedError()
+        try:
+            return list(await self._inspector.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise self._error(exc, "read failed") from exc
+        except ValueError as exc:  # closed meanwhile (aiosqlite: "no active connection")
+            raise StorageClosedError() from exc
 
     async def read_idempotent(
         self, class_name: str, object_id: str, key: str, now: float
@@ -621,6 +738,88 @@ class SqliteStorage(Storage):
             await self._run_write(lambda conn: _import_partition(conn, snapshot))
         except sqlite3.Error as exc:
             raise self._error(exc, f"restoring partition {snapshot.partition} failed") from exc
+
+    # Class migrations
+
+    async def stored_classes(self) -> list[str]:
+        """The classes with a key or an alarm: a walk of the primary keys, one index seek per
+        class (not a scan of the rows)."""
+        try:
+            return await self._run(self._read_conn(), _stored_classes)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "listing stored classes failed") from exc
+
+    async def applied_migrations(self) -> list[AppliedMigration]:
+        rows = await self._fetchall(
+            f"SELECT {_MIGRATION_COLUMNS} FROM migrations ORDER BY rowid", ()
+        )
+        return [_applied_migration(row) for row in rows]
+
+    async def apply_migrations(
+        self,
+        migrations: Sequence[ClassMigration],
+        *,
+        partition_of: Callable[[str, str], int],
+        worker: str,
+    ) -> list[AppliedMigration]:
+        """Apply the pending ``migrations`` (see ``Storage.apply_migrations``) only while no
+        other worker uses the file.
+
+        Every worker that calls this holds ``<db>.workers`` locked shared until it closes the
+        store; applying takes it exclusively, so a worker of the old code still running on
+        the file (which would write the old class names back) makes it wait, then fail. Two
+        workers starting at once with the same migrations: one applies them, the other sees
+        them recorded and goes on.
+
+        Raises:
+            MigrationError: see ``Storage``; also: other workers used the file for longer than
+                ``write_lock_timeout``.
+        """
+        declared = list(migrations)
+        if self._workers_fd is None:
+            if self._closed:
+                raise StorageClosedError()
+            self._workers_fd = os.open(
+                self._path.with_name(self._path.name + ".workers"), os.O_RDWR | os.O_CREAT, 0o644
+            )
+        fd = self._workers_fd
+        deadline = time.monotonic() + self._write_lock_timeout
+        while True:
+            pending = pending_migrations(declared, await self.applied_migrations())
+            if not pending:
+                await self._flock_until(fd, fcntl.LOCK_SH, deadline)
+                return []
+            if _try_flock(fd, fcntl.LOCK_EX):
+                try:
+                    return await self._run_write(
+                        lambda conn: _apply_migrations(conn, declared, partition_of, worker)
+                    )
+                except sqlite3.Error as exc:
+                    raise self._error(exc, "applying class migrations failed") from exc
+                finally:
+                    await self._flock_until(fd, fcntl.LOCK_SH, deadline)
+            if time.monotonic() >= deadline:
+                tags = ", ".join(repr(m.tag) for m in pending)
+                raise MigrationError(
+                    f"class migration(s) {tags} can only be applied while no other worker uses "
+                    f"{self._path}, but other workers kept it open for "
+                    f"{self._write_lock_timeout:g} s (`fuser {self._path}.workers` lists them); "
+                    "migrations are a stop-and-start "
+                    "deploy: stop every worker of this data directory, then start the new version"
+                )
+            await asyncio.sleep(0.01)
+
+    async def _flock_until(self, fd: int, operation: int, deadline: float) -> None:
+        """Take ``flock(operation)`` on ``fd``, polling until ``deadline`` (another worker holds
+        it exclusively only while it applies migrations).
+
+        Raises:
+            StorageBusyError: still held at ``deadline``.
+        """
+        while not _try_flock(fd, operation):
+            if time.monotonic() >= deadline:
+                raise StorageBusyError(self._path, self._write_lock_timeout, "applying migrations")
+            await asyncio.sleep(0.01)
 
 
 def _commit_batch(conn: sqlite3.Connection, entries: Sequence[ObjectWrite]) -> frozenset[int]:
@@ -847,3 +1046,129 @@ def _import_partition(conn: sqlite3.Connection, snapshot: PartitionSnapshot) -> 
     except BaseException:
         _rollback(conn)
         raise
+
+
+# Class migrations
+
+_MIGRATION_COLUMNS: Final = (
+    "tag, applied_at, worker, renamed, deleted, objects_renamed, objects_deleted"
+)
+
+
+def _applied_migration(row: Sequence[Any]) -> AppliedMigration:
+    tag, applied_at, worker, renamed, deleted, objects_renamed, objects_deleted = row
+    return AppliedMigration(
+        tag=str(tag),
+        applied_at=float(applied_at),
+        worker=str(worker),
+        renamed=tuple((str(a), str(b)) for a, b in json.loads(renamed)),
+        deleted=tuple(str(c) for c in json.loads(deleted)),
+        objects_renamed=int(objects_renamed),
+        objects_deleted=int(objects_deleted),
+    )
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _stored_classes(conn: sqlite3.Connection) -> list[str]:
+    """Walk the distinct classes of ``kv`` and ``alarms`` through their primary key (runs in
+    the reader's thread, in one read transaction)."""
+    found: set[str] = set()
+    conn.execute("BEGIN")
+    try:
+        for table in ("kv", "alarms"):
+            after = ""
+            while True:
+                row = conn.execute(
+                    f"SELECT cls FROM {table} WHERE cls > ? ORDER BY cls LIMIT 1", (after,)
+                ).fetchone()
+                if row is None:
+                    break
+                after = str(row[0])
+                found.add(after)
+    finally:
+        conn.execute("COMMIT")
+    return sorted(found)
+
+
+def _class_objects(conn: sqlite3.Connection, cls: str) -> int:
+    """Objects of ``cls`` with a key or an alarm."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM (SELECT oid FROM kv WHERE cls=? UNION SELECT oid FROM alarms "
+        "WHERE cls=?)",
+        (cls, cls),
+    ).fetchone()
+    return int(count)
+
+
+def _apply_migrations(
+    conn: sqlite3.Connection,
+    declared: Sequence[ClassMigration],
+    partition_of: Callable[[str, str], int],
+    worker: str,
+) -> list[AppliedMigration]:
+    """Apply the migrations of ``declared`` not recorded yet and record them, in one
+    transaction (runs in the writer thread, under the write lock)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        recorded = conn.execute(f"SELECT {_MIGRATION_COLUMNS} FROM migrations").fetchall()
+        pending = pending_migrations(declared, [_applied_migration(r) for r in recorded])
+        conn.create_function("ndo_partition", 2, partition_of, deterministic=True)
+        done: list[AppliedMigration] = []
+        for migration in pending:
+            renamed = deleted = 0
+            for old, new in migration.renamed:
+                taken = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM kv WHERE cls=?) "
+                    "OR EXISTS (SELECT 1 FROM alarms WHERE cls=?)",
+                    (new, new),
+                ).fetchone()[0]
+                if taken:
+                    raise rename_target_error(migration, old, new)
+                renamed += _class_objects(conn, old)
+                for table, verb in (
+                    ("kv", "UPDATE"),
+                    ("alarms", "UPDATE"),
+                    ("idempotency", "UPDATE OR REPLACE"),
+                ):
+                    conn.execute(
+                        f"{verb} {table} SET cls=?, part=ndo_partition(?, oid) WHERE cls=?",
+                        (new, new, old),
+                    )
+            for cls in migration.deleted:
+                deleted += _class_objects(conn, cls)
+                for table in ("kv", "alarms", "idempotency"):
+                    conn.execute(f"DELETE FROM {table} WHERE cls=?", (cls,))
+            applied = AppliedMigration(
+                tag=migration.tag,
+                applied_at=time.time(),
+                worker=worker,
+                renamed=migration.renamed,
+                deleted=migration.deleted,
+                objects_renamed=renamed,
+                objects_deleted=deleted,
+            )
+            conn.execute(
+                f"INSERT INTO migrations ({_MIGRATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    applied.tag,
+                    applied.applied_at,
+                    applied.worker,
+                    json.dumps([list(pair) for pair in applied.renamed]),
+                    json.dumps(list(applied.deleted)),
+                    applied.objects_renamed,
+                    applied.objects_deleted,
+                ),
+            )
+            done.append(applied)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return done

@@ -8,6 +8,7 @@ Subjects (``<prefix>`` defaults to ``ndo``)::
     <prefix>.rpc.<Class>.<id>.<method>     request an object method (request-reply)
     <prefix>.evt.<Class>.<id>.<topic>      events an object emits after a commit
     <prefix>.sys.<...>                     internal subjects (journal, control)
+    <prefix>.sys.inspect.<p>.<op>          ``ndo inspect``'s requests to partition p's holder
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "INSPECT_READS",
+    "INSPECT_WRITES",
     "MAX_ID_LENGTH",
     "MAX_NAME_LENGTH",
     "MSGPACK_CONTENT_TYPE",
@@ -31,6 +34,8 @@ __all__ = [
     "forward_subject",
     "forward_wildcard",
     "id_from_name",
+    "inspect_subject",
+    "inspect_wildcard",
     "is_valid_id",
     "journal_subject",
     "journal_wildcard",
@@ -252,6 +257,26 @@ def forward_subject(prefix: str, partition: int, rpc_tail: str) -> str:
 def forward_wildcard(prefix: str, partition: int | None = None) -> str:
     """Forwarded requests for ``partition`` (any partition when None)."""
     return sys_subject(prefix, "fwd", "*" if partition is None else str(partition), "*", "*", "*")
+
+
+INSPECT_READS: Final = ("objects", "show")
+"""``ndo inspect``'s read-only operations on a partition (``inspect_subject``)."""
+INSPECT_WRITES: Final = ("import", "delete")
+"""``ndo inspect``'s operations that change an object, through its owner."""
+
+
+def inspect_subject(prefix: str, operation: str, partition: int | None = None) -> str:
+    """Subject of an ``ndo inspect`` request: ``<prefix>.sys.inspect.<p>.<operation>`` for
+    partition ``partition``'s holder, or ``<prefix>.sys.inspect.info`` (``partition`` None) for
+    any worker."""
+    if partition is None:
+        return sys_subject(prefix, "inspect", operation)
+    return sys_subject(prefix, "inspect", str(partition), operation)
+
+
+def inspect_wildcard(prefix: str, partition: int | None = None) -> str:
+    """Every ``ndo inspect`` operation on ``partition`` (on any partition when None)."""
+    return sys_subject(prefix, "inspect", "*" if partition is None else str(partition), "*")
 
 
 def log_subject(prefix: str, partition: int | None = None) -> str:

@@ -537,8 +537,9 @@ class TestConfigFile:
 
 SERVE_ONLY = {
     "port", "websocket_port", "websocket_allowed_origin", "websocket_user", "websocket_password",
-    "metrics_port", "metrics_host", "log_format", "log_level", "loop", "nats_creds", "nats_nkey",
-    "nats_token", "nats_user", "nats_password", "tls_ca", "tls_cert", "tls_key",
+    "demo", "demo_port", "metrics_port", "metrics_host", "log_format", "log_level", "loop",
+    "nats_creds", "nats_nkey", "nats_token", "nats_user", "nats_password", "tls_ca", "tls_cert",
+    "tls_key",
 }  # fmt: skip
 """``ndo serve`` options that are not ``WorkerConfig`` fields (``--config`` aside)."""
 
@@ -595,6 +596,7 @@ class TestWorkerOptions:
             "--ownership", "--storage", "--replicas", "--snapshot-every", "--reply-prefixes",
             "--caller-info",
             "--websocket-allowed-origin", "--websocket-user", "--websocket-password",
+            "--demo", "--demo-port",
             "--nats-creds", "--nats-nkey", "--nats-token", "--nats-user", "--nats-password",
             "--tls-ca", "--tls-cert", "--tls-key",
         }  # fmt: skip
@@ -712,7 +714,9 @@ class TestWorkerOptions:
             build_parser({"bogus": 1})
         listed = str(exc_info.value).split("valid options: ")[1].split(", ")
         dests = set(_serve_actions()) - {"help", "config"}
-        assert sorted(listed) == sorted(d.replace("_", "-") for d in dests | {"modules"})
+        assert sorted(listed) == sorted(
+            d.replace("_", "-") for d in dests | {"modules", "migrations"}
+        )
 
 
 class TestReadme:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from ndo.examples import ChatMessage, ChatRoom, Counter
 from ndo.ops._nats_server import EmbeddedNatsServer
 from ndo.ops._permissions import (
     Permissions,
+    admin_permissions,
     caller_permissions,
     render_user,
     tools_permissions,
@@ -72,6 +74,7 @@ WORKER_PASSWORD = "worker-secret"
 CALLER_PASSWORD = "caller-secret"
 APP_PASSWORD = "app-secret"
 TOOLS_PASSWORD = "tools-secret"
+ADMIN_PASSWORD = "admin-secret"
 
 REFUSED_AT_ONCE = 5.0
 """Seconds within which a refused call must fail; its timeout (10 s) and retries would take far
@@ -359,8 +362,10 @@ SECURED_USERS = (
     (caller_permissions(PREFIX, ["Counter"], ["get"]), "caller", CALLER_PASSWORD),
     (caller_permissions(PREFIX), "app", APP_PASSWORD),
     (tools_permissions(PREFIX), "tools", TOOLS_PASSWORD),
+    (admin_permissions(PREFIX), "admin", ADMIN_PASSWORD),
 )
-"""The deployment's users: the worker, a get-only caller, a caller of everything, the tools."""
+"""The deployment's users: the worker, a get-only caller, a caller of everything, the tools,
+an operator who may change objects with ``ndo inspect``."""
 
 WORKER_AUTH = NatsAuth(user="worker", password=WORKER_PASSWORD)
 
@@ -546,6 +551,44 @@ class TestLeastPrivilege:
             await nc.publish(subject, b"{}")
         await nc.flush()
         await eventually(lambda: len(violations.subjects) == 2, timeout=5)
+
+    async def test_tools_inspect_and_only_admins_change_objects(
+        self, secured_server: EmbeddedNatsServer, start_worker_on: WorkerStarter, connect: Connector
+    ) -> None:
+        """The tools user lists and shows objects with ``ndo inspect`` but is refused a delete
+        at once; the admin user deletes."""
+        await start_worker_on(secured_server.url, auth=WORKER_AUTH)
+        client = client_of(await connect(secured_server.url, user="app", password=APP_PASSWORD))
+        target = object_in(2)
+        await client.get(Counter, target).call(Counter.increment, by=3)
+
+        def inspect(user: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return run_ndo(
+                "inspect",
+                *args,
+                "--nats-url",
+                secured_server.url,
+                "--nats-user",
+                user,
+                "--nats-password",
+                password,
+            )
+
+        listed = await asyncio.to_thread(inspect, "tools", TOOLS_PASSWORD, "objects", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["total"] == 1
+        shown = await asyncio.to_thread(inspect, "tools", TOOLS_PASSWORD, "show", "Counter", target)
+        assert shown.returncode == 0 and "value" in shown.stdout
+        refused = await asyncio.to_thread(
+            inspect, "tools", TOOLS_PASSWORD, "delete", "Counter", target
+        )
+        assert refused.returncode == 1 and "ermission" in refused.stderr
+        assert await client.get(Counter, target).call(Counter.get) == 3
+        deleted = await asyncio.to_thread(
+            inspect, "admin", ADMIN_PASSWORD, "delete", "Counter", target
+        )
+        assert deleted.returncode == 0, deleted.stderr
+        assert await client.get(Counter, target).call(Counter.get) == 0
 
     async def test_worker_without_a_permission_says_so(
         self,
