@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ndo.ops._errors import ConfigFileError
-from ndo.service._migrations import check_migrations
+from ndo.service import check_migrations
 from ndo.storage import ClassMigration
 
 __all__ = ["ConfigFileError", "load_config_file", "parse_migrations"]

@@ -37,6 +37,7 @@ from ndo.service._lease_bucket import (
     read_bucket,
 )
 from ndo.service._metrics import WorkerMetrics
+from ndo.service._migrations import check_migrations
 from ndo.service._partition_log import PartitionLog, log_stream_name
 from ndo.service._replicated import ReplicatedStorage
 from ndo.service._routing import QUEUE_GROUP, RoutingMode, mapping_snippet, server_mapping
@@ -79,6 +80,7 @@ __all__ = [
     "WorkerState",
     "WorkerStats",
     "assign_partitions",
+    "check_migrations",
     "is_refusal",
     "lease_bucket",
     "lease_key",
