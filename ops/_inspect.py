@@ -74,9 +74,7 @@ _VALUE_WIDTH: Final = 60
 """Characters of a value shown in a table cell (``--wide``: all)."""
 
 
-class ExportedObject(
-    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
-):
+class ExportedObject(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One line of ``ndo inspect export`` (and of ``import``'s input)."""
 
     class_name: str = msgspec.field(name="class")
@@ -149,6 +147,8 @@ class InspectClient:
     """``ndo inspect``'s requests to a deployment (``service/inspection.py`` records)."""
 
     _client: ActorClient
+    _nc: NatsClient
+    """The connection (its ``max_payload`` bounds an import)."""
     _prefix: str
     partitions: int
     """The deployment's partition count (``connect``)."""

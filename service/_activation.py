@@ -66,7 +66,13 @@ from ndo.service._codec import (
     stored_fingerprint,
     stored_reply,
 )
-from ndo.service._envelope import AlarmDelivery, Envelope, InspectEnvelope, caller_gone
+from ndo.service._envelope import (
+    AlarmDelivery,
+    Envelope,
+    InspectEnvelope,
+    caller_gone,
+    partition_moving,
+)
 from ndo.service._idempotency import IdempotencyCache, key_reused
 from ndo.service._journal import JOURNAL_OFF, Journal, JournalEntry
 from ndo.service._metrics import WorkerMetrics
@@ -604,13 +610,7 @@ class Activation(TurnRunner):
             return
         epoch = services.ownership.epoch_of(self.partition)
         if epoch < 0:
-            await self._send_error(
-                envelope,
-                UnavailableError(
-                    f"partition {self.partition} is moving to another worker; retry",
-                    type="moving",
-                ),
-            )
+            await self._send_error(envelope, partition_moving(self.partition, self.address))
             return
         try:
             changes, existed = await self.replace_state(

@@ -19,6 +19,7 @@ from ndo.actors import (
     Caller,
     DeadlineExceededError,
     PayloadTooLargeError,
+    UnavailableError,
 )
 from ndo.actors.runtime import MethodSpec, incoming_call
 from ndo.service._idempotency import call_fingerprint
@@ -31,6 +32,7 @@ __all__ = [
     "InspectEnvelope",
     "caller_gone",
     "parse_request_info",
+    "partition_moving",
     "request_envelope",
 ]
 
@@ -247,6 +249,15 @@ def request_envelope(
         caller=caller,
         chain=chain,
         deadline=deadline,
+    )
+
+
+def partition_moving(partition: int, address: ActorId | None = None) -> UnavailableError:
+    """The 503 for a message of a partition that is moving between workers (not run; the
+    caller retries and reaches the new holder)."""
+    of = "" if address is None else f" of {address.class_name}/{address.object_id}"
+    return UnavailableError(
+        f"partition {partition}{of} is moving between workers; retry shortly", type="moving"
     )
 
 

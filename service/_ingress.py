@@ -49,7 +49,7 @@ from ndo.actors import (
 from ndo.actors.runtime import ActorClassInfo, MethodSpec
 from ndo.service._catalog import Catalog
 from ndo.service._codec import encode_error
-from ndo.service._envelope import AlarmDelivery, Envelope, request_envelope
+from ndo.service._envelope import AlarmDelivery, Envelope, partition_moving, request_envelope
 from ndo.service._errors import RoutingError
 from ndo.service._metrics import WorkerMetrics
 from ndo.service._outbox import Outbox
@@ -358,7 +358,7 @@ class Ingress:
                 # Earlier requests of this partition wait: this one queues behind them.
                 if self._hold(msg, routed, partition):
                     return
-                raise _moving(route)
+                raise partition_moving(route.partition, route.address)
             if not self._ownership.accepts(partition):
                 if not routed and await self._forward(msg, route):
                     return
@@ -368,7 +368,7 @@ class Ingress:
                     and self._hold(msg, routed, partition)
                 ):
                     return
-                raise _moving(route)
+                raise partition_moving(route.partition, route.address)
             envelope = self._envelope(msg, spec, msgpack, route)
             activation = self._catalog.activate(info, object_id, partition)
             if not activation.enqueue(envelope):
@@ -501,11 +501,3 @@ class Ingress:
             max_payload=self._max_payload,
             caller_info=self._caller_info,
         )
-
-
-def _moving(route: _Route) -> UnavailableError:
-    return UnavailableError(
-        f"partition {route.partition} of {route.info.name}/{route.object_id} is moving between "
-        "workers; retry shortly",
-        type="moving",
-    )

@@ -43,7 +43,7 @@ from ndo.actors.runtime import WRITE_FRAMING, ActorClassInfo
 from ndo.service._activation import ActivationServices
 from ndo.service._catalog import Catalog
 from ndo.service._codec import encode_error
-from ndo.service._envelope import MAX_KEY_LENGTH, InspectEnvelope
+from ndo.service._envelope import MAX_KEY_LENGTH, InspectEnvelope, partition_moving
 from ndo.service._routing import QUEUE_GROUP, drain_all, partition_queue
 from ndo.service.inspection import (
     MAX_LIST_LIMIT,
@@ -210,9 +210,7 @@ class Inspector:
             raise BadRequestError(f"no partition {partition_token!r}", type="invalid_partition")
         partition = int(partition_token)
         if self._services.ownership.epoch_of(partition) < 0:
-            raise UnavailableError(
-                f"partition {partition} is moving to another worker; retry", type="moving"
-            )
+            raise partition_moving(partition)
         if operation == "objects":
             return await self._objects(partition, _decode(msg.data, ObjectsRequest))
         if operation == "show":
